@@ -1,0 +1,102 @@
+"""The zone's one exception tree.
+
+It lives at the bottom of the import graph (``connectors`` imports nothing of ours) so
+that every package raises from the same tree::
+
+    ZoneError                      base of everything we raise on purpose
+    ├── UserError                  the caller can fix it; the CLI prints one line, no traceback
+    │   ├── SpecError              a job spec / request field is wrong (names the field + fix)
+    │   ├── SchemaError            a schema contract or a data file breaks its contract
+    │   │                          (names the column and the row number, never the value)
+    │   ├── NotFoundError          an unknown dataset, project, request, job, user
+    │   ├── AuthError              unknown or revoked token
+    │   ├── PolicyDenied           a role, grant, column, mechanism or expiry says no
+    │   │                          (carries what is missing and who can grant it)
+    │   └── BudgetExceeded         the ledger would go over a granted budget
+    └── BackendError               the zone's machinery failed; ``retryable`` says whether a
+        │                          retry can help
+        ├── ComputeError           Ray / the job runner failed (translated from Ray's errors)
+        └── IntegrityError         the audit chain or ledger is inconsistent (never retry)
+
+Messages must never contain a raw value from a sensitive dataset: name columns, fields and
+row numbers only.
+"""
+
+from __future__ import annotations
+
+
+class ZoneError(Exception):
+    """Base of every error the zone raises on purpose."""
+
+    #: short machine-readable kind for ``--json`` output
+    kind = "zone_error"
+
+
+class UserError(ZoneError):
+    kind = "user_error"
+
+
+class SpecError(UserError):
+    kind = "spec_error"
+
+    def __init__(self, field: str, problem: str, fix: str = "") -> None:
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        msg = f"{field}: {problem}"
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+
+class SchemaError(UserError):
+    kind = "schema_error"
+
+    def __init__(self, message: str, *, column: str | None = None, row: int | None = None) -> None:
+        self.column = column
+        self.row = row
+        super().__init__(message)
+
+
+class NotFoundError(UserError):
+    kind = "not_found"
+
+
+class AuthError(UserError):
+    kind = "auth_error"
+
+
+class PolicyDenied(UserError):
+    kind = "policy_denied"
+
+    def __init__(self, reason: str, *, missing: tuple[str, ...] = (), grantor: str = "") -> None:
+        self.reason = reason
+        self.missing = tuple(missing)
+        self.grantor = grantor
+        msg = reason
+        if missing:
+            msg += f"; missing: {', '.join(missing)}"
+        if grantor:
+            msg += f"; ask a {grantor}"
+        super().__init__(msg)
+
+
+class BudgetExceeded(UserError):
+    kind = "budget_exceeded"
+
+
+class BackendError(ZoneError):
+    kind = "backend_error"
+    retryable = False
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class ComputeError(BackendError):
+    kind = "compute_error"
+
+
+class IntegrityError(BackendError):
+    kind = "integrity_error"
