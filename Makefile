@@ -1,0 +1,47 @@
+# The two commands of the README: `make demo` and `make test`. Both install into .venv first
+# when needed (torch 2.13.0 first: a looser spec would pull a multi-GB CUDA build), then the
+# project with constraints.txt (the lock: reproducible, quick installs).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PYTEST  := $(PY) -m pytest
+
+.PHONY: install demo test test-slow test-all check lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/sandbox demo
+
+# the default run: fast tests plus integration tests on a real local Ray (< 10 min on 2 cores)
+test: install
+	$(PYTEST) -m "not slow" -q
+
+# slower real-engine tests (CI runs them too, after `make test`)
+test-slow: install
+	$(PYTEST) -m "slow" -q
+
+test-all: install
+	$(PYTEST) -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+check: lint test-all
+
+bench: install
+	$(PY) benchmarks/bench_dpsgd.py
+	$(PY) benchmarks/bench_parquet.py
+	$(PY) benchmarks/bench_submit.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

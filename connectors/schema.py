@@ -1,0 +1,625 @@
+"""The schema contract: what a data steward declares about a dataset, as TOML.
+
+The contract is the single source of every fact the zone may use about a dataset without
+spending privacy budget: column names, Arrow types, roles, declared domains (``min``/``max``),
+declared vocabularies (``categories``) and declared fills. Preprocessing takes its parameters
+from here and never from rows, because a range or vocabulary computed on real rows would be
+an uncharged release (see ``shared/PRIVACY.md``).
+
+A contract looks like::
+
+    [dataset]                       # optional
+    description = "..."
+    rows_per_person = "one"         # "one" | "many"; without an identifier it must be "one"
+
+    [columns.subject_id]
+    type = "string"                 # an Arrow type name, see ARROW_TYPES
+    role = "identifier"             # see Role
+
+    [columns.age]
+    type = "float64"
+    role = "feature"
+    min = 0                         # declared domain (numeric features: required)
+    max = 110
+    fill = 50                       # optional fill for missing values (inside the domain)
+    missing_rate = 0.0              # optional, declared, 0..1 (for dummy data)
+
+    [columns.sex]
+    type = "string"
+    role = "feature"
+    categories = ["F", "M", "X"]    # declared vocabulary; anything else maps to "other"
+
+    [columns.readmitted_30d]
+    type = "int8"
+    role = "label"                  # labels are integer or bool and never null
+    positive_rate = 0.15            # optional, declared (for dummy data)
+
+Other optional column keys: ``nullable`` (bool; identifier, site and label columns are
+always non-null) and ``description``.
+
+Every check runs on construction (``ColumnSpec`` and ``SchemaContract`` validate themselves
+in ``__post_init__``), so a contract object that exists is a valid one. Errors are
+``SchemaError`` naming the TOML key (``columns.age.min``) and the fix. They never echo a
+value: a contract is written by a steward, but the same messages must stay safe when a
+contract is built from something a data file said.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pyarrow as pa
+
+from connectors.errors import NotFoundError, SchemaError
+
+
+class Role(StrEnum):
+    """What a column is for; decides how the zone may use it."""
+
+    #: the privacy unit: one person (pseudonymised at ingest, then the unit of every bound)
+    IDENTIFIER = "identifier"
+    #: names, addresses, phone numbers: dropped at ingest, never stored in governed data
+    DIRECT_IDENTIFIER = "direct-identifier"
+    #: the hospital / data partner; the unit of federated and parallel composition
+    SITE = "site"
+    #: a prediction target; never usable as a feature
+    LABEL = "label"
+    #: usable as a model input
+    FEATURE = "feature"
+    #: special-category data (e.g. ethnicity): kept, but policies may restrict its use
+    SENSITIVE = "sensitive"
+
+
+class RowsPerPerson(StrEnum):
+    """How many rows one person may have; the reader bounds contribution to one row."""
+
+    ONE = "one"
+    MANY = "many"
+
+
+#: Arrow type names a contract may use. A read-only mapping, so it is not mutable state.
+ARROW_TYPES: Mapping[str, pa.DataType] = MappingProxyType(
+    {
+        "string": pa.string(),
+        "bool": pa.bool_(),
+        "int8": pa.int8(),
+        "int16": pa.int16(),
+        "int32": pa.int32(),
+        "int64": pa.int64(),
+        "float32": pa.float32(),
+        "float64": pa.float64(),
+        "date32": pa.date32(),
+        "timestamp[s]": pa.timestamp("s"),
+        "timestamp[ms]": pa.timestamp("ms"),
+        "timestamp[us]": pa.timestamp("us"),
+        "timestamp[ns]": pa.timestamp("ns"),
+    }
+)
+
+_INTEGER_TYPES = frozenset({"int8", "int16", "int32", "int64"})
+_FLOAT_TYPES = frozenset({"float32", "float64"})
+_NUMERIC_TYPES = _INTEGER_TYPES | _FLOAT_TYPES
+_TEMPORAL_TYPES = frozenset(
+    {"date32", "timestamp[s]", "timestamp[ms]", "timestamp[us]", "timestamp[ns]"}
+)
+
+_COLUMN_KEYS = (
+    "type",
+    "role",
+    "min",
+    "max",
+    "categories",
+    "fill",
+    "missing_rate",
+    "positive_rate",
+    "nullable",
+    "description",
+)
+_DATASET_KEYS = ("description", "rows_per_person")
+_TOP_KEYS = ("dataset", "columns")
+
+# "__" and "=" are reserved by preprocessing's output names (``age__missing``, ``sex=F``),
+# so forbidding them in column names keeps every output name unique.
+_MAX_NAME_CHARS = 128
+_BAD_NAME = re.compile(r"__|=|[\x00-\x1f\x7f]")
+_TOML_LOCATION = re.compile(r"\(at line (\d+), column (\d+)\)")
+
+
+def _fail(key: str, problem: str, fix: str, column: str | None = None) -> SchemaError:
+    return SchemaError(f"schema contract: {key}: {problem} (fix: {fix})", column=column)
+
+
+def _is_number(value: object) -> bool:
+    # bool is a subclass of int in Python; `min = true` must not pass as a number
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite_float(value: object, key: str, column: str) -> float:
+    if not _is_number(value):
+        raise _fail(key, "must be a number", "write a plain integer or decimal", column)
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise _fail(key, "must be a finite number", "write a finite integer or decimal", column)
+    return out
+
+
+def _rate(value: object, key: str, column: str) -> float:
+    out = _finite_float(value, key, column)
+    if not 0.0 <= out <= 1.0:
+        raise _fail(key, "must lie between 0 and 1", "write a proportion such as 0.15", column)
+    return out
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One declared column. ``type`` is a key of ``ARROW_TYPES``."""
+
+    name: str
+    type: str
+    role: Role
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] | None = None
+    fill: float | None = None
+    missing_rate: float | None = None
+    positive_rate: float | None = None
+    #: None means "the role's default": identifier, site and label are non-null, others nullable
+    nullable: bool | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        key = f"columns.{self.name}"
+        if not isinstance(self.type, str) or self.type not in ARROW_TYPES:
+            raise _fail(
+                f"{key}.type",
+                "is not a supported Arrow type name",
+                "use one of " + ", ".join(ARROW_TYPES),
+                self.name,
+            )
+        if not isinstance(self.role, Role):
+            try:
+                object.__setattr__(self, "role", Role(self.role))
+            except (ValueError, TypeError):
+                raise _fail(
+                    f"{key}.role",
+                    "is not a known role",
+                    "use one of " + ", ".join(r.value for r in Role),
+                    self.name,
+                ) from None
+        for field in ("min", "max", "fill", "missing_rate", "positive_rate"):
+            value = getattr(self, field)
+            if value is not None:
+                number = _finite_float(value, f"{key}.{field}", self.name)
+                object.__setattr__(self, field, number)
+        if self.categories is not None:
+            cats = self.categories
+            if isinstance(cats, str) or not isinstance(cats, tuple | list):
+                raise _fail(
+                    f"{key}.categories", "must be a list of strings", 'write ["A", "B"]', self.name
+                )
+            if not cats or not all(isinstance(c, str) for c in cats):
+                raise _fail(
+                    f"{key}.categories",
+                    "must be a non-empty list of strings",
+                    'write ["A", "B"]',
+                    self.name,
+                )
+            if len(set(cats)) != len(cats):
+                raise _fail(
+                    f"{key}.categories", "lists a category twice", "remove the repeat", self.name
+                )
+            object.__setattr__(self, "categories", tuple(cats))
+        if self.nullable is not None and not isinstance(self.nullable, bool):
+            raise _fail(f"{key}.nullable", "must be true or false", "write true or false", self.name)
+        if not isinstance(self.description, str):
+            raise _fail(f"{key}.description", "must be a string", 'write "..."', self.name)
+        self._check_role_rules(key)
+
+    # -- the rules that relate keys to type and role --------------------------------------
+    def _check_role_rules(self, key: str) -> None:
+        t, role, name = self.type, self.role, self.name
+        structural = role in (Role.IDENTIFIER, Role.DIRECT_IDENTIFIER)
+        if structural:
+            for field in ("min", "max", "categories", "fill", "positive_rate"):
+                if getattr(self, field) is not None:
+                    raise _fail(
+                        f"{key}.{field}",
+                        f"is not allowed on a {role.value} column",
+                        f"remove {field}",
+                        name,
+                    )
+        if role is Role.IDENTIFIER and t not in _INTEGER_TYPES and t != "string":
+            raise _fail(
+                f"{key}.type",
+                "an identifier must be a string or integer type",
+                'declare type = "string"',
+                name,
+            )
+        if role is Role.SITE and t != "string":
+            raise _fail(
+                f"{key}.type", "a site column must be a string", 'declare type = "string"', name
+            )
+        if role is Role.LABEL and t not in _INTEGER_TYPES and t != "bool":
+            raise _fail(
+                f"{key}.type",
+                "a label must be an integer or bool type",
+                'encode the outcome as 0/1 and declare type = "int8"',
+                name,
+            )
+        if role in (Role.IDENTIFIER, Role.SITE, Role.LABEL):
+            if self.nullable is True:
+                raise _fail(
+                    f"{key}.nullable",
+                    f"a {role.value} column can never be null",
+                    "remove nullable (or set it to false)",
+                    name,
+                )
+            if self.missing_rate not in (None, 0.0):
+                raise _fail(
+                    f"{key}.missing_rate",
+                    f"a {role.value} column can never be missing",
+                    "remove missing_rate",
+                    name,
+                )
+        elif self.nullable is False and self.missing_rate not in (None, 0.0):
+            raise _fail(
+                f"{key}.missing_rate",
+                "is above 0 on a column declared nullable = false",
+                "remove one of the two",
+                name,
+            )
+        if self.positive_rate is not None and role is not Role.LABEL:
+            raise _fail(
+                f"{key}.positive_rate", "is only meaningful on a label", "remove it", name
+            )
+        if (self.min is not None or self.max is not None) and t not in _NUMERIC_TYPES:
+            raise _fail(
+                f"{key}.min",
+                "a domain (min/max) needs an integer or float column",
+                "remove min and max, or change the type",
+                name,
+            )
+        if (self.min is None) != (self.max is None):
+            missing = "max" if self.max is None else "min"
+            raise _fail(
+                f"{key}.{missing}",
+                "is missing: min and max are declared together",
+                f"add {missing}",
+                name,
+            )
+        if self.min is not None and self.max is not None and self.min >= self.max:
+            raise _fail(
+                f"{key}.min", "must be below max", "declare min < max (the full plausible range)", name
+            )
+        if self.categories is not None and t != "string":
+            raise _fail(
+                f"{key}.categories",
+                "is only allowed on a string column",
+                "remove categories, or declare min/max for a numeric column",
+                name,
+            )
+        if self.categories is not None and role is Role.LABEL:
+            raise _fail(f"{key}.categories", "is not allowed on a label", "remove it", name)
+        if self.fill is not None:
+            if t not in _NUMERIC_TYPES and t != "bool":
+                raise _fail(
+                    f"{key}.fill",
+                    "is only allowed on numeric and bool columns",
+                    "remove fill (missing categories get their own indicator)",
+                    name,
+                )
+            if t == "bool" and self.fill not in (0.0, 1.0):
+                raise _fail(f"{key}.fill", "a bool fill must be 0 or 1", "write 0 or 1", name)
+            if self.min is not None and self.max is not None and not (
+                self.min <= self.fill <= self.max
+            ):
+                raise _fail(
+                    f"{key}.fill", "lies outside the declared [min, max]", "move it inside", name
+                )
+        if role is Role.FEATURE:
+            if t in _NUMERIC_TYPES and self.min is None:
+                raise _fail(
+                    f"{key}.min",
+                    "a numeric feature needs a declared domain",
+                    "declare min and max (plausible bounds, not ones computed from the data)",
+                    name,
+                )
+            if t == "string" and self.categories is None:
+                raise _fail(
+                    f"{key}.categories",
+                    "a string feature needs a declared vocabulary",
+                    'declare categories = ["..."] (values outside it map to "other")',
+                    name,
+                )
+
+    # -- derived facts ---------------------------------------------------------------------
+    @property
+    def arrow_type(self) -> pa.DataType:
+        return ARROW_TYPES[self.type]
+
+    @property
+    def is_nullable(self) -> bool:
+        if self.role in (Role.IDENTIFIER, Role.SITE, Role.LABEL):
+            return False
+        return True if self.nullable is None else self.nullable
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.type in _NUMERIC_TYPES
+
+    @property
+    def is_integer(self) -> bool:
+        return self.type in _INTEGER_TYPES
+
+    @property
+    def is_float(self) -> bool:
+        return self.type in _FLOAT_TYPES
+
+    @property
+    def is_temporal(self) -> bool:
+        return self.type in _TEMPORAL_TYPES
+
+    def to_dict(self) -> dict[str, Any]:
+        """The column's TOML table as JSON-safe values, without the name."""
+        out: dict[str, Any] = {"type": self.type, "role": self.role.value}
+        for field in ("min", "max", "fill", "missing_rate", "positive_rate"):
+            value = getattr(self, field)
+            if value is not None:
+                out[field] = value
+        if self.categories is not None:
+            out["categories"] = list(self.categories)
+        if self.nullable is not None:
+            out["nullable"] = self.nullable
+        if self.description:
+            out["description"] = self.description
+        return out
+
+    @classmethod
+    def from_dict(cls, name: str, table: object) -> ColumnSpec:
+        key = f"columns.{name}"
+        if not isinstance(table, Mapping):
+            raise _fail(key, "must be a table", f"write [{key}] with type and role", name)
+        unknown = [k for k in table if k not in _COLUMN_KEYS]
+        if unknown:
+            raise _fail(
+                f"{key}.{unknown[0]}" if isinstance(unknown[0], str) else key,
+                "is not a known column key",
+                "use only " + ", ".join(_COLUMN_KEYS),
+                name,
+            )
+        for required in ("type", "role"):
+            if required not in table:
+                raise _fail(f"{key}.{required}", "is missing", f"add {required} = ...", name)
+        role = table["role"]
+        if not isinstance(role, str) or role not in {r.value for r in Role}:
+            raise _fail(
+                f"{key}.role",
+                "is not a known role",
+                "use one of " + ", ".join(r.value for r in Role),
+                name,
+            )
+        categories = table.get("categories")
+        if isinstance(categories, list):
+            categories = tuple(categories)
+        return cls(
+            name=name,
+            type=table["type"],
+            role=Role(role),
+            min=table.get("min"),
+            max=table.get("max"),
+            categories=categories,
+            fill=table.get("fill"),
+            missing_rate=table.get("missing_rate"),
+            positive_rate=table.get("positive_rate"),
+            nullable=table.get("nullable"),
+            description=table.get("description", ""),
+        )
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise _fail(
+            "columns",
+            "a column name is empty, not a string, or has surrounding spaces",
+            "name every column with visible characters",
+        )
+    if len(name) > _MAX_NAME_CHARS or _BAD_NAME.search(name):
+        raise _fail(
+            f"columns.{name}" if len(name) <= _MAX_NAME_CHARS else "columns",
+            f'a column name may not contain "__", "=" or control characters, '
+            f"nor exceed {_MAX_NAME_CHARS} characters",
+            "rename the column (in the data file too)",
+        )
+
+
+@dataclass(frozen=True)
+class SchemaContract:
+    """A validated contract: ordered columns plus dataset-level facts."""
+
+    columns: tuple[ColumnSpec, ...]
+    rows_per_person: RowsPerPerson = RowsPerPerson.ONE
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.columns, tuple) or not self.columns:
+            raise _fail("columns", "no columns are declared", "add at least one [columns.NAME]")
+        if not all(isinstance(c, ColumnSpec) for c in self.columns):
+            raise _fail("columns", "must hold ColumnSpec values", "build columns with ColumnSpec")
+        names = [c.name for c in self.columns]
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise _fail(f"columns.{name}", "is declared twice", "keep one", name)
+            seen.add(name)
+        if not isinstance(self.rows_per_person, RowsPerPerson):
+            try:
+                object.__setattr__(self, "rows_per_person", RowsPerPerson(self.rows_per_person))
+            except (ValueError, TypeError):
+                raise _fail(
+                    "dataset.rows_per_person", "must be one or many", 'write "one" or "many"'
+                ) from None
+        if not isinstance(self.description, str):
+            raise _fail("dataset.description", "must be a string", 'write "..."')
+        for role in (Role.IDENTIFIER, Role.SITE):
+            holders = [c.name for c in self.columns if c.role is role]
+            if len(holders) > 1:
+                raise _fail(
+                    f"columns.{holders[1]}.role",
+                    f"a contract has at most one {role.value} column",
+                    f"keep {role.value} on one column",
+                    holders[1],
+                )
+        if self.rows_per_person is RowsPerPerson.MANY and self.identifier is None:
+            raise _fail(
+                "dataset.rows_per_person",
+                'is "many" but no column has role "identifier", so rows cannot be tied to people',
+                'declare the person column with role = "identifier", or use "one"',
+            )
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_toml_text(cls, text: str) -> SchemaContract:
+        if not isinstance(text, str):
+            raise _fail("contract", "must be TOML text", "pass a str")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            found = _TOML_LOCATION.search(str(exc))
+            where = f"line {found.group(1)}, column {found.group(2)}" if found else "unknown place"
+            raise _fail(
+                "contract",
+                f"is not valid TOML (at {where})",
+                "correct the TOML syntax there",
+            ) from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_toml_file(cls, path: str | Path) -> SchemaContract:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise NotFoundError(f"schema contract file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise _fail("contract", "is not UTF-8 text", "save the TOML file as UTF-8") from None
+        return cls.from_toml_text(text)
+
+    @classmethod
+    def from_dict(cls, data: object) -> SchemaContract:
+        """Build from the TOML structure (``to_dict``'s output); validates everything."""
+        if not isinstance(data, Mapping):
+            raise _fail("contract", "must be a table", "start with [columns.NAME] tables")
+        unknown = [k for k in data if k not in _TOP_KEYS]
+        if unknown:
+            raise _fail(
+                str(unknown[0]) if isinstance(unknown[0], str) else "contract",
+                "is not a known top-level key",
+                "use only [dataset] and [columns.NAME]",
+            )
+        dataset = data.get("dataset", {})
+        if not isinstance(dataset, Mapping):
+            raise _fail("dataset", "must be a table", "write [dataset]")
+        unknown = [k for k in dataset if k not in _DATASET_KEYS]
+        if unknown:
+            raise _fail(
+                f"dataset.{unknown[0]}" if isinstance(unknown[0], str) else "dataset",
+                "is not a known dataset key",
+                "use only " + ", ".join(_DATASET_KEYS),
+            )
+        rows_per_person = dataset.get("rows_per_person", "one")
+        if not isinstance(rows_per_person, str) or rows_per_person not in {
+            r.value for r in RowsPerPerson
+        }:
+            raise _fail("dataset.rows_per_person", "must be one or many", 'write "one" or "many"')
+        columns = data.get("columns")
+        if not isinstance(columns, Mapping) or not columns:
+            raise _fail("columns", "no columns are declared", "add at least one [columns.NAME]")
+        specs = []
+        for name, table in columns.items():
+            _check_name(name)
+            specs.append(ColumnSpec.from_dict(name, table))
+        return cls(
+            columns=tuple(specs),
+            rows_per_person=RowsPerPerson(rows_per_person),
+            description=dataset.get("description", ""),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe, and ``from_dict(to_dict())`` gives an equal contract."""
+        dataset: dict[str, Any] = {"rows_per_person": self.rows_per_person.value}
+        if self.description:
+            dataset["description"] = self.description
+        return {
+            "dataset": dataset,
+            "columns": {c.name: c.to_dict() for c in self.columns},
+        }
+
+    # -- questions ---------------------------------------------------------------------------
+    @property
+    def identifier(self) -> str | None:
+        """The person column's name (the privacy unit), or None: then each row is a person."""
+        return next((c.name for c in self.columns if c.role is Role.IDENTIFIER), None)
+
+    @property
+    def site(self) -> str | None:
+        return next((c.name for c in self.columns if c.role is Role.SITE), None)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> ColumnSpec:
+        for spec in self.columns:
+            if spec.name == name:
+                return spec
+        raise NotFoundError(
+            f"column {name!r} is not in the schema contract; known columns: "
+            + ", ".join(self.names)
+        )
+
+    def feature_names(self) -> tuple[str, ...]:
+        """Columns with role feature that a FeaturePlan accepts (dates are not features)."""
+        return tuple(
+            c.name for c in self.columns if c.role is Role.FEATURE and not c.is_temporal
+        )
+
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns if c.role is Role.LABEL)
+
+    def columns_with_role(self, role: Role) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns if c.role is role)
+
+    def source_arrow_schema(self) -> pa.Schema:
+        """The schema a source file must have: every declared column with its declared type."""
+        return pa.schema(
+            [pa.field(c.name, c.arrow_type, nullable=c.is_nullable) for c in self.columns]
+        )
+
+    def governed_arrow_schema(self) -> pa.Schema:
+        """The schema of governed Parquet.
+
+        Direct identifiers are dropped; the identifier becomes a non-null string holding the
+        keyed HMAC-SHA256 pseudonym (64 hex characters); everything else keeps its declared
+        type and nullability.
+        """
+        fields = []
+        for c in self.columns:
+            if c.role is Role.DIRECT_IDENTIFIER:
+                continue
+            if c.role is Role.IDENTIFIER:
+                fields.append(pa.field(c.name, pa.string(), nullable=False))
+            else:
+                fields.append(pa.field(c.name, c.arrow_type, nullable=c.is_nullable))
+        return pa.schema(fields)

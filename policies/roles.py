@@ -1,0 +1,143 @@
+"""Who may call what: the role x action table.
+
+Every service call is one ``Action``; every identity has one ``Role``; ``PERMISSIONS`` says
+which actions each role may call. The table answers "may this *kind* of person ever do
+this?" only. Scoping (a researcher sees the budget and jobs of *their own* projects, an
+analyst queries only data granted to a project they belong to) is decided afterwards with the
+project's members and grants (``policies.decisions``).
+
+The roles (the Five Safes' "safe people"):
+
+- **operator** runs the zone: adds and revokes users, reads and verifies the audit log,
+  lists what exists. Never touches data, never decides access.
+- **steward** governs data: registers datasets, approves or denies access requests, reads
+  budgets and the audit log. Never submits jobs or queries (separation of duties: the person
+  who grants access does not also spend it).
+- **researcher** owns projects: creates them, requests access, develops on dummy data,
+  submits training jobs, fetches released results, runs DP queries.
+- **analyst** explores approved data from the notebook kernel: DP queries and dummy data,
+  reading the jobs and results of projects they belong to. An analyst does *not* submit or
+  cancel training jobs, create projects or request access: those belong to the researcher
+  who owns the project, who adds the analyst as a member. (The architecture gives analysts
+  "DP queries and synthetic data only, never raw rows"; a training job is neither.)
+
+``dataset.list`` and ``dataset.show`` for researchers and analysts mean the schema contract
+only (``DatasetRecord.to_public_dict``): no storage path, no counts taken from real rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from types import MappingProxyType
+
+from connectors.errors import PolicyDenied
+
+#: who can change a person's role (the ``grantor`` of a role denial)
+ROLE_GRANTOR = "zone operator"
+
+
+class Role(StrEnum):
+    OPERATOR = "operator"
+    STEWARD = "steward"
+    RESEARCHER = "researcher"
+    ANALYST = "analyst"
+
+
+class Action(StrEnum):
+    """One value per service call; the audit log's ``action`` column uses these values."""
+
+    USER_ADD = "user.add"
+    USER_REVOKE = "user.revoke"
+    USER_LIST = "user.list"
+    DATASET_INGEST = "dataset.ingest"
+    DATASET_LIST = "dataset.list"
+    DATASET_SHOW = "dataset.show"
+    PROJECT_CREATE = "project.create"
+    PROJECT_LIST = "project.list"
+    PROJECT_SHOW = "project.show"
+    ACCESS_REQUEST = "access.request"
+    ACCESS_LIST = "access.list"
+    ACCESS_APPROVE = "access.approve"
+    ACCESS_DENY = "access.deny"
+    JOB_SUBMIT = "job.submit"
+    JOB_LIST = "job.list"
+    JOB_STATUS = "job.status"
+    JOB_RESULT = "job.result"
+    JOB_CANCEL = "job.cancel"
+    BUDGET_SHOW = "budget.show"
+    AUDIT_LIST = "audit.list"
+    AUDIT_VERIFY = "audit.verify"
+    SYNTH_DUMMY = "synth.dummy"
+    QUERY_RUN = "query.run"
+
+
+_A = Action
+
+PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType(
+    {
+        Role.OPERATOR: frozenset(
+            {
+                _A.USER_ADD, _A.USER_REVOKE, _A.USER_LIST,
+                _A.AUDIT_LIST, _A.AUDIT_VERIFY,
+                _A.DATASET_LIST, _A.PROJECT_LIST, _A.ACCESS_LIST, _A.JOB_LIST, _A.JOB_STATUS,
+            }
+        ),
+        Role.STEWARD: frozenset(
+            {
+                _A.DATASET_INGEST, _A.DATASET_LIST, _A.DATASET_SHOW,
+                _A.ACCESS_LIST, _A.ACCESS_APPROVE, _A.ACCESS_DENY,
+                _A.AUDIT_LIST, _A.AUDIT_VERIFY,
+                _A.BUDGET_SHOW,
+                _A.USER_LIST, _A.PROJECT_LIST, _A.PROJECT_SHOW, _A.JOB_LIST, _A.JOB_STATUS,
+            }
+        ),
+        Role.RESEARCHER: frozenset(
+            {
+                _A.DATASET_LIST, _A.DATASET_SHOW,
+                _A.PROJECT_CREATE, _A.PROJECT_LIST, _A.PROJECT_SHOW,
+                _A.ACCESS_REQUEST, _A.ACCESS_LIST,
+                _A.JOB_SUBMIT, _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT, _A.JOB_CANCEL,
+                _A.BUDGET_SHOW,
+                _A.SYNTH_DUMMY, _A.QUERY_RUN,
+            }
+        ),
+        Role.ANALYST: frozenset(
+            {
+                _A.DATASET_LIST, _A.DATASET_SHOW,
+                _A.PROJECT_LIST, _A.PROJECT_SHOW,
+                _A.ACCESS_LIST,
+                _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT,
+                _A.BUDGET_SHOW,
+                _A.SYNTH_DUMMY, _A.QUERY_RUN,
+            }
+        ),
+    }
+)
+
+
+def is_allowed(role: Role, action: Action) -> bool:
+    """True when ``role`` may call ``action`` at all (scoping is decided elsewhere)."""
+    return Action(action) in PERMISSIONS[Role(role)]
+
+
+def roles_for(action: Action) -> tuple[Role, ...]:
+    """The roles that may call ``action``, in ``Role`` order."""
+    return tuple(r for r in Role if Action(action) in PERMISSIONS[r])
+
+
+def require(role: Role, action: Action) -> None:
+    """Raise ``PolicyDenied`` unless ``role`` may call ``action``.
+
+    The message names the action, the role, and the roles that may call it.
+    """
+    role, action = Role(role), Action(action)
+    if action in PERMISSIONS[role]:
+        return
+    able = roles_for(action)
+    who = ", ".join(r.value for r in able) if able else "no role"
+    raise PolicyDenied(
+        f"role {role.value} may not call {action.value}; roles that may: {who}",
+        missing=(f"role {' or '.join(r.value for r in able)} for {action.value}",),
+        grantor=ROLE_GRANTOR,
+    )

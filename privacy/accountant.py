@@ -1,0 +1,353 @@
+"""The zone's privacy accountant for DP-SGD and Gaussian releases.
+
+What every figure here means (PRIVACY.md, "Honest numbers"):
+
+- **Neighbouring relation:** add or remove one *person* (the patient is the privacy unit, not
+  the row). DP-SGD must therefore sample and clip per person, and a histogram release must
+  count each person in exactly one cell; the callers (trainer, ``dp_metrics``) guarantee that.
+- **Mechanism:** every release we account for is a (Poisson-subsampled) Gaussian mechanism of
+  L2 sensitivity 1, described by a :class:`GaussianStep`. DP-SGD with sampling rate ``q`` and
+  noise multiplier ``sigma`` for ``T`` steps is ``GaussianStep(sigma, q, T)``; one noisy
+  sensitivity-1 histogram with noise ``sigma`` is ``GaussianStep(sigma, 1.0, 1)``.
+- **Accountant:** Renyi DP (:attr:`Accountant.RDP`); composition adds RDP curves order by
+  order, then converts once to (epsilon, delta). The numbers come from Opacus's RDP analysis
+  (``opacus.accountants.analysis.rdp``; this module and the DP trainer are the only places that
+  import Opacus).
+
+Everything is a pure function of frozen values: a ledger stores the ``GaussianStep`` events and
+recomputes epsilon from them, it never keeps a running epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from connectors.errors import SpecError
+
+#: The RDP orders (alphas) every curve is evaluated at. Google's ``dp_accounting`` default grid
+#: (dense fractional orders 1.1..10.9, integers 11..63, then 128..1024) plus extra orders between
+#: 64 and 1024. Why the extras: a single Gaussian histogram release with a small epsilon (our
+#: evaluation release) has its optimal order in the hundreds, where the default grid's powers of
+#: two leave gaps that cost ~6% of epsilon (sigma=20, delta=1e-6: 0.219 on the default grid,
+#: 0.207 here, 0.206 on a 1/100-spaced grid). Orders stop at 1024 because Opacus computes
+#: binomial coefficients C(alpha, i) in floating point, which overflows past alpha ~1030.
+RDP_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)]
+    + [float(a) for a in range(11, 64)]
+    + [64.0, 80.0, 96.0, 112.0, 128.0, 160.0, 192.0, 224.0, 256.0]
+    + [320.0, 384.0, 448.0, 512.0, 640.0, 768.0, 896.0, 1024.0]
+)
+
+#: Calibration stops when the bracket on sigma is this narrow relative to its upper end.
+CALIBRATION_RELATIVE_TOLERANCE = 1e-3
+#: No calibration goes below this noise multiplier: under it the RDP bound is vacuous anyway
+#: (epsilon in the hundreds for any useful number of steps), so a target that large is met here.
+NOISE_FLOOR = 0.1
+#: Nor above this one: a target that needs more noise than this is treated as unreachable
+#: (the model would learn nothing; the caller should lower the steps or raise epsilon).
+NOISE_CEILING = 1e4
+
+NEIGHBOURING = "add/remove one person"
+UNIT = "person"
+
+
+class Accountant(StrEnum):
+    """The accountant used to charge a release. There is one; the enum makes it explicit in
+    every plan and ledger row which analysis produced a figure.
+
+    RDP
+        Renyi DP of the Sampled Gaussian Mechanism (Mironov, Talwar, Zhang 2019,
+        arXiv:1908.10530), add/remove neighbouring, evaluated at :data:`RDP_ORDERS`.
+        Heterogeneous steps compose by adding their RDP curves order by order. The curve is
+        converted to (epsilon, delta) with Opacus's ``get_privacy_spent``, which implements the
+        improved conversion of Balle et al. 2020 ("Hypothesis testing interpretations and Renyi
+        differential privacy", AISTATS; Theorem 21 of arXiv:1905.09982):
+        ``eps = min_alpha [ rdp(alpha) + log((alpha-1)/alpha) - (log(delta) + log(alpha)) /
+        (alpha-1) ]`` -- never looser than the classic ``rdp(alpha) - log(delta)/(alpha-1)``
+        (Mironov 2017, Prop. 3) that older published tables (Abadi et al. 2016, TF Privacy
+        tutorials) used. Google's ``dp_accounting`` uses the same conversion.
+    """
+
+    RDP = "rdp"
+
+
+@dataclass(frozen=True)
+class GaussianStep:
+    """``steps`` compositions of a Gaussian mechanism of L2 sensitivity 1 with noise standard
+    deviation ``noise_multiplier``, each applied to a Poisson sample of the persons taken with
+    probability ``sample_rate`` (1.0 = everyone, i.e. no subsampling)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        # Validate on construction so a bad step can never reach the ledger.
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise SpecError(
+                "privacy.noise_multiplier",
+                "must be a finite number > 0",
+                "a noise multiplier of 0 is not differentially private",
+            )
+        if not (math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1):
+            raise SpecError("privacy.sample_rate", "must be in (0, 1]", "use batch_size / persons")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise SpecError("privacy.steps", "must be an integer >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_delta(delta: float) -> None:
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise SpecError("privacy.delta", "must be in (0, 1)", "use e.g. 1e-6")
+
+
+def _check_epsilon(target_epsilon: float) -> None:
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise SpecError("privacy.epsilon", "must be a finite number > 0", "use e.g. 1.0 to 10.0")
+
+
+def _rdp_curve(step: GaussianStep) -> np.ndarray:
+    """The step's RDP at every order in :data:`RDP_ORDERS`."""
+    if step.steps == 0:
+        # Opacus multiplies the per-step curve by ``steps``; skip it so that 0 * inf is never nan.
+        return np.zeros(len(RDP_ORDERS))
+    curve = np.asarray(
+        compute_rdp(
+            q=step.sample_rate,
+            noise_multiplier=step.noise_multiplier,
+            steps=step.steps,
+            orders=list(RDP_ORDERS),
+        ),
+        dtype=np.float64,
+    )
+    # Renyi divergences are >= 0; Opacus's log-space series can round a tiny one (tiny q, huge
+    # sigma) to a small negative number. Raising it to 0 can only raise epsilon (conservative).
+    # A nan (a series that failed) becomes +inf: that order then simply never wins the minimum.
+    return np.where(np.isnan(curve), np.inf, np.maximum(curve, 0.0))
+
+
+def _epsilon_from_curve(curve: np.ndarray, delta: float) -> float:
+    """Convert a composed RDP curve to epsilon at ``delta`` (Balle et al. 2020, via Opacus)."""
+    # Pad both ends with an order whose RDP is +inf: it can never be the minimiser, so Opacus's
+    # "optimal order is the smallest/largest alpha" warning does not fire. That warning is about
+    # tightness only (every order gives a valid bound); it fires at the largest order whenever
+    # epsilon is tiny (huge sigma), and silencing it with warnings.catch_warnings would mutate
+    # process-global state (not thread-safe).
+    orders = [RDP_ORDERS[0] - 0.05, *RDP_ORDERS, RDP_ORDERS[-1] + 1.0]
+    rdp = np.concatenate(([np.inf], curve, [np.inf]))
+    eps, _order = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    eps = float(eps)
+    if math.isnan(eps):
+        return math.inf
+    # Opacus does not clip at 0 (dp_accounting does); a negative epsilon means "no loss".
+    return max(0.0, eps)
+
+
+def _composed_curve(history: Sequence[GaussianStep]) -> np.ndarray:
+    total = np.zeros(len(RDP_ORDERS))
+    for step in history:
+        total = total + _rdp_curve(step)
+    return total
+
+
+def epsilon_for(history: Sequence[GaussianStep], delta: float) -> float:
+    """Epsilon at ``delta`` of the sequential composition of ``history`` (RDP, add/remove one
+    person). Heterogeneous steps compose by adding their RDP curves; an empty history is 0."""
+    _check_delta(delta)
+    for step in history:
+        if not isinstance(step, GaussianStep):
+            raise SpecError("privacy.history", "must contain only GaussianStep events")
+    active = [step for step in history if step.steps > 0]
+    if not active:
+        # Nothing released. (The conversion of an all-zero curve would not give 0: at the
+        # largest order it still leaves (log(1/delta) - log(alpha)) / (alpha - 1) ~ 0.006.)
+        return 0.0
+    return _epsilon_from_curve(_composed_curve(active), delta)
+
+
+def dpsgd_schedule(n_persons: int, batch_size: int, epochs: int) -> tuple[float, int, int]:
+    """``(sample_rate, steps_per_epoch, total_steps)`` for DP-SGD over ``n_persons`` persons.
+
+    The accountant assumes Poisson sampling: each step includes each person independently with
+    probability ``sample_rate = batch_size / n_persons`` (Opacus's ``DPDataLoader``), so
+    ``batch_size`` is the *expected* batch size and an epoch is ``ceil(n_persons/batch_size)``
+    steps."""
+    for name, value, low in (
+        ("dataset.persons", n_persons, 1),
+        ("training.batch_size", batch_size, 1),
+        ("training.epochs", epochs, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SpecError(name, f"must be an integer >= {low}")
+    if batch_size > n_persons:
+        raise SpecError(
+            "training.batch_size",
+            f"must not exceed the number of persons ({n_persons})",
+            "lower training.batch_size",
+        )
+    sample_rate = batch_size / n_persons
+    steps_per_epoch = math.ceil(n_persons / batch_size)
+    return sample_rate, steps_per_epoch, steps_per_epoch * epochs
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    *,
+    fixed: Sequence[GaussianStep] = (),
+) -> float:
+    """The smallest noise multiplier ``sigma`` (to :data:`CALIBRATION_RELATIVE_TOLERANCE`,
+    rounded up) such that ``epsilon_for([*fixed, GaussianStep(sigma, sample_rate, steps)],
+    delta) <= target_epsilon``. The returned sigma never overshoots the target: the search keeps
+    the feasible end of its bracket and returns it.
+
+    Targets so loose that :data:`NOISE_FLOOR` meets them get the floor.
+
+    ``fixed`` holds releases already charged or reserved on the same persons (e.g. the
+    evaluation histogram); they compose with the new step. Raises ``SpecError`` naming
+    ``privacy.epsilon`` when no noise up to :data:`NOISE_CEILING` reaches the target."""
+    _check_epsilon(target_epsilon)
+    _check_delta(delta)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise SpecError("privacy.steps", "must be an integer >= 1")
+    # Validates sample_rate (and fails before any arithmetic if it is out of range).
+    GaussianStep(1.0, sample_rate, steps)
+
+    fixed_curve = _composed_curve(fixed)
+    already = epsilon_for(fixed, delta)
+    if already >= target_epsilon:
+        raise SpecError(
+            "privacy.epsilon",
+            f"the fixed releases alone spend epsilon {already:.4g} at delta {delta:g}, "
+            f"at or above the target {target_epsilon:.4g}",
+            "raise privacy.epsilon or charge fewer releases",
+        )
+
+    def meets_target(sigma: float) -> bool:
+        curve = fixed_curve + _rdp_curve(GaussianStep(sigma, sample_rate, steps))
+        return _epsilon_from_curve(curve, delta) <= target_epsilon
+
+    # Bracket [lo, hi] with hi feasible and lo infeasible by doubling/halving from sigma = 1,
+    # then bisect geometrically (sigma spans orders of magnitude). Epsilon is decreasing in
+    # sigma, but the answer's safety does not rest on that: only a checked-feasible sigma is
+    # ever returned.
+    hi = 1.0
+    while not meets_target(hi):
+        hi *= 2.0
+        if hi > NOISE_CEILING:
+            raise SpecError(
+                "privacy.epsilon",
+                f"target {target_epsilon:.4g} at delta {delta:g} needs a noise multiplier "
+                f"above {NOISE_CEILING:g} for {steps} steps at sample rate {sample_rate:.4g}",
+                "raise privacy.epsilon, or train for fewer epochs / with a smaller batch",
+            )
+    lo = hi
+    while hi > NOISE_FLOOR:
+        lo = max(hi / 2.0, NOISE_FLOOR)
+        if not meets_target(lo):
+            break
+        hi = lo
+    if lo == hi:
+        return hi  # the floor itself meets the target
+    while hi - lo > CALIBRATION_RELATIVE_TOLERANCE * hi:
+        mid = math.sqrt(lo * hi)
+        if meets_target(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@dataclass(frozen=True)
+class DPSGDPlan:
+    """A DP-SGD run and its one DP evaluation release, calibrated together to a target.
+
+    ``epsilon`` is the composed figure of both releases (training + evaluation) at ``delta``,
+    from ``accountant``, for the ``neighbouring`` relation and privacy ``unit`` stated; it is
+    <= ``target_epsilon``. Charge :meth:`history` to the ledger."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    steps_per_epoch: int
+    eval_sigma: float
+    epsilon: float
+    delta: float
+    target_epsilon: float
+    accountant: Accountant = Accountant.RDP
+    # init=False: no caller can label a plan with a different relation or unit.
+    neighbouring: str = field(default=NEIGHBOURING, init=False)
+    unit: str = field(default=UNIT, init=False)
+
+    @property
+    def training_step(self) -> GaussianStep:
+        return GaussianStep(self.noise_multiplier, self.sample_rate, self.steps)
+
+    @property
+    def eval_step(self) -> GaussianStep:
+        """The evaluation histogram: sensitivity 1, everyone counted once, noise eval_sigma."""
+        return GaussianStep(self.eval_sigma, 1.0, 1)
+
+    def history(self) -> tuple[GaussianStep, GaussianStep]:
+        return (self.training_step, self.eval_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["accountant"] = self.accountant.value
+        return out
+
+
+def plan_dpsgd(
+    target_epsilon: float,
+    delta: float,
+    n_persons: int,
+    batch_size: int,
+    epochs: int,
+    *,
+    eval_share: float = 0.1,
+) -> DPSGDPlan:
+    """Calibrate DP-SGD noise for ``epochs`` over ``n_persons`` persons so that training plus
+    one DP evaluation release compose to at most ``target_epsilon`` at ``delta``.
+
+    The evaluation release (a sensitivity-1 noisy histogram, ``GaussianStep(eval_sigma, 1, 1)``)
+    gets noise such that it alone costs at most ``eval_share * target_epsilon``; the training
+    noise is then calibrated with that release in ``fixed``. Because RDP composes more tightly
+    than adding epsilons, training ends up with a little more than ``1 - eval_share`` of the
+    target."""
+    _check_epsilon(target_epsilon)
+    _check_delta(delta)
+    if not (math.isfinite(eval_share) and 0 < eval_share < 1):
+        raise SpecError("privacy.eval_share", "must be in (0, 1)", "use e.g. 0.1")
+    sample_rate, steps_per_epoch, steps = dpsgd_schedule(n_persons, batch_size, epochs)
+    if delta >= 1.0 / n_persons:
+        # delta >= 1/n admits mechanisms that publish some person's record outright.
+        raise SpecError(
+            "privacy.delta",
+            f"delta must be below 1/persons ({n_persons})",
+            "use e.g. 1e-6",
+        )
+    eval_sigma = calibrate_noise(eval_share * target_epsilon, delta, 1.0, 1)
+    eval_step = GaussianStep(eval_sigma, 1.0, 1)
+    sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, fixed=(eval_step,))
+    epsilon = epsilon_for([GaussianStep(sigma, sample_rate, steps), eval_step], delta)
+    return DPSGDPlan(
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        steps_per_epoch=steps_per_epoch,
+        eval_sigma=eval_sigma,
+        epsilon=epsilon,
+        delta=delta,
+        target_epsilon=target_epsilon,
+    )

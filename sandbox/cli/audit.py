@@ -1,0 +1,47 @@
+"""``sandbox audit``: the hash-chained audit log."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, open_session, show_table
+
+app = typer.Typer(help="The audit log.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_(
+    limit: Annotated[int, typer.Option("--limit")] = 100,
+    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """The latest audit events."""
+    s = open_session(zone, token)
+    try:
+        evs = s.service.audit_list(s.user, limit=limit)
+    finally:
+        s.close()
+    emit({"events": evs}, as_json, lambda o: show_table(
+        [e.to_dict() for e in evs], ["seq", "at", "actor", "action", "outcome", "target"]))
+
+
+@app.command("verify")
+def verify(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Check the hash chain; names the first line edited, dropped or reordered."""
+    s = open_session(zone, token)
+    try:
+        rep = s.service.audit_verify(s.user)
+    finally:
+        s.close()
+
+    def human(r: object) -> None:
+        d = r.to_dict()  # type: ignore[attr-defined]
+        if d["ok"]:
+            console.print(f"audit chain verified: {d['checked']} events")
+        else:
+            console.print(f"[red]audit chain broken at event {d['first_bad_seq']}: {d['problem']}[/red]")
+
+    emit(rep, as_json, human)
+    if not rep.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,75 @@
+"""The ``sandbox`` command: a thin layer over ``sandbox.service.Service``.
+
+One error handler for every command: a user error prints one line (or a JSON object with
+``--json``) and exits 2; a backend error says whether a retry can help and exits 3. Nothing
+here decides access.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+from connectors.errors import BackendError, ZoneError
+from sandbox.cli import access, audit, budget, datasets, demo, jobs, models, projects, users, zone_cmds
+
+app = typer.Typer(
+    name="sandbox",
+    help="The safe zone: train on sensitive data without seeing a row of it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+zone_cmds.register(app)
+app.add_typer(users.app, name="user")
+app.add_typer(datasets.app, name="dataset")
+app.add_typer(projects.app, name="project")
+app.add_typer(access.app, name="access")
+jobs.register(app)
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(models.app, name="model")
+budget.register(app)
+app.add_typer(audit.app, name="audit")
+demo.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args
+    try:
+        app(args=args, standalone_mode=False)
+    except ZoneError as exc:
+        code = 3 if isinstance(exc, BackendError) else 2
+        if as_json:
+            out = {"error": exc.kind, "message": str(exc)}
+            if isinstance(exc, BackendError):
+                out["retryable"] = exc.retryable
+            typer.echo(json.dumps(out))
+        else:
+            hint = ""
+            if isinstance(exc, BackendError):
+                hint = " (a retry may help)" if exc.retryable else " (a retry will not help)"
+            typer.echo(f"error: {exc}{hint}", err=True)
+        return code
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        return 1
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,49 @@
+"""``sandbox user``: identities and their tokens (operator)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, open_session, show_table
+
+app = typer.Typer(help="Users and tokens.", no_args_is_help=True)
+
+
+@app.command("add")
+def add(
+    name: str,
+    role: Annotated[str, typer.Option("--role", help="steward | researcher | analyst | operator")],
+    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Add a user; prints their token once (only a hash is stored)."""
+    s = open_session(zone, token)
+    try:
+        user, new_token = s.service.add_user(s.user, name, role)
+    finally:
+        s.close()
+    out = {"user": user.to_dict(), "token": new_token}
+    emit(out, as_json, lambda o: console.print(f"user {name} ({role}) added; token (shown once): [bold]{new_token}[/bold]"))
+
+
+@app.command("list")
+def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """List users (never their tokens)."""
+    s = open_session(zone, token)
+    try:
+        users = s.service.list_users(s.user)
+    finally:
+        s.close()
+    emit({"users": users}, as_json, lambda o: show_table([u.to_dict() for u in users], ["name", "role", "created_at", "revoked_at"]))
+
+
+@app.command("revoke")
+def revoke(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Revoke a user's token."""
+    s = open_session(zone, token)
+    try:
+        s.service.revoke_user(s.user, name)
+    finally:
+        s.close()
+    emit({"revoked": name}, as_json, lambda o: console.print(f"user {name} revoked"))

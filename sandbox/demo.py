@@ -1,0 +1,132 @@
+"""The end-to-end demo: every step a user takes, through the same service the CLI uses.
+
+Each step prints the CLI command it stands for, so a reader can repeat it by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sandbox.jobspec import parse_job_toml
+
+DEMO_FEATURES = [
+    "age", "sex", "dx_chapter", "diabetes", "chf", "copd", "ckd", "cancer",
+    "hba1c", "creatinine", "hemoglobin", "sodium", "sbp", "heart_rate", "bmi",
+    "prior_admissions", "length_of_stay",
+]
+DEMO_LABEL = "readmitted_30d"
+
+
+def demo_job_toml(epsilon: float = 1.0, epochs: int = 5) -> str:
+    feats = ", ".join(f'"{f}"' for f in DEMO_FEATURES)
+    return f"""
+project = "readmission"
+dataset = "cohort"
+label = "{DEMO_LABEL}"
+features = [{feats}]
+[model]
+kind = "mlp"
+hidden = [64, 64]
+[privacy]
+epsilon = {epsilon}
+delta = 1e-6
+max_grad_norm = 1.0
+[training]
+epochs = {epochs}
+batch_size = 512
+lr = 0.5
+seed = 7
+[resources]
+gpus = 0
+"""
+
+
+def run_demo(patients: int = 50_000, keep: Path | None = None, as_json: bool = False) -> dict[str, Any]:
+    from connectors.cohort import write_cohort
+    from sandbox.ray_backend import RayBackend
+    from sandbox.service import Service
+    from training.predict import predict_file
+
+    console = Console(quiet=as_json)
+    root = keep or Path(tempfile.mkdtemp(prefix="safe-zone-demo-")) / "zone"
+    t0 = time.perf_counter()
+
+    def step(cmd: str) -> None:
+        console.print(f"[dim]$ {cmd}[/dim]")
+
+    step(f"sandbox init --zone {root}")
+    svc, op_token = Service.init_zone(root)
+    svc.close()
+    svc = Service(svc.zone, RayBackend(svc.zone.root))
+    try:
+        operator = svc.authenticate(op_token)
+        step("sandbox user add sam --role steward; sandbox user add rita --role researcher")
+        _, steward_token = svc.add_user(operator, "sam", "steward")
+        _, researcher_token = svc.add_user(operator, "rita", "researcher")
+        steward = svc.authenticate(steward_token)
+        rita = svc.authenticate(researcher_token)
+
+        step(f"sandbox dataset ingest cohort --demo --patients {patients}   # as sam")
+        ds = svc.ingest_demo(steward, "cohort", patients, seed=0)
+        console.print(f"  {ds.rows} rows, {ds.persons} persons across {len(ds.sites)} hospitals (pseudonymised)")
+
+        step('sandbox project create readmission --purpose "30-day readmission risk"   # as rita')
+        svc.create_project(rita, "readmission", "30-day readmission risk model")
+        step("sandbox access request readmission --dataset cohort --columns ... --mechanism dp-sgd --epsilon 3 --delta 1e-5")
+        req = svc.request_access(rita, "readmission", "cohort", [*DEMO_FEATURES, DEMO_LABEL], ["dp-sgd"], 3.0, 1e-5)
+        expires = datetime.now(UTC) + timedelta(days=90)
+        step(f"sandbox access approve {req.id} --expires {expires.date()}   # as sam")
+        grant = svc.approve(steward, req.id, expires_at=expires)
+
+        spec = parse_job_toml(demo_job_toml())
+        step("sandbox submit job.toml   # as rita: runs on a local Ray")
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("DP-SGD epochs", total=spec.training.epochs)
+            job = svc.submit(rita, spec, on_progress=lambda p: progress.update(task, completed=p.get("epoch", 0)))
+            progress.update(task, completed=spec.training.epochs)
+        result = job.result or {}
+        metrics = result.get("metrics", {})
+        console.print(f"  job {job.id}: {job.state}; epsilon {result.get('epsilon', 0):.3f}; DP AUROC {metrics.get('auroc', float('nan')):.3f}")
+
+        out = root.parent / "release"
+        step(f"sandbox jobs result {job.id} --out {out}")
+        svc.job_result(rita, job.id, out)
+        new_rows = root.parent / "new_patients.csv"
+        write_cohort(new_rows, 1000, seed=99, canaries=None, format="csv")
+        step(f"sandbox model predict {out} --from {new_rows} --out {root.parent / 'scores.parquet'}")
+        scored = predict_file(out, new_rows, root.parent / "scores.parquet")
+
+        step("sandbox budget readmission")
+        bal = svc.budget(rita, "readmission")[0]
+        step("sandbox audit verify   # as sam")
+        verified = svc.audit_verify(steward)
+        summary = {
+            "zone": str(root),
+            "dataset": {"rows": ds.rows, "persons": ds.persons, "sites": len(ds.sites)},
+            "grant": {"id": grant.id, "epsilon": grant.epsilon, "delta": grant.delta},
+            "job": {"id": job.id, "state": str(job.state), "epsilon_spent": result.get("epsilon"), "dp_metrics": metrics},
+            "budget": {"spent_epsilon": bal.spent_epsilon, "remaining_epsilon": bal.remaining_epsilon},
+            "release": str(out),
+            "scored_rows": scored,
+            "audit": {"verified": verified.ok, "events": verified.checked},
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    finally:
+        svc.close()
+    if as_json:
+        print(json.dumps(summary, default=str))
+    else:
+        console.rule("summary")
+        console.print(f"epsilon spent {summary['budget']['spent_epsilon']:.3f} of {grant.epsilon:g}, left {summary['budget']['remaining_epsilon']:.3f} (delta {grant.delta:g}, per person)")
+        console.print(f"DP AUROC {metrics.get('auroc', float('nan')):.3f}, DP accuracy {metrics.get('accuracy', float('nan')):.3f}")
+        console.print(f"audit chain verified: {verified.ok} ({verified.checked} events)")
+        console.print(f"release in {out}; zone in {root}; {summary['seconds']} s")
+    return summary

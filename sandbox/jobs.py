@@ -1,0 +1,224 @@
+"""The job lifecycle: states, allowed transitions, and the job table.
+
+States (a job exists only once policy allowed it and the ledger reserved its epsilon)::
+
+    QUEUED     reserved in the ledger, handed to the backend, not started
+    RUNNING    a worker started it (it may or may not have opened data yet: ``data_opened``)
+    SUCCEEDED  trained, evaluated, charged (ledger committed), artefacts ready for release
+    FAILED     stopped; the ledger released the reservation if no data was opened, else
+               committed it (a failure after touching data keeps its charge)
+
+Transitions are data (``ALLOWED``) checked in one place; an invalid one raises.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
+
+from connectors.errors import IntegrityError, NotFoundError
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+ALLOWED: frozenset[tuple[JobState, JobState]] = frozenset(
+    {
+        (JobState.QUEUED, JobState.RUNNING),
+        (JobState.QUEUED, JobState.FAILED),
+        (JobState.RUNNING, JobState.SUCCEEDED),
+        (JobState.RUNNING, JobState.FAILED),
+    }
+)
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+
+
+def check_transition(src: JobState, dst: JobState) -> None:
+    if (src, dst) not in ALLOWED:
+        raise IntegrityError(f"job cannot go from {src} to {dst}")
+
+
+metadata = MetaData()
+jobs_table = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("project", String(200), nullable=False),
+    Column("dataset", String(200), nullable=False),
+    Column("submitted_by", String(200), nullable=False),
+    Column("spec_json", Text, nullable=False),
+    Column("spec_hash", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reservation_id", String(64), nullable=True),
+    Column("data_opened", Boolean, nullable=False, default=False),
+    Column("progress_json", Text, nullable=True),
+    Column("result_json", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    project: str
+    dataset: str
+    submitted_by: str
+    spec: dict[str, Any]
+    spec_hash: str
+    state: JobState
+    reservation_id: str | None
+    data_opened: bool
+    progress: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "project": self.project,
+            "dataset": self.dataset,
+            "submitted_by": self.submitted_by,
+            "spec_hash": self.spec_hash,
+            "state": str(self.state),
+            "reservation_id": self.reservation_id,
+            "data_opened": self.data_opened,
+            "progress": self.progress,
+            "result": self.result,
+            "error": self.error,
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything we store is UTC
+    if dt is not None and dt.tzinfo is None:
+        return dt.replace(tzinfo=UTC)
+    return dt
+
+
+def _row(r: Any) -> JobRecord:
+    return JobRecord(
+        id=r.id,
+        project=r.project,
+        dataset=r.dataset,
+        submitted_by=r.submitted_by,
+        spec=json.loads(r.spec_json),
+        spec_hash=r.spec_hash,
+        state=JobState(r.state),
+        reservation_id=r.reservation_id,
+        data_opened=bool(r.data_opened),
+        progress=json.loads(r.progress_json) if r.progress_json else None,
+        result=json.loads(r.result_json) if r.result_json else None,
+        error=r.error,
+        created_at=_aware(r.created_at),  # type: ignore[arg-type]
+        started_at=_aware(r.started_at),
+        finished_at=_aware(r.finished_at),
+    )
+
+
+class JobStore:
+    """The jobs table. Every state change goes through ``move`` (checked transitions)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine)
+
+    def create(
+        self, *, project: str, dataset: str, user: str, spec: dict[str, Any], spec_hash: str,
+        reservation_id: str | None, job_id: str | None = None,
+    ) -> JobRecord:
+        jid = job_id or new_job_id()
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(jobs_table).values(
+                    id=jid, project=project, dataset=dataset, submitted_by=user,
+                    spec_json=json.dumps(spec, sort_keys=True), spec_hash=spec_hash,
+                    state=JobState.QUEUED.value, reservation_id=reservation_id,
+                    data_opened=False, created_at=_now(),
+                )
+            )
+        return self.get(jid)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
+        if r is None:
+            raise NotFoundError(f"job {job_id!r} not found; `sandbox jobs list` shows yours")
+        return _row(r)
+
+    def list(self, *, project: str | None = None, user: str | None = None) -> list[JobRecord]:
+        q = select(jobs_table).order_by(jobs_table.c.created_at)
+        if project:
+            q = q.where(jobs_table.c.project == project)
+        if user:
+            q = q.where(jobs_table.c.submitted_by == user)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(q)]
+
+    def move(self, job_id: str, dst: JobState, **fields: Any) -> JobRecord:
+        with self.engine.begin() as conn:
+            r = conn.execute(select(jobs_table.c.state).where(jobs_table.c.id == job_id)).first()
+            if r is None:
+                raise NotFoundError(f"job {job_id!r} not found")
+            check_transition(JobState(r.state), dst)
+            values: dict[str, Any] = {"state": dst.value}
+            if dst is JobState.RUNNING:
+                values["started_at"] = _now()
+            if dst in TERMINAL:
+                values["finished_at"] = _now()
+            if "result" in fields:
+                values["result_json"] = json.dumps(fields.pop("result"), sort_keys=True)
+            values.update(fields)
+            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
+        return self.get(job_id)
+
+    def mark_data_opened(self, job_id: str) -> None:
+        """Durably record that the job touched real rows (before the first byte is read)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(data_opened=True))
+
+    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs_table).where(jobs_table.c.id == job_id).values(progress_json=json.dumps(progress))
+            )
+
+
+def new_job_id() -> str:
+    return f"job-{secrets.token_hex(4)}"

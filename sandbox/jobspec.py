@@ -1,0 +1,213 @@
+"""The job spec a researcher writes (``job.toml``): parsed once into frozen values.
+
+Every problem is a ``SpecError`` naming the field (``privacy.epsilon``) and the fix; unknown
+keys are refused so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from connectors.errors import SpecError
+from training.models import ModelConfig, ModelKind
+
+
+class Mode(StrEnum):
+    DP_SGD = "dp-sgd"
+    FEDERATED = "federated"
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    epsilon: float
+    delta: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    gpus: float
+    cpus: float
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    project: str
+    dataset: str
+    label: str
+    features: tuple[str, ...]
+    mode: Mode
+    model: ModelConfig
+    privacy: PrivacySpec
+    training: TrainingSpec
+    resources: ResourceSpec
+
+    @property
+    def columns(self) -> frozenset[str]:
+        """Every column the job reads: what the grant must cover."""
+        return frozenset((*self.features, self.label))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["features"] = list(self.features)
+        d["mode"] = str(self.mode)
+        d["model"] = {"kind": str(self.model.kind), "hidden": list(self.model.hidden)}
+        return d
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+_TOP = {"project", "dataset", "label", "features", "mode", "model", "privacy", "training", "resources"}
+_SECTIONS = {
+    "model": {"kind", "hidden"},
+    "privacy": {"epsilon", "delta", "max_grad_norm"},
+    "training": {"epochs", "batch_size", "lr", "seed"},
+    "resources": {"gpus", "cpus"},
+}
+
+
+def _unknown(where: str, got: Mapping[str, Any], known: set[str]) -> None:
+    extra = sorted(set(got) - known)
+    if extra:
+        prefix = f"{where}." if where else ""
+        raise SpecError(
+            f"{prefix}{extra[0]}", "is not a known field", f"known fields: {', '.join(sorted(known))}"
+        )
+
+
+def _name(d: Mapping[str, Any], key: str) -> str:
+    if key not in d:
+        raise SpecError(key, "is required", f'add {key} = "..."')
+    v = d[key]
+    if not isinstance(v, str) or not v.strip():
+        raise SpecError(key, "must be a non-empty string", f'e.g. {key} = "name"')
+    return v
+
+
+def _number(
+    d: Mapping[str, Any], section: str, key: str, *, default: float | None = None,
+    lo: float | None = None, hi: float | None = None, lo_open: bool = False, integer: bool = False,
+) -> Any:
+    field = f"{section}.{key}"
+    if key not in d:
+        if default is None:
+            raise SpecError(field, "is required", f"add {key} = ... under [{section}]")
+        return default
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise SpecError(field, "must be a number", f"write {key} = <number>")
+    if integer and not isinstance(v, int):
+        raise SpecError(field, "must be a whole number", f"e.g. {key} = {int(v)}")
+    if not math.isfinite(v):
+        raise SpecError(field, "must be finite", "use a finite number")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise SpecError(field, f"must be {'>' if lo_open else '>='} {lo}", "raise it")
+    if hi is not None and v > hi:
+        raise SpecError(field, f"must be <= {hi}", "lower it")
+    return v
+
+
+def _section(d: Mapping[str, Any], key: str, required: bool) -> Mapping[str, Any]:
+    if key not in d:
+        if required:
+            raise SpecError(key, "section is required", f"add a [{key}] table")
+        return {}
+    v = d[key]
+    if not isinstance(v, dict):
+        raise SpecError(key, "must be a table", f"write it as [{key}]")
+    _unknown(key, v, _SECTIONS[key])
+    return v
+
+
+def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
+    _unknown("", data, _TOP)
+    mode_raw = data.get("mode", Mode.DP_SGD.value)
+    try:
+        mode = Mode(mode_raw)
+    except (ValueError, TypeError):
+        raise SpecError("mode", "is not a known mode", f"use one of: {', '.join(m.value for m in Mode)}") from None
+    if mode is Mode.FEDERATED:
+        raise SpecError("mode", "federated training is not available in this zone yet", 'use mode = "dp-sgd"')
+    features = data.get("features")
+    if not isinstance(features, list) or not features or not all(isinstance(f, str) and f for f in features):
+        raise SpecError("features", "must be a non-empty list of column names", 'e.g. features = ["age", "sex"]')
+    if len(set(features)) != len(features):
+        raise SpecError("features", "lists a column twice", "list each column once")
+    label = _name(data, "label")
+    if label in features:
+        raise SpecError("features", "contains the label column", "remove the label from features")
+
+    m = _section(data, "model", True)
+    kind_raw = m.get("kind")
+    try:
+        kind = ModelKind(kind_raw)
+    except (ValueError, TypeError):
+        raise SpecError("model.kind", "is not a known model", f"use one of: {', '.join(k.value for k in ModelKind)}") from None
+    hidden = m.get("hidden", [])
+    if not isinstance(hidden, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hidden):
+        raise SpecError("model.hidden", "must be a list of layer sizes", "e.g. hidden = [64, 64]")
+    model = ModelConfig(kind=kind, hidden=tuple(hidden))
+
+    p = _section(data, "privacy", True)
+    privacy = PrivacySpec(
+        epsilon=float(_number(p, "privacy", "epsilon", lo=0, lo_open=True, hi=100)),
+        delta=float(_number(p, "privacy", "delta", lo=0, lo_open=True, hi=0.01)),
+        max_grad_norm=float(_number(p, "privacy", "max_grad_norm", default=1.0, lo=0, lo_open=True, hi=1e4)),
+    )
+    t = _section(data, "training", True)
+    training = TrainingSpec(
+        epochs=int(_number(t, "training", "epochs", lo=1, hi=1000, integer=True)),
+        batch_size=int(_number(t, "training", "batch_size", lo=1, hi=1_000_000, integer=True)),
+        lr=float(_number(t, "training", "lr", lo=0, lo_open=True, hi=100)),
+        seed=int(_number(t, "training", "seed", default=0, lo=0, hi=2**31 - 1, integer=True)),
+    )
+    r = _section(data, "resources", False)
+    resources = ResourceSpec(
+        gpus=float(_number(r, "resources", "gpus", default=0, lo=0, hi=64)),
+        cpus=float(_number(r, "resources", "cpus", default=1, lo=0, lo_open=True, hi=256)),
+    )
+    return JobSpec(
+        project=_name(data, "project"),
+        dataset=_name(data, "dataset"),
+        label=label,
+        features=tuple(features),
+        mode=mode,
+        model=model,
+        privacy=privacy,
+        training=training,
+        resources=resources,
+    )
+
+
+def parse_job_toml(text: str) -> JobSpec:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message names the line and column, never a dataset value
+        raise SpecError("job.toml", f"is not valid TOML: {exc}", "fix the TOML syntax") from None
+    return parse_job_spec(data)
+
+
+def load_job_spec(path: Path) -> JobSpec:
+    try:
+        text = path.read_text()
+    except OSError:
+        raise SpecError("job.toml", f"cannot read {path}", "check the path") from None
+    return parse_job_toml(text)

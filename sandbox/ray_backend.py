@@ -1,0 +1,127 @@
+"""The only module that imports Ray. Maps Ray's statuses and errors to ours.
+
+Embedded default: a local Ray started by this process (``address="local"``, loopback only,
+its temp dir inside the system temp folder named after the zone). With ``--ray-address`` /
+``RAY_ADDRESS`` the zone attaches to an existing cluster instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from connectors.errors import ComputeError, SpecError, ZoneError
+from sandbox.backend import JobBackend, Payload, Resources, WorkerFn
+from sandbox.engine_env import configure_engine_env, ray_temp_dir
+
+
+class RayBackend(JobBackend):
+    name = "ray"
+
+    def __init__(self, zone_root: Path, address: str | None = None, num_cpus: int | None = None) -> None:
+        self._zone_root = zone_root
+        self._address = address
+        self._num_cpus = num_cpus
+        self._started = False
+        self._owns_ray = False
+
+    def _ensure(self) -> Any:
+        import ray
+
+        if not self._started:
+            configure_engine_env(self._zone_root)
+            if not ray.is_initialized():
+                kwargs: dict[str, Any] = {
+                    "ignore_reinit_error": True,
+                    # worker output may quote data: it never reaches the user's terminal
+                    "log_to_driver": False,
+                    "logging_level": "ERROR",
+                }
+                if self._address:
+                    kwargs["address"] = self._address
+                else:
+                    tmp = ray_temp_dir(self._zone_root)
+                    tmp.mkdir(parents=True, exist_ok=True)
+                    kwargs.update(
+                        address="local",
+                        include_dashboard=False,
+                        _temp_dir=str(tmp),
+                        num_cpus=self._num_cpus,
+                    )
+                try:
+                    ray.init(**kwargs)
+                    self._owns_ray = True
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise ComputeError(
+                        f"cannot start or reach Ray ({type(exc).__name__}); check --ray-address",
+                        retryable=True,
+                    ) from None
+            self._started = True
+        return ray
+
+    def warm_up(self) -> float:
+        """Start Ray now (seconds taken), so the first submit pays only its own cost."""
+        t0 = time.perf_counter()
+        self._ensure()
+        return time.perf_counter() - t0
+
+    def check_resources(self, resources: Resources) -> None:
+        ray = self._ensure()
+        # A task asking for GPUs the cluster lacks stays pending forever: refuse up front.
+        have = ray.cluster_resources()
+        gpus = float(have.get("GPU", 0))
+        if resources.gpus > gpus:
+            raise SpecError(
+                "resources.gpus",
+                f"asks for {resources.gpus:g} GPU(s) but the zone's Ray cluster has {gpus:g}",
+                "set gpus = 0, or submit to a cluster with GPU nodes (--ray-address)",
+            )
+        cpus = float(have.get("CPU", 0))
+        if resources.cpus > cpus:
+            raise SpecError(
+                "resources.cpus",
+                f"asks for {resources.cpus:g} CPUs but the cluster has {cpus:g}",
+                f"set cpus <= {cpus:g}",
+            )
+
+    def submit(self, fn: WorkerFn, payload: Payload, resources: Resources) -> Any:
+        ray = self._ensure()
+        remote = ray.remote(fn).options(
+            num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0, name=str(payload.get("job_id", "job"))
+        )
+        return remote.remote(payload)
+
+    def wait(self, handle: Any, *, poll: Callable[[], None], poll_s: float = 0.5) -> dict[str, Any]:
+        ray = self._ensure()
+        from ray import exceptions as rex
+
+        while True:
+            ready, _ = ray.wait([handle], timeout=poll_s)
+            poll()
+            if ready:
+                break
+        try:
+            return ray.get(handle)
+        except rex.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ZoneError):
+                raise cause from None
+            name = type(cause).__name__ if cause is not None else "unknown"
+            raise ComputeError(f"the job failed in its worker ({name})") from None
+        except (rex.WorkerCrashedError, rex.NodeDiedError, rex.ActorDiedError, rex.TaskCancelledError) as exc:
+            raise ComputeError(
+                f"the job's worker died ({type(exc).__name__}); a retry may help", retryable=True
+            ) from None
+        except rex.RayError as exc:
+            raise ComputeError(f"Ray failed ({type(exc).__name__})", retryable=True) from None
+
+    def shutdown(self) -> None:
+        # only stop a Ray this backend started (a test session or the operator may share one)
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+        self._started = False
+        self._owns_ray = False

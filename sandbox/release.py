@@ -1,0 +1,68 @@
+"""The release gate's artefacts: what may leave the zone after a job, and its model card.
+
+Only these files leave: the DP-trained weights (safetensors), the preprocessing recorded from
+the schema contract (no parameter learned from rows), and the model card. The job's own logs
+and the loss curve (functions of the private data without a DP guarantee) stay in the zone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+RELEASED_FILES = ("model.safetensors", "preprocessing.json", "model_card.json")
+
+
+def write_model_card(job_dir: Path, job: Any, dataset: Any, result: dict[str, Any], *, backend: str) -> Path:
+    plan = result["plan"]
+    spec = job.spec
+    card = {
+        "job": job.id,
+        "project": job.project,
+        "dataset": job.dataset,
+        "label": spec["label"],
+        "features": spec["features"],
+        "columns": sorted([*spec["features"], spec["label"]]),
+        "model": spec["model"],
+        "mechanism": "dp-sgd",
+        "privacy": {
+            "epsilon": result["epsilon"],
+            "delta": result["delta"],
+            "epsilon_requested": spec["privacy"]["epsilon"],
+            "unit": "person (pseudonymous identifier)",
+            "neighbouring_relation": "add/remove one person",
+            "contribution_bound": "one row per person; per-sample gradient clipping",
+            "accountant": plan.get("accountant", "rdp"),
+            "noise_multiplier": plan["noise_multiplier"],
+            "sample_rate": plan["sample_rate"],
+            "steps": result["steps_taken"],
+            "max_grad_norm": spec["privacy"]["max_grad_norm"],
+            "eval_sigma": plan["eval_sigma"],
+            "composition": "DP-SGD steps and one DP evaluation histogram, composed by RDP",
+            "clipping": result["clipping"],
+        },
+        "training": spec["training"],
+        "dp_metrics": result["metrics"],
+        "dp_metrics_note": "computed on the held-out real split with Gaussian noise; charged above",
+        "spec_hash": job.spec_hash,
+        "ledger_event": result.get("ledger_event"),
+        "audit_event": {"seq": result.get("audit_seq"), "hash": result.get("audit_hash")},
+        "compute": {"backend": backend, "device": result.get("device")},
+        "preprocessing": "preprocessing.json (parameters from the schema contract, not from rows)",
+    }
+    path = job_dir / "model_card.json"
+    path.write_text(json.dumps(card, indent=2, sort_keys=True))
+    return path
+
+
+def release_artefacts(job_dir: Path, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in RELEASED_FILES:
+        src = job_dir / name
+        if src.exists():
+            shutil.copy2(src, out / name)
+            copied.append(out / name)
+    return copied

@@ -1,0 +1,126 @@
+"""What runs on a Ray worker for one DP-SGD job.
+
+The worker gets a payload the service built after policy allowed the job and the ledger
+reserved its epsilon. It opens the dataset through ``connectors`` only (the handle carries
+the job id as its authorization and records ``data_opened`` before the first row is read),
+trains with DP-SGD (``training``), evaluates with a DP histogram (``privacy.dp_metrics``),
+and writes the artefacts into the job's folder inside the zone. It returns the accountant's
+figures; the service commits them to the ledger and only then may anything be released.
+
+It never prints or logs a row value: its result holds only DP outputs and plan figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from connectors.errors import SpecError
+
+
+def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
+    # heavy imports live here: this runs in a Ray worker process
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from connectors.preprocess import FeaturePlan
+    from connectors.reader import DatasetHandle, Split, load_split
+    from connectors.schema import SchemaContract
+    from privacy.accountant import GaussianStep, epsilon_for, plan_dpsgd
+    from privacy.dp_metrics import dp_binary_metrics
+    from privacy.sql import make_engine
+    from sandbox.engine_env import configure_engine_env
+    from sandbox.jobs import JobState, JobStore
+    from sandbox.jobspec import parse_job_spec
+    from training.models import build_model
+    from training.trainer import DPSGDConfig, EpochProgress, predict_proba, train_dpsgd
+
+    zone_root = Path(payload["zone_root"])
+    configure_engine_env(zone_root)
+    job_id: str = payload["job_id"]
+    jobs = JobStore(make_engine(payload["db_url"]))
+    jobs.move(job_id, JobState.RUNNING)
+    t0 = time.perf_counter()
+
+    spec = parse_job_spec(payload["spec"])
+    contract = SchemaContract.from_dict(payload["contract"])
+    plan = FeaturePlan.from_contract(contract, spec.features)
+    handle = DatasetHandle(
+        name=spec.dataset,
+        path=Path(payload["dataset_path"]),
+        contract=contract,
+        authorization=job_id,
+        on_open=lambda: jobs.mark_data_opened(job_id),
+    )
+    seed = spec.training.seed
+    X_train, y_train = load_split(handle, plan, spec.label, Split.TRAIN, seed=seed)
+    X_test, y_test = load_split(handle, plan, spec.label, Split.TEST, seed=seed)
+    n_train = int(X_train.shape[0])
+    if n_train < spec.training.batch_size:
+        raise SpecError(
+            "training.batch_size",
+            "is larger than the training split",
+            "lower batch_size (the dataset card shows the person count)",
+        )
+
+    dp = plan_dpsgd(
+        spec.privacy.epsilon, spec.privacy.delta, n_train, spec.training.batch_size, spec.training.epochs
+    )
+    want_gpu = spec.resources.gpus > 0
+    device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
+    model = build_model(spec.model, plan.n_outputs, seed=seed)
+    cfg = DPSGDConfig(
+        sample_rate=dp.sample_rate,
+        steps=dp.steps,
+        steps_per_epoch=dp.steps_per_epoch,
+        lr=spec.training.lr,
+        max_grad_norm=spec.privacy.max_grad_norm,
+        noise_multiplier=dp.noise_multiplier,
+        seed=seed,
+        device=device,
+    )
+
+    def on_epoch(p: EpochProgress) -> None:
+        # the loss is a function of the private data: it stays in the zone's job record
+        # (never shown to the researcher), only the epoch counter is progress
+        jobs.set_progress(job_id, {"epoch": p.epoch, "epochs": p.epochs, "step": p.step, "steps": p.steps})
+
+    result = train_dpsgd(model, X_train, y_train, cfg, progress=on_epoch)
+    model = model.to("cpu")
+
+    scores = predict_proba(model, X_test)
+    rng = np.random.default_rng(seed + 1)
+    metrics = dp_binary_metrics(scores, y_test.numpy(), dp.eval_sigma, rng)
+
+    history = [
+        GaussianStep(dp.noise_multiplier, dp.sample_rate, result.steps_taken),
+        GaussianStep(dp.eval_sigma, 1.0, 1),
+    ]
+    epsilon_spent = epsilon_for(history, spec.privacy.delta)
+
+    out = zone_root / "jobs" / job_id
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(
+        state,
+        str(out / "model.safetensors"),
+        metadata={"model": json.dumps({"kind": str(spec.model.kind), "hidden": list(spec.model.hidden)})},
+    )
+    (out / "preprocessing.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+    return {
+        "epsilon": epsilon_spent,
+        "delta": spec.privacy.delta,
+        "plan": dp.to_dict(),
+        "steps_taken": result.steps_taken,
+        "epochs_done": result.epochs_done,
+        "clipping": result.clipping,
+        "device": result.device,
+        "metrics": metrics.to_dict(),
+        "n_features": plan.n_outputs,
+        "feature_names": list(plan.output_names),
+        "train_seconds": result.seconds,
+        "worker_seconds": time.perf_counter() - t0,
+    }
