@@ -201,8 +201,8 @@ class ColumnSpec:
         for field in ("min", "max", "fill", "missing_rate", "positive_rate"):
             value = getattr(self, field)
             if value is not None:
-                number = _finite_float(value, f"{key}.{field}", self.name)
-                object.__setattr__(self, field, number)
+                check = _rate if field.endswith("_rate") else _finite_float
+                object.__setattr__(self, field, check(value, f"{key}.{field}", self.name))
         if self.categories is not None:
             cats = self.categories
             if isinstance(cats, str) or not isinstance(cats, tuple | list):
@@ -222,7 +222,9 @@ class ColumnSpec:
                 )
             object.__setattr__(self, "categories", tuple(cats))
         if self.nullable is not None and not isinstance(self.nullable, bool):
-            raise _fail(f"{key}.nullable", "must be true or false", "write true or false", self.name)
+            raise _fail(
+                f"{key}.nullable", "must be true or false", "write true or false", self.name
+            )
         if not isinstance(self.description, str):
             raise _fail(f"{key}.description", "must be a string", 'write "..."', self.name)
         self._check_role_rules(key)
@@ -281,9 +283,7 @@ class ColumnSpec:
                 name,
             )
         if self.positive_rate is not None and role is not Role.LABEL:
-            raise _fail(
-                f"{key}.positive_rate", "is only meaningful on a label", "remove it", name
-            )
+            raise _fail(f"{key}.positive_rate", "is only meaningful on a label", "remove it", name)
         if (self.min is not None or self.max is not None) and t not in _NUMERIC_TYPES:
             raise _fail(
                 f"{key}.min",
@@ -301,7 +301,10 @@ class ColumnSpec:
             )
         if self.min is not None and self.max is not None and self.min >= self.max:
             raise _fail(
-                f"{key}.min", "must be below max", "declare min < max (the full plausible range)", name
+                f"{key}.min",
+                "must be below max",
+                "declare min < max (the full plausible range)",
+                name,
             )
         if self.categories is not None and t != "string":
             raise _fail(
@@ -322,8 +325,10 @@ class ColumnSpec:
                 )
             if t == "bool" and self.fill not in (0.0, 1.0):
                 raise _fail(f"{key}.fill", "a bool fill must be 0 or 1", "write 0 or 1", name)
-            if self.min is not None and self.max is not None and not (
-                self.min <= self.fill <= self.max
+            if (
+                self.min is not None
+                and self.max is not None
+                and not (self.min <= self.fill <= self.max)
             ):
                 raise _fail(
                     f"{key}.fill", "lies outside the declared [min, max]", "move it inside", name
@@ -591,9 +596,7 @@ class SchemaContract:
 
     def feature_names(self) -> tuple[str, ...]:
         """Columns with role feature that a FeaturePlan accepts (dates are not features)."""
-        return tuple(
-            c.name for c in self.columns if c.role is Role.FEATURE and not c.is_temporal
-        )
+        return tuple(c.name for c in self.columns if c.role is Role.FEATURE and not c.is_temporal)
 
     def label_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns if c.role is Role.LABEL)

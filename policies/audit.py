@@ -82,7 +82,9 @@ def _iso(at: datetime) -> str:
 
 
 def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def event_hash(
@@ -173,14 +175,18 @@ def _check_details(details: Mapping[str, Any] | None) -> dict[str, Scalar]:
                 "use str, int, float, bool or None (convert ids and paths with str())",
             )
         if isinstance(value, float) and not math.isfinite(value):
-            raise SpecError("details", f"value for {key!r} is not finite", "record a finite number or a string")
+            raise SpecError(
+                "details", f"value for {key!r} is not finite", "record a finite number or a string"
+            )
         out[key] = value
     return out
 
 
 def _text(field_name: str, value: Any, *, empty_ok: bool = False) -> str:
     if not isinstance(value, str) or (not empty_ok and not value.strip()):
-        raise SpecError(field_name, "must be a non-empty string", f"pass the audit event's {field_name}")
+        raise SpecError(
+            field_name, "must be a non-empty string", f"pass the audit event's {field_name}"
+        )
     return value
 
 
@@ -324,11 +330,7 @@ class AuditLog:
             bad: Row[Any] | None = None
             for row in result:
                 expected = checked + 1
-                if (
-                    row.prev_hash != prev_hash
-                    or row.seq != expected
-                    or _row_hash(row) != row.hash
-                ):
+                if row.prev_hash != prev_hash or row.seq != expected or _row_hash(row) != row.hash:
                     bad = row
                     break
                 checked, prev_hash, prev_seq = expected, row.hash, row.seq
@@ -379,6 +381,4 @@ class AuditLog:
                 ChainProblem.EDITED,
                 f"line {expected} was renumbered to {bad.seq}",
             )
-        return report(
-            bad.seq, ChainProblem.EDITED, f"line {bad.seq} no longer matches its hash"
-        )
+        return report(bad.seq, ChainProblem.EDITED, f"line {bad.seq} no longer matches its hash")

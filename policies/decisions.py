@@ -332,9 +332,7 @@ def decide_access_request(
     problems: list[FieldProblem] = []
     unknown = sorted(req.columns - known_columns)
     if not req.columns:
-        problems.append(
-            FieldProblem("columns", "is empty", "name every column the project needs")
-        )
+        problems.append(FieldProblem("columns", "is empty", "name every column the project needs"))
     elif unknown:
         problems.append(
             FieldProblem(
@@ -346,14 +344,17 @@ def decide_access_request(
     if not req.mechanisms:
         problems.append(
             FieldProblem(
-                "mechanisms", "is empty", f"use one or more of {', '.join(m.value for m in Mechanism)}"
+                "mechanisms",
+                "is empty",
+                f"use one or more of {', '.join(m.value for m in Mechanism)}",
             )
         )
     problems += _budget_problems(req.epsilon, req.delta)
     if problems:
         return Decision(
             False,
-            "the access request is invalid: " + "; ".join(f"{p.field} {p.problem}" for p in problems),
+            "the access request is invalid: "
+            + "; ".join(f"{p.field} {p.problem}" for p in problems),
             tuple(p.field for p in problems),
             "",
             None,

@@ -74,46 +74,39 @@ class Action(StrEnum):
 
 _A = Action
 
-PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType(
-    {
-        Role.OPERATOR: frozenset(
-            {
-                _A.USER_ADD, _A.USER_REVOKE, _A.USER_LIST,
-                _A.AUDIT_LIST, _A.AUDIT_VERIFY,
-                _A.DATASET_LIST, _A.PROJECT_LIST, _A.ACCESS_LIST, _A.JOB_LIST, _A.JOB_STATUS,
-            }
-        ),
-        Role.STEWARD: frozenset(
-            {
-                _A.DATASET_INGEST, _A.DATASET_LIST, _A.DATASET_SHOW,
-                _A.ACCESS_LIST, _A.ACCESS_APPROVE, _A.ACCESS_DENY,
-                _A.AUDIT_LIST, _A.AUDIT_VERIFY,
-                _A.BUDGET_SHOW,
-                _A.USER_LIST, _A.PROJECT_LIST, _A.PROJECT_SHOW, _A.JOB_LIST, _A.JOB_STATUS,
-            }
-        ),
-        Role.RESEARCHER: frozenset(
-            {
-                _A.DATASET_LIST, _A.DATASET_SHOW,
-                _A.PROJECT_CREATE, _A.PROJECT_LIST, _A.PROJECT_SHOW,
-                _A.ACCESS_REQUEST, _A.ACCESS_LIST,
-                _A.JOB_SUBMIT, _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT, _A.JOB_CANCEL,
-                _A.BUDGET_SHOW,
-                _A.SYNTH_DUMMY, _A.QUERY_RUN,
-            }
-        ),
-        Role.ANALYST: frozenset(
-            {
-                _A.DATASET_LIST, _A.DATASET_SHOW,
-                _A.PROJECT_LIST, _A.PROJECT_SHOW,
-                _A.ACCESS_LIST,
-                _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT,
-                _A.BUDGET_SHOW,
-                _A.SYNTH_DUMMY, _A.QUERY_RUN,
-            }
-        ),
-    }
-)
+# a table reads better with one group of actions per line
+# fmt: off
+PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
+    Role.OPERATOR: frozenset({
+        _A.USER_ADD, _A.USER_REVOKE, _A.USER_LIST,
+        _A.AUDIT_LIST, _A.AUDIT_VERIFY,
+        _A.DATASET_LIST, _A.PROJECT_LIST, _A.ACCESS_LIST, _A.JOB_LIST, _A.JOB_STATUS,
+    }),
+    Role.STEWARD: frozenset({
+        _A.DATASET_INGEST, _A.DATASET_LIST, _A.DATASET_SHOW,
+        _A.ACCESS_LIST, _A.ACCESS_APPROVE, _A.ACCESS_DENY,
+        _A.AUDIT_LIST, _A.AUDIT_VERIFY,
+        _A.BUDGET_SHOW,
+        _A.USER_LIST, _A.PROJECT_LIST, _A.PROJECT_SHOW, _A.JOB_LIST, _A.JOB_STATUS,
+    }),
+    Role.RESEARCHER: frozenset({
+        _A.DATASET_LIST, _A.DATASET_SHOW,
+        _A.PROJECT_CREATE, _A.PROJECT_LIST, _A.PROJECT_SHOW,
+        _A.ACCESS_REQUEST, _A.ACCESS_LIST,
+        _A.JOB_SUBMIT, _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT, _A.JOB_CANCEL,
+        _A.BUDGET_SHOW,
+        _A.SYNTH_DUMMY, _A.QUERY_RUN,
+    }),
+    Role.ANALYST: frozenset({
+        _A.DATASET_LIST, _A.DATASET_SHOW,
+        _A.PROJECT_LIST, _A.PROJECT_SHOW,
+        _A.ACCESS_LIST,
+        _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT,
+        _A.BUDGET_SHOW,
+        _A.SYNTH_DUMMY, _A.QUERY_RUN,
+    }),
+})
+# fmt: on
 
 
 def is_allowed(role: Role, action: Action) -> bool:

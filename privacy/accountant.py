@@ -73,6 +73,11 @@ class Accountant(StrEnum):
         (alpha-1) ]`` -- never looser than the classic ``rdp(alpha) - log(delta)/(alpha-1)``
         (Mironov 2017, Prop. 3) that older published tables (Abadi et al. 2016, TF Privacy
         tutorials) used. Google's ``dp_accounting`` uses the same conversion.
+
+        Opacus sums the alternating series for fractional orders with its signs, which is exact
+        (the tests check it against numerical integration); ``dp_accounting`` 0.6 sums absolute
+        values, an upper bound. So where a fractional order is optimal our epsilon can be a
+        little below dp_accounting's on the same orders (~1e-4 relative seen), never above.
     """
 
     RDP = "rdp"
@@ -224,8 +229,8 @@ def calibrate_noise(
     # Validates sample_rate (and fails before any arithmetic if it is out of range).
     GaussianStep(1.0, sample_rate, steps)
 
+    already = epsilon_for(fixed, delta)  # also checks that fixed holds GaussianSteps
     fixed_curve = _composed_curve(fixed)
-    already = epsilon_for(fixed, delta)
     if already >= target_epsilon:
         raise SpecError(
             "privacy.epsilon",
@@ -244,14 +249,14 @@ def calibrate_noise(
     # ever returned.
     hi = 1.0
     while not meets_target(hi):
-        hi *= 2.0
-        if hi > NOISE_CEILING:
+        if hi >= NOISE_CEILING:
             raise SpecError(
                 "privacy.epsilon",
                 f"target {target_epsilon:.4g} at delta {delta:g} needs a noise multiplier "
                 f"above {NOISE_CEILING:g} for {steps} steps at sample rate {sample_rate:.4g}",
                 "raise privacy.epsilon, or train for fewer epochs / with a smaller batch",
             )
+        hi = min(2.0 * hi, NOISE_CEILING)
     lo = hi
     while hi > NOISE_FLOOR:
         lo = max(hi / 2.0, NOISE_FLOOR)

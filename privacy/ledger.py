@@ -74,6 +74,8 @@ from privacy.sql import lock_key
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
+    "MAX_ID",
+    "MAX_NAME",
     "REL_TOLERANCE",
     "Balance",
     "BudgetKey",
@@ -91,6 +93,10 @@ __all__ = [
 
 #: relative slack for float rounding when comparing a request with what is left (see above)
 REL_TOLERANCE = 1e-12
+
+#: the longest project/dataset/site/actor/job name, and the longest grant id (column widths)
+MAX_NAME = 256
+MAX_ID = 128
 
 #: the fix every refused reservation prints
 _BUDGET_FIX = "ask the steward for more budget or lower privacy.epsilon"
@@ -173,6 +179,10 @@ class BudgetKey:
                     f"budget.{name}",
                     "has surrounding whitespace or control characters",
                     "use the name exactly as registered",
+                )
+            if len(value) > MAX_NAME:
+                raise SpecError(
+                    f"budget.{name}", f"is longer than {MAX_NAME} characters", "use a shorter name"
                 )
         if not self.project:
             raise SpecError("budget.project", "is empty", "name the project")
@@ -335,19 +345,19 @@ ledger_events = sa.Table(
         primary_key=True,
         autoincrement=True,
     ),
-    sa.Column("event_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("event_id", sa.String(MAX_ID), nullable=False, unique=True),
     sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("project", sa.String(256), nullable=False),
-    sa.Column("dataset", sa.String(256), nullable=False),
-    sa.Column("site", sa.String(256), nullable=False),
+    sa.Column("project", sa.String(MAX_NAME), nullable=False),
+    sa.Column("dataset", sa.String(MAX_NAME), nullable=False),
+    sa.Column("site", sa.String(MAX_NAME), nullable=False),
     sa.Column("epsilon", sa.Double(), nullable=False),
     sa.Column("delta", sa.Double(), nullable=False),
     sa.Column("reservation_id", sa.String(64), nullable=True),
     # "open" on RESERVE, "close" on COMMIT/RELEASE, NULL on GRANT: with the constraint
     # below, a reservation has at most one RESERVE and at most one closing event
     sa.Column("phase", sa.String(8), nullable=True),
-    sa.Column("job_id", sa.String(256), nullable=True),
-    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("job_id", sa.String(MAX_NAME), nullable=True),
+    sa.Column("actor", sa.String(MAX_NAME), nullable=False),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("note", sa.Text(), nullable=False),
     sa.UniqueConstraint("reservation_id", "phase", name="uq_ledger_events_one_open_one_close"),
@@ -415,9 +425,11 @@ def _amount(value: object, field_name: str, *, positive: bool, below_one: bool) 
     return number
 
 
-def _name(value: object, field_name: str, fix: str) -> str:
+def _name(value: object, field_name: str, fix: str, *, limit: int = MAX_NAME) -> str:
     if not isinstance(value, str) or not value.strip():
         raise SpecError(field_name, "is empty", fix)
+    if len(value) > limit:
+        raise SpecError(field_name, f"is longer than {limit} characters", "use a shorter id")
     return value
 
 
@@ -486,7 +498,7 @@ class Ledger:
         if eps == 0 and dlt == 0:
             raise SpecError("grant.epsilon", "and grant.delta are both 0", "grant something")
         _name(actor, "grant.actor", "name the steward making the grant")
-        _name(grant_id, "grant.grant_id", "give the grant a unique id (e.g. the ticket)")
+        _name(grant_id, "grant.grant_id", "give the grant a unique id (a ticket)", limit=MAX_ID)
         with self._engine.begin() as conn:
             lock_key(conn, f"ledger-grant:{grant_id}")
             lock_key(conn, str(key))
@@ -771,8 +783,8 @@ class Ledger:
 
 def _event_from_row(row: Any) -> LedgerEvent:
     at: datetime = row["at"]
-    if at.tzinfo is None:  # SQLite stores no offset; we only ever write UTC
-        at = at.replace(tzinfo=UTC)
+    # SQLite stores no offset (we only ever write UTC); PostgreSQL answers in its session zone
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
     return LedgerEvent(
         seq=int(row["seq"]),
         event_id=row["event_id"],

@@ -20,6 +20,16 @@ from typing import Any
 from connectors.errors import SpecError
 
 
+def derive_noise_seed(zone_root: Path, label: str) -> int:
+    """A 63-bit seed from the zone's secret: replayable inside the zone, unguessable outside."""
+    import hashlib
+    import hmac
+
+    secret = (zone_root / "secret.key").read_bytes()
+    digest = hmac.new(secret, f"dp-noise:{label}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     # heavy imports live here: this runs in a Ray worker process
     import numpy as np
@@ -56,6 +66,10 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         on_open=lambda: jobs.mark_data_opened(job_id),
     )
     seed = spec.training.seed
+    # DP noise (and the Poisson draws) must be unpredictable to the researcher, who knows
+    # the spec's seed: derive them from the zone's secret and the spec. The same spec in the
+    # same zone replays exactly (an operator can reproduce a release); no one outside can.
+    noise_seed = derive_noise_seed(zone_root, spec.spec_hash())
     X_train, y_train = load_split(handle, plan, spec.label, Split.TRAIN, seed=seed)
     X_test, y_test = load_split(handle, plan, spec.label, Split.TEST, seed=seed)
     n_train = int(X_train.shape[0])
@@ -79,7 +93,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         lr=spec.training.lr,
         max_grad_norm=spec.privacy.max_grad_norm,
         noise_multiplier=dp.noise_multiplier,
-        seed=seed,
+        seed=noise_seed,
         device=device,
     )
 
@@ -92,7 +106,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     model = model.to("cpu")
 
     scores = predict_proba(model, X_test)
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng([noise_seed, 1])
     metrics = dp_binary_metrics(scores, y_test.numpy(), dp.eval_sigma, rng)
 
     history = [

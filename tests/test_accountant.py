@@ -1,10 +1,16 @@
 """The accountant, checked against independent references, never against itself.
 
 References:
+- Numerical integration (scipy ``quad``, in log space) of the Renyi moment of the sampled
+  Gaussian, A_alpha = E_{z ~ N(0, s^2)} [((1 - q) + q exp((2z - 1) / (2 s^2)))^alpha] (Mironov,
+  Talwar, Zhang 2019, arXiv:1908.10530, Sec. 3), and the Balle et al. 2020 conversion written
+  out here: a from-scratch reference for both halves of ``epsilon_for``.
 - Google's ``dp_accounting`` RDP accountant (``RdpAccountant`` with ``PoissonSampledDpEvent(q,
-  GaussianDpEvent(sigma))`` self-composed): an independent implementation of the same analysis
-  (Mironov et al. 2019 RDP of the sampled Gaussian) and the same RDP->(eps, delta) conversion
-  (Balle et al. 2020 / Canonne et al. 2020), on its default order grid.
+  GaussianDpEvent(sigma))`` self-composed): the same analysis and conversion, implemented
+  independently, on its default order grid. At fractional orders dp_accounting 0.6 adds the
+  *absolute values* of the alternating series for A_alpha (an upper bound), where Opacus keeps
+  the signs (exact: it matches the integration to ~1e-8). So dp_accounting is never below us on
+  the same orders, and is slightly above where a fractional order is optimal.
 - Google's ``dp_accounting`` PLD accountant: a (near-)tight numerical analysis, so any valid RDP
   bound must sit above it.
 - Published figures (Abadi et al. 2016; the TF Privacy MNIST tutorial), reproduced with
@@ -16,14 +22,17 @@ from __future__ import annotations
 import math
 
 import dp_accounting as dpa
+import numpy as np
 import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy import integrate
 
 from connectors.errors import SpecError
 from privacy.accountant import (
+    RDP_ORDERS,
     Accountant,
     DPSGDPlan,
     GaussianStep,
@@ -39,7 +48,11 @@ from privacy.accountant import (
 
 def _event(step: GaussianStep) -> dpa.DpEvent:
     gaussian = dpa.GaussianDpEvent(step.noise_multiplier)
-    inner = gaussian if step.sample_rate == 1.0 else dpa.PoissonSampledDpEvent(step.sample_rate, gaussian)
+    inner = (
+        gaussian
+        if step.sample_rate == 1.0
+        else dpa.PoissonSampledDpEvent(step.sample_rate, gaussian)
+    )
     return dpa.SelfComposedDpEvent(inner, step.steps)
 
 
@@ -55,9 +68,63 @@ def _ref_pld(history: list[GaussianStep], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+def _rdp_by_integration(q: float, sigma: float, alpha: float) -> float:
+    """RDP of one sampled-Gaussian step at order alpha: log(A_alpha) / (alpha - 1), with
+    A_alpha integrated numerically. The integrand is handled in log space, shifted by its peak,
+    because A_alpha reaches e^(10^5) at order 1024."""
+
+    def log_integrand(z: np.ndarray | float) -> np.ndarray | float:
+        log_density = -(z**2) / (2 * sigma**2) - math.log(sigma * math.sqrt(2 * math.pi))
+        log_ratio = np.logaddexp(math.log1p(-q), math.log(q) + (2 * z - 1) / (2 * sigma**2))
+        return log_density + alpha * log_ratio
+
+    grid = np.linspace(-40 * sigma, 40 * sigma + alpha, 4001)
+    values = log_integrand(grid)
+    peak_z, peak = float(grid[np.argmax(values)]), float(np.max(values))
+    mass, _ = integrate.quad(
+        lambda z: math.exp(log_integrand(z) - peak),
+        peak_z - 60 * sigma,
+        peak_z + 60 * sigma,
+        points=[peak_z],
+        limit=200,
+        epsabs=0.0,
+        epsrel=1e-12,
+    )
+    return (peak + math.log(mass)) / (alpha - 1)
+
+
+def _balle_rdp_to_eps(orders: list[float], rdp: list[float], delta: float) -> float:
+    """Balle et al. 2020, Theorem 21 (arXiv:1905.09982), written out independently."""
+    return max(
+        0.0,
+        min(
+            r + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
+            for a, r in zip(orders, rdp, strict=True)
+        ),
+    )
+
+
 def _classic_rdp_to_eps(orders: list[float], rdp: list[float], delta: float) -> float:
     """Mironov 2017, Prop. 3: the conversion the older published tables used."""
     return min(r - math.log(delta) / (a - 1) for a, r in zip(orders, rdp, strict=True))
+
+
+# --------------------------------------------------------------------------------------------
+# against numerical integration + the conversion written out
+
+
+@pytest.mark.parametrize(
+    ("q", "sigma", "steps", "delta"),
+    [(0.0493, 1.083, 273, 1e-6), (0.01, 0.8, 1000, 1e-5), (0.2, 3.0, 50, 1e-7)],
+)
+def test_epsilon_matches_numerical_integration(
+    q: float, sigma: float, steps: int, delta: float
+) -> None:
+    """Same orders on both sides, so the only difference is the computation of A_alpha
+    (series vs quadrature); we see <1e-8 relative on the RDP values, allow 1e-6 on epsilon."""
+    step_rdp = [_rdp_by_integration(q, sigma, a) for a in RDP_ORDERS]
+    reference = _balle_rdp_to_eps(list(RDP_ORDERS), [steps * r for r in step_rdp], delta)
+    assert epsilon_for([GaussianStep(sigma, q, steps)], delta) == pytest.approx(reference, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,13 +148,12 @@ GRID = [
 def test_epsilon_matches_dp_accounting_rdp_and_sits_above_pld(
     q: float, sigma: float, steps: int, delta: float
 ) -> None:
-    """Tolerance, and why: both sides compute the same RDP curve and apply the same conversion,
-    but ours minimises over a superset of dp_accounting's default orders (extra orders between
-    64 and 1024). So ours may only be *lower* than the reference, by what those extra orders
-    buy (at most ~6%, for a single small-epsilon Gaussian release), and never higher beyond
-    the difference between two implementations of the same log-space series (Opacus and
-    dp_accounting sum them in different orders and truncate them at different terms; we see
-    ~1e-6 relative, allow 1e-5).
+    """Tolerance, and why: we minimise over a superset of dp_accounting's default orders
+    (extra orders between 64 and 1024), and our A_alpha is exact where theirs is an upper bound
+    (fractional orders; see the module docstring). Both effects can only make ours *lower*:
+    by what the extra orders buy (at most ~6%, for a single small-epsilon Gaussian release)
+    plus the series gap (<1e-3 relative here). Ours is never higher beyond the round-off of two
+    implementations of the same log-space sums (~1e-6 relative seen, 1e-5 allowed).
 
     PLD is (near-)tight: a valid RDP bound is above it. Its pessimistic discretisation (1e-4)
     can overstate the truth slightly, hence the 1e-3 slack."""
@@ -101,11 +167,9 @@ def test_epsilon_matches_dp_accounting_rdp_and_sits_above_pld(
 
 
 def test_epsilon_matches_dp_accounting_on_the_same_orders() -> None:
-    """With dp_accounting given *our* order grid, the two must agree to round-off: this pins
-    the curve and the conversion separately from the choice of orders. 1e-5 relative: two
-    implementations of the same log-space series (see above)."""
-    from privacy.accountant import RDP_ORDERS
-
+    """With dp_accounting given *our* order grid, the choice of orders drops out. On this grid
+    the optimal orders are integers or >= 2, where the two series agree to round-off, so we
+    allow 1e-5 relative (and ours may never be above theirs by more than that)."""
     for q, sigma, steps, delta in GRID:
         step = GaussianStep(sigma, q, steps)
         ref = _ref_rdp([step], delta, orders=list(RDP_ORDERS))
@@ -173,11 +237,15 @@ def test_abadi_et_al_2016_moments_accountant_figure() -> None:
     int_orders = [float(a) for a in range(2, 34)]
     reference = RdpAccountant(orders=int_orders)
     reference.compose(_event(GaussianStep(sigma, q, steps)))
-    assert _classic_rdp_to_eps(int_orders, list(reference.rdp), delta) == pytest.approx(1.26, abs=0.005)
+    assert _classic_rdp_to_eps(int_orders, list(reference.rdp), delta) == pytest.approx(
+        1.26, abs=0.005
+    )
 
     ours = epsilon_for([GaussianStep(sigma, q, steps)], delta)
     assert ours <= 1.26
-    assert ours == pytest.approx(_ref_rdp([GaussianStep(sigma, q, steps)], delta), rel=1e-3)  # ~1.04
+    assert ours == pytest.approx(
+        _ref_rdp([GaussianStep(sigma, q, steps)], delta), rel=1e-3
+    )  # ~1.04
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +253,7 @@ def test_abadi_et_al_2016_moments_accountant_figure() -> None:
 
 _SAMPLE_RATES = st.one_of(st.floats(1e-3, 0.05), st.just(1.0))
 _DELTAS = st.sampled_from([1e-5, 1e-6, 1e-7])
-_FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_FAST = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_FAST
@@ -199,14 +267,12 @@ _FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCh
 def test_calibrated_noise_never_overshoots_and_is_minimal(
     target: float, delta: float, q: float, steps: int, with_eval: bool
 ) -> None:
-    fixed = (GaussianStep(calibrate_noise(0.1 * target, delta, 1.0, 1), 1.0, 1),) if with_eval else ()
+    fixed = (
+        (GaussianStep(calibrate_noise(0.1 * target, delta, 1.0, 1), 1.0, 1),) if with_eval else ()
+    )
     sigma = calibrate_noise(target, delta, q, steps, fixed=fixed)
     history = [*fixed, GaussianStep(sigma, q, steps)]
     assert epsilon_for(history, delta) <= target
-    # checked independently: dp_accounting on our orders agrees it is within the target
-    from privacy.accountant import RDP_ORDERS
-
-    assert _ref_rdp(history, delta, orders=list(RDP_ORDERS)) <= target * (1 + 1e-5)
     # minimal to the stated tolerance: a little less noise goes over (unless at the floor)
     if sigma > 0.1:
         less = [*fixed, GaussianStep(sigma * (1 - 2e-3), q, steps)]
@@ -244,7 +310,10 @@ def test_composition_is_monotone(
     assert both >= epsilon_for([b], delta)
     assert both == epsilon_for([b, a], delta)  # order of releases does not matter
     # more noise on either part never costs more
-    assert epsilon_for([GaussianStep(a.noise_multiplier * 1.5, a.sample_rate, a.steps), b], delta) <= both
+    assert (
+        epsilon_for([GaussianStep(a.noise_multiplier * 1.5, a.sample_rate, a.steps), b], delta)
+        <= both
+    )
 
 
 def test_empty_history_and_zero_steps_cost_nothing() -> None:
@@ -284,8 +353,11 @@ def test_plan_dpsgd_composes_to_at_most_the_target() -> None:
     assert (plan.sample_rate, plan.steps_per_epoch, plan.steps) == (0.01, 100, 500)
     assert plan.epsilon <= target
     assert plan.epsilon >= 0.99 * target  # calibrated, not wasteful
-    # independent check of the composed figure the plan claims
-    assert _ref_rdp(list(plan.history()), delta) <= target * (1 + 1e-5)
+    # independent checks of the composed figure the plan claims: dp_accounting's RDP (coarser
+    # orders, see above) agrees to a few percent and PLD puts the true loss within the target
+    assert plan.epsilon <= _ref_rdp(list(plan.history()), delta) * (1 + 1e-5)
+    assert plan.epsilon >= _ref_rdp(list(plan.history()), delta) * 0.94
+    assert _ref_pld(list(plan.history()), delta) <= target
     assert plan.epsilon == pytest.approx(epsilon_for(plan.history(), delta))
     # the evaluation release alone costs about eval_share of the target
     eval_eps = epsilon_for([plan.eval_step], delta)
@@ -299,8 +371,13 @@ def test_plan_to_dict_states_accountant_relation_and_unit() -> None:
     assert d["neighbouring"] == "add/remove one person"
     assert d["unit"] == "person"
     assert set(d) >= {
-        "noise_multiplier", "sample_rate", "steps", "steps_per_epoch", "eval_sigma",
-        "epsilon", "delta",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "steps_per_epoch",
+        "eval_sigma",
+        "epsilon",
+        "delta",
     }
 
 
@@ -319,7 +396,13 @@ def test_plan_to_dict_states_accountant_relation_and_unit() -> None:
     ],
 )
 def test_plan_dpsgd_rejects(kwargs: dict[str, float], field: str) -> None:
-    args: dict = {"target_epsilon": 1.0, "delta": 1e-6, "n_persons": 1000, "batch_size": 100, "epochs": 1}
+    args: dict = {
+        "target_epsilon": 1.0,
+        "delta": 1e-6,
+        "n_persons": 1000,
+        "batch_size": 100,
+        "epochs": 1,
+    }
     args.update(kwargs)
     with pytest.raises(SpecError) as err:
         plan_dpsgd(**args)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import FrozenInstanceError
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -200,6 +200,7 @@ def test_values_are_frozen(ledger: Ledger) -> None:
         ({"project": "p", "dataset": ""}, "budget.dataset"),
         ({"project": " p", "dataset": "d"}, "budget.project"),
         ({"project": "p", "dataset": "d", "site": "a\n"}, "budget.site"),
+        ({"project": "p", "dataset": "d" * 257}, "budget.dataset"),
     ],
 )
 def test_budget_key_validation_names_the_field(kwargs: dict[str, str], field: str) -> None:
@@ -220,11 +221,21 @@ def test_grant_records_an_event_and_balance(ledger: Ledger, clock: FrozenClock) 
     ev = ledger.grant(KEY, 2.0, 1e-5, actor="steward@site", grant_id="IG-17", note="ticket 17")
     assert ev.kind is EventKind.GRANT
     assert (ev.event_id, ev.key, ev.epsilon, ev.delta) == ("IG-17", KEY, 2.0, 1e-5)
-    assert (ev.actor, ev.note, ev.reservation_id, ev.job_id) == ("steward@site", "ticket 17", None, None)
+    assert (ev.actor, ev.note, ev.reservation_id, ev.job_id) == (
+        "steward@site",
+        "ticket 17",
+        None,
+        None,
+    )
     assert ev.at == clock.now and ev.at.tzinfo is not None
     assert ledger.events() == [ev]  # what is returned is what is stored
     b = ledger.balance(KEY)
-    assert (b.granted_epsilon, b.remaining_epsilon, b.spent_epsilon, b.reserved_epsilon) == (2.0, 2.0, 0, 0)
+    assert (b.granted_epsilon, b.remaining_epsilon, b.spent_epsilon, b.reserved_epsilon) == (
+        2.0,
+        2.0,
+        0,
+        0,
+    )
     assert (b.granted_delta, b.remaining_delta) == (1e-5, 1e-5)
 
 
@@ -277,6 +288,23 @@ def test_bad_grants_name_the_field(ledger: Ledger, eps: float, delta: float, fie
     assert ledger.events() == []
 
 
+@pytest.mark.parametrize(
+    ("actor", "grant_id", "field"),
+    [
+        ("", "g", "grant.actor"),
+        ("steward", "", "grant.grant_id"),
+        ("steward", "g" * 129, "grant.grant_id"),
+    ],
+)
+def test_grants_need_an_actor_and_an_id(
+    ledger: Ledger, actor: str, grant_id: str, field: str
+) -> None:
+    with pytest.raises(SpecError) as info:
+        ledger.grant(KEY, 1.0, 0.0, actor=actor, grant_id=grant_id)
+    assert info.value.field == field
+    assert ledger.events() == []
+
+
 # --------------------------------------------------------------------------- reserve
 
 
@@ -285,7 +313,13 @@ def test_reserve_holds_budget_and_opens_a_reservation(ledger: Ledger) -> None:
     rid = ledger.reserve(KEY, 0.25, 1e-6, job_id="job-9", actor="researcher")
     res = ledger.reservation(rid)
     assert res.state is ReservationState.OPEN
-    assert (res.reservation_id, res.key, res.epsilon, res.delta, res.job_id) == (rid, KEY, 0.25, 1e-6, "job-9")
+    assert (res.reservation_id, res.key, res.epsilon, res.delta, res.job_id) == (
+        rid,
+        KEY,
+        0.25,
+        1e-6,
+        "job-9",
+    )
     assert ledger.open_reservations() == [res]
     assert ledger.open_reservations(KEY) == [res]
     assert ledger.open_reservations(BudgetKey("proj-a", "elsewhere")) == []
@@ -294,7 +328,12 @@ def test_reserve_holds_budget_and_opens_a_reservation(ledger: Ledger) -> None:
     assert b.reserved_delta == 1e-6
     assert math.isclose(b.remaining_delta, 9e-6, rel_tol=1e-12)
     ev = ledger.events()[-1]
-    assert (ev.kind, ev.reservation_id, ev.job_id, ev.actor) == (EventKind.RESERVE, rid, "job-9", "researcher")
+    assert (ev.kind, ev.reservation_id, ev.job_id, ev.actor) == (
+        EventKind.RESERVE,
+        rid,
+        "job-9",
+        "researcher",
+    )
 
 
 def test_over_budget_is_refused_with_a_clear_message_and_no_event(ledger: Ledger) -> None:
@@ -361,7 +400,10 @@ def test_bad_requests_are_spec_errors(ledger: Ledger, eps: Any, delta: Any, fiel
 
 
 def test_sites_have_their_own_budgets(ledger: Ledger) -> None:
-    leeds, york = BudgetKey("proj-a", "icu-cohort", "leeds"), BudgetKey("proj-a", "icu-cohort", "york")
+    leeds, york = (
+        BudgetKey("proj-a", "icu-cohort", "leeds"),
+        BudgetKey("proj-a", "icu-cohort", "york"),
+    )
     grant(ledger, leeds, eps=1.0)
     reserve(ledger, 1.0, key=leeds)
     with pytest.raises(BudgetExceeded, match="proj-a/icu-cohort@york"):
@@ -415,7 +457,12 @@ def test_release_frees_everything_and_is_idempotent(ledger: Ledger) -> None:
     grant(ledger, eps=1.0)
     rid = reserve(ledger, 1.0)
     first = ledger.release(rid, actor="runner", reason="image pull failed")
-    assert (first.kind, first.epsilon, first.delta, first.note) == (EventKind.RELEASE, 0.0, 0.0, "image pull failed")
+    assert (first.kind, first.epsilon, first.delta, first.note) == (
+        EventKind.RELEASE,
+        0.0,
+        0.0,
+        "image pull failed",
+    )
     again = ledger.release(rid, actor="runner", reason="retry")
     assert again == first
     assert len(ledger.events()) == 3
@@ -548,8 +595,11 @@ KEYS = [KEY, BudgetKey("proj-a", "icu-cohort", "leeds")]
 class LedgerMachine(RuleBasedStateMachine):
     """Random grant/reserve/commit/release sequences against a fresh ledger and a model."""
 
-    make_engine: ClassVar[EngineFactory]
     reservations = Bundle("reservations")
+
+    @staticmethod
+    def make_engine() -> Engine:
+        raise NotImplementedError("subclass per backend with make_engine = staticmethod(...)")
 
     def __init__(self) -> None:
         super().__init__()
@@ -628,7 +678,9 @@ class LedgerMachine(RuleBasedStateMachine):
             assert self._count() == before + 1
             return
         if self.closed[rid][0] == "release":
-            assert self.ledger.release(rid, actor="runner", reason="again").kind is EventKind.RELEASE
+            assert (
+                self.ledger.release(rid, actor="runner", reason="again").kind is EventKind.RELEASE
+            )
         else:
             with pytest.raises(IntegrityError):
                 self.ledger.release(rid, actor="runner", reason="too late")

@@ -13,10 +13,13 @@ freed while others are still reserving: that is what makes "exactly 20" the righ
   process, released together by a cross-process barrier. This exercises SQLite's file lock
   (``BEGIN IMMEDIATE``) between processes; it does not exercise PostgreSQL.
 
-What is checked afterwards, from the ledger alone: exactly 20 RESERVE events, each with a
-distinct reservation id; spent + reserved <= granted; no reservation left open; every
-reservation closed by exactly one event, the one its submitter asked for; and the balance
-equals a recomputation from the events.
+What is checked afterwards, in the ledger and against what each submitter reported: exactly
+20 RESERVE events, each with a distinct reservation id; spent + reserved <= granted; no
+reservation left open; every reservation closed by exactly one event, the one its submitter
+asked for; and the balance equals a recomputation from the events.
+
+Cost: the process race spawns 64 interpreters (each imports pytest and SQLAlchemy, ~0.3 s of
+CPU); about 17 s on an idle 2-core box, up to ~40 s when the cores are shared.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import os
 import queue
 import random
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,14 +49,18 @@ SUBMITTERS = 64
 GRANTED = 10.0
 ASK = 0.5
 FITS = 20  # GRANTED / ASK
-#: seconds any submitter waits for the others before the test fails rather than hangs
-BARRIER_TIMEOUT_S = 60
+#: seconds any submitter waits for the others before the test fails rather than hangs; long,
+#: because the first spawned process may wait while 63 others start on a loaded 2-core box
+BARRIER_TIMEOUT_S = 240
 
-Outcome = tuple[int, str | None, str, float]  # (index, reservation id, "commit"/"release"/"", spent)
+#: (submitter index, reservation id or None, "commit" / "release" / "", epsilon spent)
+Outcome = tuple[int, str | None, str, float]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def engine_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Engine]]:
+def engine_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[[], Engine]]:
     made: list[Engine] = []
     counter = itertools.count()
     if request.param == "sqlite":
@@ -85,7 +91,9 @@ def _submit(ledger: Ledger, index: int, start: Any, closing: Any) -> Outcome:
     rng = random.Random(index)
     start.wait(BARRIER_TIMEOUT_S)
     try:
-        rid: str | None = ledger.reserve(KEY, ASK, 0.0, job_id=f"job-{index}", actor=f"user-{index}")
+        rid: str | None = ledger.reserve(
+            KEY, ASK, 0.0, job_id=f"job-{index}", actor=f"user-{index}"
+        )
     except BudgetExceeded:
         rid = None
     closing.wait(BARRIER_TIMEOUT_S)
@@ -230,14 +238,13 @@ def test_64_processes_never_overspend(tmp_path: Path) -> None:
         ctx.Process(target=_process_submitter, args=(url, i, start, closing, results), daemon=True)
         for i in range(SUBMITTERS)
     ]
-    began = time.monotonic()
     for p in procs:
         p.start()
     outcomes: list[Outcome] = []
     errors: list[str] = []
     try:
         for _ in range(SUBMITTERS):
-            status, payload = results.get(timeout=BARRIER_TIMEOUT_S * 2)
+            status, payload = results.get(timeout=BARRIER_TIMEOUT_S + 60)
             if status == "ok":
                 outcomes.append(payload)
             else:
@@ -250,9 +257,7 @@ def test_64_processes_never_overspend(tmp_path: Path) -> None:
             if p.is_alive():  # only ever our own children
                 p.terminate()
                 p.join()
-    elapsed = time.monotonic() - began
     assert not errors, errors[:3]
     assert all(p.exitcode == 0 for p in procs)
     _check_books(ledger, outcomes)
     engine.dispose()
-    assert elapsed < 120, f"64 processes took {elapsed:.0f}s"

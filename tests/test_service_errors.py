@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ def world(tmp_path: Path):
     w.svc.close()
 
 
-def _refused(w: Any, exc_type: type[UserError], fn, *args, match: str = "", **kw) -> UserError:
+def _refused(w: Any, exc_type: type[UserError], fn, *args, match: str | None = None, **kw) -> UserError:
     before = _state(w)
     n_audit = w.svc.audit.verify().checked
     with pytest.raises(exc_type, match=match) as err:
@@ -110,13 +112,11 @@ def test_csv_breaking_schema_names_column_and_row(world, tmp_path: Path) -> None
     canaries = Canaries.make(5)
     src = tmp_path / "bad.csv"
     write_cohort(src, 50, seed=2, canaries=canaries, format="csv")
-    lines = src.read_text().splitlines()
-    header = lines[0].split(",")
-    col = header.index("age")
-    cells = lines[7].split(",")
-    cells[col] = "not-an-age"
-    lines[7] = ",".join(cells)
-    src.write_text("\n".join(lines) + "\n")
+    with src.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    rows[7][rows[0].index("age")] = "not-an-age"  # data row 7 (the header is line 0)
+    with src.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
     e = _refused(world, SchemaError, world.svc.ingest_dataset, world.steward, "bad", src, cohort_contract())
     msg = str(e)
     assert "age" in msg and "7" in msg and "not-an-age" not in msg

@@ -49,7 +49,9 @@ class ModelConfig:
             ) from None
         object.__setattr__(self, "kind", kind)
         if not isinstance(self.hidden, tuple):
-            raise SpecError("model.hidden", "must be a tuple of layer widths", "e.g. hidden=(64, 64)")
+            raise SpecError(
+                "model.hidden", "must be a tuple of layer widths", "e.g. hidden=(64, 64)"
+            )
         for width in self.hidden:
             # bool is an int subclass: True would silently mean a 1-wide layer
             if not isinstance(width, int) or isinstance(width, bool):
@@ -62,11 +64,15 @@ class ModelConfig:
                 )
         if kind is ModelKind.LOGISTIC and self.hidden:
             raise SpecError(
-                "model.hidden", "must be empty for a logistic model", "drop hidden or use kind = mlp"
+                "model.hidden",
+                "must be empty for a logistic model",
+                "drop hidden or use kind = mlp",
             )
         if kind is ModelKind.MLP and not self.hidden:
             raise SpecError(
-                "model.hidden", "must list at least one hidden layer for an mlp", "e.g. hidden = [64, 64]"
+                "model.hidden",
+                "must list at least one hidden layer for an mlp",
+                "e.g. hidden = [64, 64]",
             )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, emit, open_session, show_table
+from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, emit, open_session, show_table, to_jsonable
 
 
 def register(app: typer.Typer) -> None:
@@ -17,6 +17,6 @@ def register(app: typer.Typer) -> None:
         finally:
             s.close()
         emit({"project": project, "budgets": bs}, as_json, lambda o: show_table(
-            [b.to_dict() for b in bs],
+            [{**to_jsonable(b), "dataset": b.key.dataset + (f"@{b.key.site}" if b.key.site else "")} for b in bs],
             ["dataset", "granted_epsilon", "reserved_epsilon", "spent_epsilon", "remaining_epsilon", "granted_delta", "spent_delta"],
             title=f"budget of {project} (epsilon per person)"))

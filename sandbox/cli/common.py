@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from datetime import datetime
+from enum import Enum
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +53,15 @@ def open_session(zone: Path | None, token: str | None, ray_address: str | None =
 
 def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, "to_dict"):
-        return obj.to_dict()
+        return to_jsonable(obj.to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, set | frozenset):
+        return sorted(to_jsonable(o) for o in obj)
     if isinstance(obj, list | tuple):
         return [to_jsonable(o) for o in obj]
     if isinstance(obj, dict):

@@ -66,6 +66,8 @@ def show(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonO
         console.print(f"[bold]{rec['name']}[/bold]: {rec['rows']} rows, {rec['persons']} persons")
         console.print("sites: " + ", ".join(f"{k} ({v})" for k, v in sorted(rec["sites"].items())))
         cols = rec["contract"]["columns"]
+        if isinstance(cols, dict):
+            cols = [{"name": k, **v} for k, v in cols.items()]
         rows = []
         for c in cols:
             dom = f"[{c.get('min')}, {c.get('max')}]" if c.get("min") is not None else ""

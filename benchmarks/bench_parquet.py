@@ -1,0 +1,163 @@
+"""Governed Parquet -> training tensors, beside a plain pyarrow read of the same columns.
+
+A generated cohort (default 1,000,000 patients) is ingested to governed Parquet. Then, in
+one process and alternating so that both see the same machine load:
+
+* raw: ``pyarrow.parquet.read_table(path, columns=FEATURES + [LABEL])`` (an Arrow table,
+  nothing more);
+* ours: ``connectors.reader.load_tensors`` for the same columns: the same decode, plus the
+  contract's preprocessing (scaling, clipping, fills, indicators, one-hot) into one float32
+  tensor X [rows, outputs] and y [rows], ready for training.
+
+Best of ``--repeats`` for each; the figure is ours/raw throughput (= raw time / our time).
+Target: >= 0.70.
+
+    python benchmarks/bench_parquet.py [--patients 1000000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+FEATURES = (
+    "age",
+    "sex",
+    "length_of_stay",
+    "diabetes",
+    "chf",
+    "copd",
+    "ckd",
+    "cancer",
+    "hba1c",
+    "creatinine",
+    "prior_admissions",
+)
+LABEL = "readmitted_30d"
+TARGET = 0.70
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--patients", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--keep", type=Path, default=None, help="ingest here and keep it")
+    args = ap.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from connectors.cohort import cohort_contract, generate_cohort
+    from connectors.ingest import ingest_table
+    from connectors.preprocess import FeaturePlan
+    from connectors.reader import DatasetHandle, load_tensors
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-parquet-"))
+    contract = cohort_contract()
+    t0 = time.perf_counter()
+    table = generate_cohort(args.patients, seed=0)
+    generate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = ingest_table(table, contract, work / "cohort", os.urandom(32))
+    ingest_s = time.perf_counter() - t0
+    del table
+    path = report.path
+    columns = [*FEATURES, LABEL]
+    plan = FeaturePlan.from_contract(contract, FEATURES)
+
+    def raw() -> int:
+        return pq.read_table(path, columns=columns).num_rows
+
+    def ours() -> int:
+        handle = DatasetHandle("cohort", path, contract, authorization="bench")
+        X, y = load_tensors(handle, plan, LABEL)
+        if X.shape != (report.rows, plan.n_outputs) or X.dtype != torch.float32:
+            raise RuntimeError("unexpected tensor shape")
+        return int(X.shape[0])
+
+    raw(), ours()  # warm the page cache and imports once, untimed
+    times: dict[str, list[float]] = {"raw": [], "ours": []}
+    for _ in range(args.repeats):
+        for name, fn in (("raw", raw), ("ours", ours)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    raw_s, ours_s = min(times["raw"]), min(times["ours"])
+    rows = report.rows
+    ratio = raw_s / ours_s
+    decoded = pq.read_table(path, columns=columns).nbytes
+    result = {
+        "patients": args.patients,
+        "rows": rows,
+        "columns_read": columns,
+        "outputs": plan.n_outputs,
+        "file_mib": round(path.stat().st_size / 2**20, 1),
+        "decoded_arrow_mib": round(decoded / 2**20, 1),
+        "tensor_mib": round(rows * (plan.n_outputs + 1) * 4 / 2**20, 1),
+        "raw_read_table_s": round(raw_s, 4),
+        "ours_load_tensors_s": round(ours_s, 4),
+        "raw_rows_per_s": round(rows / raw_s),
+        "ours_rows_per_s": round(rows / ours_s),
+        "ratio_ours_over_raw": round(ratio, 3),
+        "target": TARGET,
+        "meets_target": ratio >= TARGET,
+        "all_runs_s": {k: [round(v, 4) for v in vs] for k, vs in times.items()},
+        "repeats": args.repeats,
+        "generate_s": round(generate_s, 2),
+        "ingest_s": round(ingest_s, 2),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "arrow_threads": pa.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "pyarrow": pa.__version__,
+            "torch": torch.__version__,
+        },
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "parquet_to_tensors.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Governed Parquet -> tensors vs a plain pyarrow read",
+        "",
+        f"{rows:,} rows (generated cohort, one per patient); {len(FEATURES)} features + label "
+        f"-> X float32 [{rows:,}, {plan.n_outputs}]; best of {args.repeats}, alternating, "
+        f"one process, {os.cpu_count()} CPUs, pyarrow {pa.__version__}.",
+        "",
+        "| path | seconds | rows/s |",
+        "|---|---|---|",
+        f"| raw `pq.read_table` (Arrow table) | {raw_s:.4f} | {rows / raw_s:,.0f} |",
+        f"| ours `load_tensors` (tensors) | {ours_s:.4f} | {rows / ours_s:,.0f} |",
+        "",
+        f"**ours / raw throughput: {ratio:.2f}** (target >= {TARGET:.2f}: "
+        f"{'met' if ratio >= TARGET else 'NOT met'}).",
+        "",
+        f"File {result['file_mib']} MiB; decoded Arrow columns {result['decoded_arrow_mib']} MiB; "
+        f"output tensors {result['tensor_mib']} MiB. Generate {generate_s:.1f} s, "
+        f"ingest {ingest_s:.1f} s.",
+        "",
+        "How `load_tensors` keeps up: row groups are decoded and transformed in parallel "
+        "threads straight into one preallocated tensor; categorical columns are read as "
+        "dictionaries (their strings are never built); each feature is computed from Arrow "
+        "buffers in a cache-sized, feature-major block, then transposed once into the output.",
+        "",
+    ]
+    (RESULTS / "parquet_to_tensors.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
