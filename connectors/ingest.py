@@ -218,13 +218,15 @@ def _read_csv(source: Path, contract: SchemaContract) -> pa.Table:
 
 
 def _csv_header(source: Path) -> list[str]:
-    failed = False
+    """The header row, decoded on its own (a bad byte further down is reported by row later)."""
+    with source.open("rb") as handle:
+        first = handle.readline()
+    header: list[str] | None = None
     try:
-        with source.open(newline="", encoding="utf-8-sig") as handle:
-            header = next(csv.reader(handle), None)
+        header = next(csv.reader([first.decode("utf-8-sig").rstrip("\r\n")]), None)
     except (UnicodeDecodeError, csv.Error):
-        failed = True
-    if failed or header is None:
+        header = None
+    if not header:
         raise SchemaError("the CSV source has no readable header row (UTF-8, comma-separated)")
     return header
 

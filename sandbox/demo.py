@@ -25,7 +25,7 @@ DEMO_FEATURES = [
 DEMO_LABEL = "readmitted_30d"
 
 
-def demo_job_toml(epsilon: float = 1.0, epochs: int = 5) -> str:
+def demo_job_toml(epsilon: float = 1.0, epochs: int = 10) -> str:
     feats = ", ".join(f'"{f}"' for f in DEMO_FEATURES)
     return f"""
 project = "readmission"
@@ -41,8 +41,8 @@ delta = 1e-6
 max_grad_norm = 1.0
 [training]
 epochs = {epochs}
-batch_size = 512
-lr = 0.5
+batch_size = 1024
+lr = 1.0
 seed = 7
 [resources]
 gpus = 0

@@ -21,6 +21,8 @@ _FORCED = {
     # without it Ray listens on every address and on a non-loopback node IP
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    # keep accelerator visibility as the operator set it (and silence Ray's FutureWarning)
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 

@@ -20,6 +20,11 @@ from typing import Any
 from connectors.errors import SpecError
 
 
+#: share of the job's epsilon spent on the DP evaluation histogram: DP-SGD's accuracy barely
+#: moves between 0.8 and 0.9 of the budget, while the evaluation's noise halves from 0.1 to 0.2
+EVAL_SHARE = 0.2
+
+
 def derive_noise_seed(zone_root: Path, label: str) -> int:
     """A 63-bit seed from the zone's secret: replayable inside the zone, unguessable outside."""
     import hashlib
@@ -81,7 +86,8 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         )
 
     dp = plan_dpsgd(
-        spec.privacy.epsilon, spec.privacy.delta, n_train, spec.training.batch_size, spec.training.epochs
+        spec.privacy.epsilon, spec.privacy.delta, n_train, spec.training.batch_size, spec.training.epochs,
+        eval_share=EVAL_SHARE,
     )
     want_gpu = spec.resources.gpus > 0
     device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"

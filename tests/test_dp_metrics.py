@@ -24,9 +24,15 @@ def _cohort(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels
 
 
+def _logit_bins(scores: np.ndarray, bins: int, width: float = 6.0) -> np.ndarray:
+    """Equal-width bins in logit space over [-width, width], written out independently."""
+    p = np.clip(scores, 1e-12, 1 - 1e-12)
+    return np.clip(((np.log(p / (1 - p)) + width) / (2 * width) * bins).astype(int), 0, bins - 1)
+
+
 def _reference_ece(scores: np.ndarray, labels: np.ndarray, bins: int) -> float:
     """Textbook binned ECE with the mean score of each bin as its confidence."""
-    index = np.minimum((scores * bins).astype(int), bins - 1)
+    index = _logit_bins(scores, bins)
     total = 0.0
     for b in range(bins):
         members = index == b
@@ -38,13 +44,15 @@ def _reference_ece(scores: np.ndarray, labels: np.ndarray, bins: int) -> float:
 def test_noiseless_metrics_match_references() -> None:
     scores, labels = _cohort(5000)
     m = dp_binary_metrics(scores, labels, 0.0, np.random.default_rng(1))
-    # binning 20 ways costs AUROC only the pairs tied within a bin, counted half
+    # binning 32 ways costs AUROC only the pairs tied within a bin, counted half
     assert m.auroc == pytest.approx(roc_auc_score(labels, scores), abs=0.01)
     assert m.accuracy == np.mean((scores >= 0.5) == labels)
     assert m.n_noisy == 5000
     # the bin centre stands in for the bin's mean score: at most half a bin width apart
-    assert abs(m.ece - _reference_ece(scores, labels, 20)) <= 0.5 / 20
-    assert (m.bins, m.sigma) == (20, 0.0)
+    # the bin centre stands in for the bin's mean score: half a bin is 0.1875 logits, at most
+    # 0.047 in probability (the logistic's slope is at most 1/4)
+    assert abs(m.ece - _reference_ece(scores, labels, 32)) <= 0.1875 / 4
+    assert (m.bins, m.sigma) == (32, 0.0)
 
 
 def test_threshold_is_a_bin_edge() -> None:
@@ -150,9 +158,10 @@ def test_only_aggregates_leave() -> None:
     assert all(isinstance(v, (int, float)) for v in d.values())
     assert not any(isinstance(getattr(m, f), np.ndarray) for f in d)
 
-    bins = 20
-    index = np.minimum(np.floor(scores * bins), bins - 1)
-    nudged = (index + 0.5) / bins  # every score moved to its bin centre
+    bins = 32
+    index = _logit_bins(scores, bins)
+    centre_logits = (index + 0.5) / bins * 12.0 - 6.0
+    nudged = 1 / (1 + np.exp(-centre_logits))  # every score moved to its bin centre
     order = np.random.default_rng(3).permutation(1000)
     same = dp_binary_metrics(nudged[order], labels[order], 2.0, np.random.default_rng(9))
     assert same == m
