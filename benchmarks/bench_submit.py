@@ -61,7 +61,7 @@ def main() -> None:
         seen: dict[str, float] = {}
         stop = threading.Event()
 
-        def watch() -> None:
+        def watch(stop=stop, seen=seen, t0=t0) -> None:
             while not stop.is_set():
                 for j in w.svc.jobs.list():
                     if j.state is not JobState.QUEUED and j.id not in seen:
@@ -84,14 +84,16 @@ def main() -> None:
         "ray_cold_start_s": round(cold, 3),
         "plain_ray_task_roundtrip_ms": round(med_plain * 1000, 2),
         "submit_to_running_ms": round(med_run * 1000, 1),
-        "submit_to_done_s (1 epoch, %d patients)" % args.patients: round(statistics.median(total), 3),
+        f"submit_to_done_s (1 epoch, {args.patients} patients)": round(statistics.median(total), 3),
         "ratio_submit_to_running_vs_plain_task": round(med_run / med_plain, 1),
         "repeats": args.repeats,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "submit.json").write_text(json.dumps(rows, indent=2))
     md = ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()]
-    (RESULTS / "submit.md").write_text("# Submit -> running on a warm local Ray\n\n" + "\n".join(md) + "\n")
+    (RESULTS / "submit.md").write_text(
+        "# Submit -> running on a warm local Ray\n\n" + "\n".join(md) + "\n"
+    )
     print("\n".join(md))
 
 

@@ -18,9 +18,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sandbox.jobspec import parse_job_toml
 
 DEMO_FEATURES = [
-    "age", "sex", "dx_chapter", "diabetes", "chf", "copd", "ckd", "cancer",
-    "hba1c", "creatinine", "hemoglobin", "sodium", "sbp", "heart_rate", "bmi",
-    "prior_admissions", "length_of_stay",
+    "age",
+    "sex",
+    "dx_chapter",
+    "diabetes",
+    "chf",
+    "copd",
+    "ckd",
+    "cancer",
+    "hba1c",
+    "creatinine",
+    "hemoglobin",
+    "sodium",
+    "sbp",
+    "heart_rate",
+    "bmi",
+    "prior_admissions",
+    "length_of_stay",
 ]
 DEMO_LABEL = "readmitted_30d"
 
@@ -49,7 +63,9 @@ gpus = 0
 """
 
 
-def run_demo(patients: int = 50_000, keep: Path | None = None, as_json: bool = False) -> dict[str, Any]:
+def run_demo(
+    patients: int = 50_000, keep: Path | None = None, as_json: bool = False
+) -> dict[str, Any]:
     from connectors.cohort import write_cohort
     from sandbox.ray_backend import RayBackend
     from sandbox.service import Service
@@ -76,32 +92,50 @@ def run_demo(patients: int = 50_000, keep: Path | None = None, as_json: bool = F
 
         step(f"sandbox dataset ingest cohort --demo --patients {patients}   # as sam")
         ds = svc.ingest_demo(steward, "cohort", patients, seed=0)
-        console.print(f"  {ds.rows} rows, {ds.persons} persons across {len(ds.sites)} hospitals (pseudonymised)")
+        console.print(
+            f"  {ds.rows} rows, {ds.persons} persons across {len(ds.sites)} hospitals (pseudonymised)"
+        )
 
         step('sandbox project create readmission --purpose "30-day readmission risk"   # as rita')
         svc.create_project(rita, "readmission", "30-day readmission risk model")
-        step("sandbox access request readmission --dataset cohort --columns ... --mechanism dp-sgd --epsilon 3 --delta 1e-5")
-        req = svc.request_access(rita, "readmission", "cohort", [*DEMO_FEATURES, DEMO_LABEL], ["dp-sgd"], 3.0, 1e-5)
+        step(
+            "sandbox access request readmission --dataset cohort --columns ... --mechanism dp-sgd --epsilon 3 --delta 1e-5"
+        )
+        req = svc.request_access(
+            rita, "readmission", "cohort", [*DEMO_FEATURES, DEMO_LABEL], ["dp-sgd"], 3.0, 1e-5
+        )
         expires = datetime.now(UTC) + timedelta(days=90)
         step(f"sandbox access approve {req.id} --expires {expires.date()}   # as sam")
         grant = svc.approve(steward, req.id, expires_at=expires)
 
         spec = parse_job_toml(demo_job_toml())
         step("sandbox submit job.toml   # as rita: runs on a local Ray")
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
             task = progress.add_task("DP-SGD epochs", total=spec.training.epochs)
-            job = svc.submit(rita, spec, on_progress=lambda p: progress.update(task, completed=p.get("epoch", 0)))
+            job = svc.submit(
+                rita, spec, on_progress=lambda p: progress.update(task, completed=p.get("epoch", 0))
+            )
             progress.update(task, completed=spec.training.epochs)
         result = job.result or {}
         metrics = result.get("metrics", {})
-        console.print(f"  job {job.id}: {job.state}; epsilon {result.get('epsilon', 0):.3f}; DP AUROC {metrics.get('auroc', float('nan')):.3f}")
+        console.print(
+            f"  job {job.id}: {job.state}; epsilon {result.get('epsilon', 0):.3f}; DP AUROC {metrics.get('auroc', float('nan')):.3f}"
+        )
 
         out = root.parent / "release"
         step(f"sandbox jobs result {job.id} --out {out}")
         svc.job_result(rita, job.id, out)
         new_rows = root.parent / "new_patients.csv"
         write_cohort(new_rows, 1000, seed=99, canaries=None, format="csv")
-        step(f"sandbox model predict {out} --from {new_rows} --out {root.parent / 'scores.parquet'}")
+        step(
+            f"sandbox model predict {out} --from {new_rows} --out {root.parent / 'scores.parquet'}"
+        )
         scored = predict_file(out, new_rows, root.parent / "scores.parquet")
 
         step("sandbox budget readmission")
@@ -112,8 +146,16 @@ def run_demo(patients: int = 50_000, keep: Path | None = None, as_json: bool = F
             "zone": str(root),
             "dataset": {"rows": ds.rows, "persons": ds.persons, "sites": len(ds.sites)},
             "grant": {"id": grant.id, "epsilon": grant.epsilon, "delta": grant.delta},
-            "job": {"id": job.id, "state": str(job.state), "epsilon_spent": result.get("epsilon"), "dp_metrics": metrics},
-            "budget": {"spent_epsilon": bal.spent_epsilon, "remaining_epsilon": bal.remaining_epsilon},
+            "job": {
+                "id": job.id,
+                "state": str(job.state),
+                "epsilon_spent": result.get("epsilon"),
+                "dp_metrics": metrics,
+            },
+            "budget": {
+                "spent_epsilon": bal.spent_epsilon,
+                "remaining_epsilon": bal.remaining_epsilon,
+            },
             "release": str(out),
             "scored_rows": scored,
             "audit": {"verified": verified.ok, "events": verified.checked},
@@ -125,8 +167,12 @@ def run_demo(patients: int = 50_000, keep: Path | None = None, as_json: bool = F
         print(json.dumps(summary, default=str))
     else:
         console.rule("summary")
-        console.print(f"epsilon spent {summary['budget']['spent_epsilon']:.3f} of {grant.epsilon:g}, left {summary['budget']['remaining_epsilon']:.3f} (delta {grant.delta:g}, per person)")
-        console.print(f"DP AUROC {metrics.get('auroc', float('nan')):.3f}, DP accuracy {metrics.get('accuracy', float('nan')):.3f}")
+        console.print(
+            f"epsilon spent {summary['budget']['spent_epsilon']:.3f} of {grant.epsilon:g}, left {summary['budget']['remaining_epsilon']:.3f} (delta {grant.delta:g}, per person)"
+        )
+        console.print(
+            f"DP AUROC {metrics.get('auroc', float('nan')):.3f}, DP accuracy {metrics.get('accuracy', float('nan')):.3f}"
+        )
         console.print(f"audit chain verified: {verified.ok} ({verified.checked} events)")
         console.print(f"release in {out}; zone in {root}; {summary['seconds']} s")
     return summary

@@ -160,17 +160,30 @@ class JobStore:
         metadata.create_all(self.engine)
 
     def create(
-        self, *, project: str, dataset: str, user: str, spec: dict[str, Any], spec_hash: str,
-        reservation_id: str | None, job_id: str | None = None,
+        self,
+        *,
+        project: str,
+        dataset: str,
+        user: str,
+        spec: dict[str, Any],
+        spec_hash: str,
+        reservation_id: str | None,
+        job_id: str | None = None,
     ) -> JobRecord:
         jid = job_id or new_job_id()
         with self.engine.begin() as conn:
             conn.execute(
                 insert(jobs_table).values(
-                    id=jid, project=project, dataset=dataset, submitted_by=user,
-                    spec_json=json.dumps(spec, sort_keys=True), spec_hash=spec_hash,
-                    state=JobState.QUEUED.value, reservation_id=reservation_id,
-                    data_opened=False, created_at=_now(),
+                    id=jid,
+                    project=project,
+                    dataset=dataset,
+                    submitted_by=user,
+                    spec_json=json.dumps(spec, sort_keys=True),
+                    spec_hash=spec_hash,
+                    state=JobState.QUEUED.value,
+                    reservation_id=reservation_id,
+                    data_opened=False,
+                    created_at=_now(),
                 )
             )
         return self.get(jid)
@@ -211,12 +224,16 @@ class JobStore:
     def mark_data_opened(self, job_id: str) -> None:
         """Durably record that the job touched real rows (before the first byte is read)."""
         with self.engine.begin() as conn:
-            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(data_opened=True))
+            conn.execute(
+                update(jobs_table).where(jobs_table.c.id == job_id).values(data_opened=True)
+            )
 
     def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         with self.engine.begin() as conn:
             conn.execute(
-                update(jobs_table).where(jobs_table.c.id == job_id).values(progress_json=json.dumps(progress))
+                update(jobs_table)
+                .where(jobs_table.c.id == job_id)
+                .values(progress_json=json.dumps(progress))
             )
 
 

@@ -46,6 +46,30 @@ class ResourceSpec:
     cpus: float
 
 
+class FedStrategy(StrEnum):
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+
+
+@dataclass(frozen=True)
+class FederatedSpec:
+    """``[federated]``: Flower across the dataset's sites (hospitals)."""
+
+    rounds: int
+    #: () = every site of the dataset
+    sites: tuple[str, ...]
+    clients_per_round: int | None
+    min_sites: int
+    local_epochs: int
+    strategy: FedStrategy
+    mu: float
+    secure_aggregation: bool
+    #: server-side client-level DP: noise multiplier and clipping norm of the update (None = off)
+    server_noise_multiplier: float | None
+    server_clipping_norm: float | None
+    min_site_rows: int
+
+
 @dataclass(frozen=True)
 class JobSpec:
     project: str
@@ -57,6 +81,7 @@ class JobSpec:
     privacy: PrivacySpec
     training: TrainingSpec
     resources: ResourceSpec
+    federated: FederatedSpec | None = None
 
     @property
     def columns(self) -> frozenset[str]:
@@ -68,19 +93,67 @@ class JobSpec:
         d["features"] = list(self.features)
         d["mode"] = str(self.mode)
         d["model"] = {"kind": str(self.model.kind), "hidden": list(self.model.hidden)}
+        if self.federated is None:
+            d.pop("federated")
+        else:
+            f = self.federated
+            fed: dict[str, Any] = {
+                "rounds": f.rounds,
+                "sites": list(f.sites) if f.sites else "all",
+                "min_sites": f.min_sites,
+                "local_epochs": f.local_epochs,
+                "strategy": str(f.strategy),
+                "mu": f.mu,
+                "secure_aggregation": f.secure_aggregation,
+                "min_site_rows": f.min_site_rows,
+            }
+            if f.clients_per_round is not None:
+                fed["clients_per_round"] = f.clients_per_round
+            if f.server_noise_multiplier is not None:
+                fed["server_noise_multiplier"] = f.server_noise_multiplier
+                fed["server_clipping_norm"] = f.server_clipping_norm
+            d["federated"] = fed
+            d["training"].pop("epochs", None)
         return d
 
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-_TOP = {"project", "dataset", "label", "features", "mode", "model", "privacy", "training", "resources"}
+_TOP = {
+    "project",
+    "dataset",
+    "label",
+    "features",
+    "mode",
+    "model",
+    "privacy",
+    "training",
+    "resources",
+}
 _SECTIONS = {
     "model": {"kind", "hidden"},
     "privacy": {"epsilon", "delta", "max_grad_norm"},
     "training": {"epochs", "batch_size", "lr", "seed"},
     "resources": {"gpus", "cpus"},
+    "federated": {
+        "rounds",
+        "sites",
+        "clients_per_round",
+        "min_sites",
+        "local_epochs",
+        "strategy",
+        "mu",
+        "secure_aggregation",
+        "server_noise_multiplier",
+        "server_clipping_norm",
+        "min_site_rows",
+    },
 }
+#: a site with fewer training rows than this gets no useful patient-level DP guarantee at
+#: the epsilons stewards grant (the noise swamps a handful of patients' gradients): it is
+#: left out of the federation with a clear message unless the spec lowers the bar
+DEFAULT_MIN_SITE_ROWS = 200
 
 
 def _unknown(where: str, got: Mapping[str, Any], known: set[str]) -> None:
@@ -88,7 +161,9 @@ def _unknown(where: str, got: Mapping[str, Any], known: set[str]) -> None:
     if extra:
         prefix = f"{where}." if where else ""
         raise SpecError(
-            f"{prefix}{extra[0]}", "is not a known field", f"known fields: {', '.join(sorted(known))}"
+            f"{prefix}{extra[0]}",
+            "is not a known field",
+            f"known fields: {', '.join(sorted(known))}",
         )
 
 
@@ -102,8 +177,15 @@ def _name(d: Mapping[str, Any], key: str) -> str:
 
 
 def _number(
-    d: Mapping[str, Any], section: str, key: str, *, default: float | None = None,
-    lo: float | None = None, hi: float | None = None, lo_open: bool = False, integer: bool = False,
+    d: Mapping[str, Any],
+    section: str,
+    key: str,
+    *,
+    default: float | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    integer: bool = False,
 ) -> Any:
     field = f"{section}.{key}"
     if key not in d:
@@ -142,12 +224,22 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
     try:
         mode = Mode(mode_raw)
     except (ValueError, TypeError):
-        raise SpecError("mode", "is not a known mode", f"use one of: {', '.join(m.value for m in Mode)}") from None
+        raise SpecError(
+            "mode", "is not a known mode", f"use one of: {', '.join(m.value for m in Mode)}"
+        ) from None
     if mode is Mode.FEDERATED:
-        raise SpecError("mode", "federated training is not available in this zone yet", 'use mode = "dp-sgd"')
+        raise SpecError(
+            "mode", "federated training is not available in this zone yet", 'use mode = "dp-sgd"'
+        )
     features = data.get("features")
-    if not isinstance(features, list) or not features or not all(isinstance(f, str) and f for f in features):
-        raise SpecError("features", "must be a non-empty list of column names", 'e.g. features = ["age", "sex"]')
+    if (
+        not isinstance(features, list)
+        or not features
+        or not all(isinstance(f, str) and f for f in features)
+    ):
+        raise SpecError(
+            "features", "must be a non-empty list of column names", 'e.g. features = ["age", "sex"]'
+        )
     if len(set(features)) != len(features):
         raise SpecError("features", "lists a column twice", "list each column once")
     label = _name(data, "label")
@@ -159,9 +251,15 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
     try:
         kind = ModelKind(kind_raw)
     except (ValueError, TypeError):
-        raise SpecError("model.kind", "is not a known model", f"use one of: {', '.join(k.value for k in ModelKind)}") from None
+        raise SpecError(
+            "model.kind",
+            "is not a known model",
+            f"use one of: {', '.join(k.value for k in ModelKind)}",
+        ) from None
     hidden = m.get("hidden", [])
-    if not isinstance(hidden, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hidden):
+    if not isinstance(hidden, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) for h in hidden
+    ):
         raise SpecError("model.hidden", "must be a list of layer sizes", "e.g. hidden = [64, 64]")
     model = ModelConfig(kind=kind, hidden=tuple(hidden))
 
@@ -169,11 +267,30 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
     privacy = PrivacySpec(
         epsilon=float(_number(p, "privacy", "epsilon", lo=0, lo_open=True, hi=100)),
         delta=float(_number(p, "privacy", "delta", lo=0, lo_open=True, hi=0.01)),
-        max_grad_norm=float(_number(p, "privacy", "max_grad_norm", default=1.0, lo=0, lo_open=True, hi=1e4)),
+        max_grad_norm=float(
+            _number(p, "privacy", "max_grad_norm", default=1.0, lo=0, lo_open=True, hi=1e4)
+        ),
     )
     t = _section(data, "training", True)
+    federated = _federated(data) if mode is Mode.FEDERATED else None
+    if mode is not Mode.FEDERATED and "federated" in data:
+        raise SpecError(
+            "federated",
+            'is only used with mode = "federated"',
+            'add mode = "federated" or drop [federated]',
+        )
     training = TrainingSpec(
-        epochs=int(_number(t, "training", "epochs", lo=1, hi=1000, integer=True)),
+        epochs=int(
+            _number(
+                t,
+                "training",
+                "epochs",
+                default=1 if federated else None,
+                lo=1,
+                hi=1000,
+                integer=True,
+            )
+        ),
         batch_size=int(_number(t, "training", "batch_size", lo=1, hi=1_000_000, integer=True)),
         lr=float(_number(t, "training", "lr", lo=0, lo_open=True, hi=100)),
         seed=int(_number(t, "training", "seed", default=0, lo=0, hi=2**31 - 1, integer=True)),
@@ -193,6 +310,118 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
         privacy=privacy,
         training=training,
         resources=resources,
+        federated=federated,
+    )
+
+
+def _federated(data: Mapping[str, Any]) -> FederatedSpec:
+    f = _section(data, "federated", True)
+    rounds = int(_number(f, "federated", "rounds", lo=1, hi=10_000, integer=True))
+    sites_raw = f.get("sites", "all")
+    if sites_raw == "all":
+        sites: tuple[str, ...] = ()
+    elif (
+        isinstance(sites_raw, list)
+        and sites_raw
+        and all(isinstance(x, str) and x for x in sites_raw)
+    ):
+        if len(set(sites_raw)) != len(sites_raw):
+            raise SpecError("federated.sites", "lists a site twice", "list each site once")
+        sites = tuple(sites_raw)
+    else:
+        raise SpecError(
+            "federated.sites",
+            'must be "all" or a list of site names',
+            'e.g. sites = ["hospital-a", "hospital-b"]',
+        )
+    cpr = f.get("clients_per_round")
+    clients_per_round = (
+        None
+        if cpr is None
+        else int(_number(f, "federated", "clients_per_round", lo=1, hi=10_000, integer=True))
+    )
+    min_sites = int(_number(f, "federated", "min_sites", default=1, lo=1, hi=10_000, integer=True))
+    if clients_per_round is not None and min_sites > clients_per_round:
+        raise SpecError(
+            "federated.min_sites",
+            "is larger than clients_per_round",
+            "lower min_sites or raise clients_per_round",
+        )
+    if sites and min_sites > len(sites):
+        raise SpecError(
+            "federated.min_sites",
+            f"is larger than the {len(sites)} sites listed",
+            "lower min_sites",
+        )
+    strat_raw = f.get("strategy", "fedavg")
+    try:
+        strategy = FedStrategy(strat_raw)
+    except (ValueError, TypeError):
+        raise SpecError(
+            "federated.strategy", "is not a known strategy", "use fedavg or fedprox"
+        ) from None
+    if "mu" in f and strategy is not FedStrategy.FEDPROX:
+        raise SpecError(
+            "federated.mu", 'is only used with strategy = "fedprox"', "drop mu or use fedprox"
+        )
+    mu = float(
+        _number(
+            f,
+            "federated",
+            "mu",
+            default=0.01 if strategy is FedStrategy.FEDPROX else 0.0,
+            lo=0,
+            hi=100,
+        )
+    )
+    secagg = f.get("secure_aggregation", False)
+    if not isinstance(secagg, bool):
+        raise SpecError(
+            "federated.secure_aggregation",
+            "must be true or false",
+            "write secure_aggregation = true",
+        )
+    has_z, has_c = "server_noise_multiplier" in f, "server_clipping_norm" in f
+    if has_z != has_c:
+        raise SpecError(
+            "federated.server_noise_multiplier",
+            "client-level DP needs both the noise multiplier and the clipping norm",
+            "set server_noise_multiplier and server_clipping_norm together",
+        )
+    z = (
+        float(_number(f, "federated", "server_noise_multiplier", lo=0, lo_open=True, hi=1e3))
+        if has_z
+        else None
+    )
+    c = (
+        float(_number(f, "federated", "server_clipping_norm", lo=0, lo_open=True, hi=1e6))
+        if has_c
+        else None
+    )
+    return FederatedSpec(
+        rounds=rounds,
+        sites=sites,
+        clients_per_round=clients_per_round,
+        min_sites=min_sites,
+        local_epochs=int(
+            _number(f, "federated", "local_epochs", default=1, lo=1, hi=100, integer=True)
+        ),
+        strategy=strategy,
+        mu=mu,
+        secure_aggregation=secagg,
+        server_noise_multiplier=z,
+        server_clipping_norm=c,
+        min_site_rows=int(
+            _number(
+                f,
+                "federated",
+                "min_site_rows",
+                default=DEFAULT_MIN_SITE_ROWS,
+                lo=1,
+                hi=10**9,
+                integer=True,
+            )
+        ),
     )
 
 

@@ -20,7 +20,9 @@ from sandbox.engine_env import configure_engine_env, ray_temp_dir
 class RayBackend(JobBackend):
     name = "ray"
 
-    def __init__(self, zone_root: Path, address: str | None = None, num_cpus: int | None = None) -> None:
+    def __init__(
+        self, zone_root: Path, address: str | None = None, num_cpus: int | None = None
+    ) -> None:
         self._zone_root = zone_root
         self._address = address
         self._num_cpus = num_cpus
@@ -89,7 +91,10 @@ class RayBackend(JobBackend):
     def submit(self, fn: WorkerFn, payload: Payload, resources: Resources) -> Any:
         ray = self._ensure()
         remote = ray.remote(fn).options(
-            num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0, name=str(payload.get("job_id", "job"))
+            num_cpus=resources.cpus,
+            num_gpus=resources.gpus,
+            max_retries=0,
+            name=str(payload.get("job_id", "job")),
         )
         return remote.remote(payload)
 
@@ -110,7 +115,12 @@ class RayBackend(JobBackend):
                 raise cause from None
             name = type(cause).__name__ if cause is not None else "unknown"
             raise ComputeError(f"the job failed in its worker ({name})") from None
-        except (rex.WorkerCrashedError, rex.NodeDiedError, rex.ActorDiedError, rex.TaskCancelledError) as exc:
+        except (
+            rex.WorkerCrashedError,
+            rex.NodeDiedError,
+            rex.ActorDiedError,
+            rex.TaskCancelledError,
+        ) as exc:
             raise ComputeError(
                 f"the job's worker died ({type(exc).__name__}); a retry may help", retryable=True
             ) from None

@@ -15,7 +15,9 @@ from typing import Any
 RELEASED_FILES = ("model.safetensors", "preprocessing.json", "model_card.json")
 
 
-def write_model_card(job_dir: Path, job: Any, dataset: Any, result: dict[str, Any], *, backend: str) -> Path:
+def write_model_card(
+    job_dir: Path, job: Any, dataset: Any, result: dict[str, Any], *, backend: str
+) -> Path:
     plan = result["plan"]
     spec = job.spec
     card = {

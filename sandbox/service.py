@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from connectors.errors import (
-    BudgetExceeded,
     IntegrityError,
     NotFoundError,
     PolicyDenied,
@@ -63,7 +62,9 @@ class Service:
     # -- set-up ---------------------------------------------------------------------------
 
     @classmethod
-    def init_zone(cls, root: Path, backend: JobBackend | None = None, db_url: str | None = None) -> tuple[Service, str]:
+    def init_zone(
+        cls, root: Path, backend: JobBackend | None = None, db_url: str | None = None
+    ) -> tuple[Service, str]:
         """Create a zone and its operator; returns the service and the operator's token."""
         zone = Zone.create(root, db_url)
         svc = cls(zone, backend)
@@ -95,11 +96,15 @@ class Service:
         try:
             return self.store.authenticate(token)
         except ZoneError:
-            self.audit.append("anonymous", "auth", "denied", "", {"reason": "unknown or revoked token"})
+            self.audit.append(
+                "anonymous", "auth", "denied", "", {"reason": "unknown or revoked token"}
+            )
             raise
 
     @contextmanager
-    def _act(self, user: Any, action: Action, target: str = "", details: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    def _act(
+        self, user: Any, action: Action, target: str = "", details: Mapping[str, Any] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Check the role, run the body, write one audit event whatever happens."""
         extra: dict[str, Any] = dict(details or {})
         try:
@@ -121,7 +126,11 @@ class Service:
             try:
                 r = Role(role)
             except ValueError:
-                raise SpecError("--role", "is not a known role", f"use one of: {', '.join(x.value for x in Role)}") from None
+                raise SpecError(
+                    "--role",
+                    "is not a known role",
+                    f"use one of: {', '.join(x.value for x in Role)}",
+                ) from None
             return self.store.add_user(name, r)
 
     def revoke_user(self, actor: Any, name: str) -> None:
@@ -144,7 +153,9 @@ class Service:
             extra.update(rows=report.rows, persons=report.persons)
             return rec
 
-    def ingest_demo(self, actor: Any, name: str, patients: int, seed: int = 0, canaries: Any = None) -> Any:
+    def ingest_demo(
+        self, actor: Any, name: str, patients: int, seed: int = 0, canaries: Any = None
+    ) -> Any:
         from connectors.cohort import cohort_contract, generate_cohort
         from connectors.ingest import ingest_table
 
@@ -170,7 +181,13 @@ class Service:
 
     def _register(self, actor: Any, name: str, contract: SchemaContract, report: Any) -> Any:
         return self.store.register_dataset(
-            name, contract.to_dict(), str(report.path), report.rows, report.persons, dict(report.sites), actor.name
+            name,
+            contract.to_dict(),
+            str(report.path),
+            report.rows,
+            report.persons,
+            dict(report.sites),
+            actor.name,
         )
 
     def list_datasets(self, actor: Any) -> list[Any]:
@@ -193,41 +210,68 @@ class Service:
             return self.store.list_projects(mine)
 
     def request_access(
-        self, actor: Any, project: str, dataset: str, columns: list[str], mechanisms: list[str],
-        epsilon: float, delta: float, quote: dict[str, Any] | None = None,
+        self,
+        actor: Any,
+        project: str,
+        dataset: str,
+        columns: list[str],
+        mechanisms: list[str],
+        epsilon: float,
+        delta: float,
+        quote: dict[str, Any] | None = None,
     ) -> Any:
-        with self._act(actor, Action.ACCESS_REQUEST, project, {"dataset": dataset, "epsilon": epsilon}):
+        with self._act(
+            actor, Action.ACCESS_REQUEST, project, {"dataset": dataset, "epsilon": epsilon}
+        ):
             pv = self.store.project_view(project)
             if actor.name not in pv.members:
                 raise PolicyDenied(
                     f"{actor.name} is not a member of project {project}",
-                    missing=("project membership",), grantor="project owner",
+                    missing=("project membership",),
+                    grantor="project owner",
                 )
             try:
                 mechs = [Mechanism(m) for m in mechanisms]
             except ValueError:
-                raise SpecError("--mechanism", "is not a known mechanism", f"use one of: {', '.join(m.value for m in Mechanism)}") from None
-            return self.store.request_access(project, dataset, columns, mechs, epsilon, delta, actor.name, quote)
+                raise SpecError(
+                    "--mechanism",
+                    "is not a known mechanism",
+                    f"use one of: {', '.join(m.value for m in Mechanism)}",
+                ) from None
+            return self.store.request_access(
+                project, dataset, columns, mechs, epsilon, delta, actor.name, quote
+            )
 
     def list_requests(self, actor: Any, pending_only: bool = False) -> list[Any]:
         with self._act(actor, Action.ACCESS_LIST):
             if Role(actor.role) in (Role.STEWARD, Role.OPERATOR):
                 return self.store.list_requests(pending_only=pending_only)
             mine = {p.name for p in self.store.list_projects(actor.name)}
-            return [r for r in self.store.list_requests(pending_only=pending_only) if r.project in mine]
+            return [
+                r for r in self.store.list_requests(pending_only=pending_only) if r.project in mine
+            ]
 
     def approve(
-        self, actor: Any, request_id: str, epsilon: float | None = None, delta: float | None = None,
+        self,
+        actor: Any,
+        request_id: str,
+        epsilon: float | None = None,
+        delta: float | None = None,
         expires_at: datetime | None = None,
     ) -> Any:
         with self._act(actor, Action.ACCESS_APPROVE, request_id) as extra:
             if expires_at is not None and expires_at <= self.clock():
                 raise SpecError("--expires", "is in the past", "give a future date (YYYY-MM-DD)")
-            grant = self.store.approve(request_id, actor.name, epsilon=epsilon, delta=delta, expires_at=expires_at)
+            grant = self.store.approve(
+                request_id, actor.name, epsilon=epsilon, delta=delta, expires_at=expires_at
+            )
             # the budget lives in the ledger; the grant row says what it covers
             self.ledger.grant(
-                BudgetKey(grant.project, grant.dataset), grant.epsilon, grant.delta,
-                actor=actor.name, grant_id=grant.id,
+                BudgetKey(grant.project, grant.dataset),
+                grant.epsilon,
+                grant.delta,
+                actor=actor.name,
+                grant_id=grant.id,
             )
             extra.update(grant=grant.id, epsilon=grant.epsilon)
             return grant
@@ -235,33 +279,49 @@ class Service:
     def deny(self, actor: Any, request_id: str, reason: str) -> Any:
         with self._act(actor, Action.ACCESS_DENY, request_id):
             if not reason.strip():
-                raise SpecError("--reason", "is required", "say why, so the researcher can fix the request")
+                raise SpecError(
+                    "--reason", "is required", "say why, so the researcher can fix the request"
+                )
             return self.store.deny(request_id, actor.name, reason)
 
     # -- jobs -------------------------------------------------------------------------------
 
-    def submit(self, actor: Any, spec: JobSpec, *, on_progress: ProgressFn | None = None) -> JobRecord:
+    def submit(
+        self, actor: Any, spec: JobSpec, *, on_progress: ProgressFn | None = None
+    ) -> JobRecord:
         """Decide, reserve, schedule, wait, charge. Returns the finished job record."""
         from sandbox.worker import run_dpsgd_job
 
         job_id: str | None = None
-        with self._act(actor, Action.JOB_SUBMIT, spec.project, {"dataset": spec.dataset, "epsilon": spec.privacy.epsilon}) as extra:
+        with self._act(
+            actor,
+            Action.JOB_SUBMIT,
+            spec.project,
+            {"dataset": spec.dataset, "epsilon": spec.privacy.epsilon},
+        ) as extra:
             dataset = self.store.get_dataset(spec.dataset)
             contract = SchemaContract.from_dict(dataset.contract)
             self._check_columns(spec, contract)
             # chokepoint 1: the access decision, before anything is reserved or opened
             decision = decide_job_access(
                 JobAccessRequest(
-                    user=actor.name, role=Role(actor.role), project=spec.project, dataset=spec.dataset,
-                    columns=spec.columns, mechanism=Mechanism.DP_SGD,
-                    epsilon=spec.privacy.epsilon, delta=spec.privacy.delta,
+                    user=actor.name,
+                    role=Role(actor.role),
+                    project=spec.project,
+                    dataset=spec.dataset,
+                    columns=spec.columns,
+                    mechanism=Mechanism.DP_SGD,
+                    epsilon=spec.privacy.epsilon,
+                    delta=spec.privacy.delta,
                 ),
                 self.store.project_view(spec.project),
                 self.store.grants_for(spec.project, spec.dataset),
                 self.clock(),
             )
             if not decision.allowed:
-                raise PolicyDenied(decision.reason, missing=decision.missing, grantor=decision.grantor)
+                raise PolicyDenied(
+                    decision.reason, missing=decision.missing, grantor=decision.grantor
+                )
             resources = Resources(cpus=spec.resources.cpus, gpus=spec.resources.gpus)
             self.backend.check_resources(resources)
             # chokepoint 2: the ledger reserves before the job may run
@@ -269,12 +329,20 @@ class Service:
 
             job_id = new_job_id()
             reservation = self.ledger.reserve(
-                BudgetKey(spec.project, spec.dataset), spec.privacy.epsilon, spec.privacy.delta,
-                job_id=job_id, actor=actor.name,
+                BudgetKey(spec.project, spec.dataset),
+                spec.privacy.epsilon,
+                spec.privacy.delta,
+                job_id=job_id,
+                actor=actor.name,
             )
             self.jobs.create(
-                project=spec.project, dataset=spec.dataset, user=actor.name, spec=spec.to_dict(),
-                spec_hash=spec.spec_hash(), reservation_id=reservation, job_id=job_id,
+                project=spec.project,
+                dataset=spec.dataset,
+                user=actor.name,
+                spec=spec.to_dict(),
+                spec_hash=spec.spec_hash(),
+                reservation_id=reservation,
+                job_id=job_id,
             )
             extra.update(job=job_id, grant=decision.grant_id or "", backend=self.backend.name)
         assert job_id is not None  # set above or the with-block raised
@@ -293,12 +361,27 @@ class Service:
         for field, cols in (("features", spec.features), ("label", (spec.label,))):
             for c in cols:
                 if c not in known:
-                    raise SpecError(field, f"column {c!r} is not in dataset {spec.dataset!r}", f"known columns: {', '.join(sorted(known))}")
+                    raise SpecError(
+                        field,
+                        f"column {c!r} is not in dataset {spec.dataset!r}",
+                        f"known columns: {', '.join(sorted(known))}",
+                    )
         if spec.label not in contract.label_names():
-            raise SpecError("label", f"column {spec.label!r} is not a label in the schema contract", f"labels: {', '.join(contract.label_names())}")
+            raise SpecError(
+                "label",
+                f"column {spec.label!r} is not a label in the schema contract",
+                f"labels: {', '.join(contract.label_names())}",
+            )
 
-    def _run(self, actor: Any, job_id: str, payload: dict[str, Any], resources: Resources,
-             on_progress: ProgressFn | None, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> JobRecord:
+    def _run(
+        self,
+        actor: Any,
+        job_id: str,
+        payload: dict[str, Any],
+        resources: Resources,
+        on_progress: ProgressFn | None,
+        fn: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> JobRecord:
         last: dict[str, Any] = {}
 
         def poll() -> None:
@@ -332,22 +415,39 @@ class Service:
                 self.ledger.commit(rid, r.epsilon, r.delta, actor=actor.name)
                 charge = "committed"
             else:
-                self.ledger.release(rid, actor=actor.name, reason=f"failed before data ({exc.kind})")
+                self.ledger.release(
+                    rid, actor=actor.name, reason=f"failed before data ({exc.kind})"
+                )
                 charge = "released"
         else:
             charge = "none"
         if rec.state not in (JobState.SUCCEEDED, JobState.FAILED):
             self.jobs.move(job_id, JobState.FAILED, error=str(exc))
-        self.audit.append(actor.name, "job.fail", "error", job_id, {"error": exc.kind, "ledger": charge, "data_opened": rec.data_opened})
+        self.audit.append(
+            actor.name,
+            "job.fail",
+            "error",
+            job_id,
+            {"error": exc.kind, "ledger": charge, "data_opened": rec.data_opened},
+        )
 
     def _finish(self, actor: Any, job_id: str, result: dict[str, Any]) -> JobRecord:
         rec = self.jobs.get(job_id)
         assert rec.reservation_id is not None  # every job is created with one
         # chokepoint 3: commit the accountant's figure before anything can be released
-        event = self.ledger.commit(rec.reservation_id, float(result["epsilon"]), float(result["delta"]), actor=actor.name)
+        event = self.ledger.commit(
+            rec.reservation_id, float(result["epsilon"]), float(result["delta"]), actor=actor.name
+        )
         audit = self.audit.append(
-            actor.name, "job.charge", "ok", job_id,
-            {"epsilon": float(result["epsilon"]), "delta": float(result["delta"]), "ledger_event": event.event_id},
+            actor.name,
+            "job.charge",
+            "ok",
+            job_id,
+            {
+                "epsilon": float(result["epsilon"]),
+                "delta": float(result["delta"]),
+                "ledger_event": event.event_id,
+            },
         )
         result = dict(result)
         result["ledger_event"] = event.event_id
@@ -377,9 +477,18 @@ class Service:
             rec = self.jobs.get(job_id)
             self._check_member(actor, rec.project)
             if rec.state is not JobState.SUCCEEDED:
-                raise SpecError("JOB", f"job {job_id} is {rec.state}, not succeeded", "only succeeded jobs have a release")
-            if rec.reservation_id is None or self.ledger.reservation(rec.reservation_id).state.value != "committed":
-                raise IntegrityError(f"job {job_id} has no committed ledger charge; nothing is released")
+                raise SpecError(
+                    "JOB",
+                    f"job {job_id} is {rec.state}, not succeeded",
+                    "only succeeded jobs have a release",
+                )
+            if (
+                rec.reservation_id is None
+                or self.ledger.reservation(rec.reservation_id).state.value != "committed"
+            ):
+                raise IntegrityError(
+                    f"job {job_id} has no committed ledger charge; nothing is released"
+                )
             files = release_artefacts(self.zone.job_dir(job_id), out)
             extra.update(files=len(files))
             return {"job": job_id, "out": str(out), "files": [str(f) for f in files]}
@@ -388,7 +497,11 @@ class Service:
         if Role(actor.role) in (Role.STEWARD, Role.OPERATOR):
             return
         if actor.name not in self.store.project_view(project).members:
-            raise PolicyDenied(f"{actor.name} is not a member of project {project}", missing=("project membership",), grantor="project owner")
+            raise PolicyDenied(
+                f"{actor.name} is not a member of project {project}",
+                missing=("project membership",),
+                grantor="project owner",
+            )
 
     # -- budget and audit --------------------------------------------------------------------
 
@@ -405,4 +518,3 @@ class Service:
     def audit_verify(self, actor: Any) -> Any:
         with self._act(actor, Action.AUDIT_VERIFY):
             return self.audit.verify()
-

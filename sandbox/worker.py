@@ -19,7 +19,6 @@ from typing import Any
 
 from connectors.errors import SpecError
 
-
 #: share of the job's epsilon spent on the DP evaluation histogram: DP-SGD's accuracy barely
 #: moves between 0.8 and 0.9 of the budget, while the evaluation's noise halves from 0.1 to 0.2
 EVAL_SHARE = 0.2
@@ -86,7 +85,11 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         )
 
     dp = plan_dpsgd(
-        spec.privacy.epsilon, spec.privacy.delta, n_train, spec.training.batch_size, spec.training.epochs,
+        spec.privacy.epsilon,
+        spec.privacy.delta,
+        n_train,
+        spec.training.batch_size,
+        spec.training.epochs,
         eval_share=EVAL_SHARE,
     )
     want_gpu = spec.resources.gpus > 0
@@ -106,7 +109,9 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     def on_epoch(p: EpochProgress) -> None:
         # the loss is a function of the private data: it stays in the zone's job record
         # (never shown to the researcher), only the epoch counter is progress
-        jobs.set_progress(job_id, {"epoch": p.epoch, "epochs": p.epochs, "step": p.step, "steps": p.steps})
+        jobs.set_progress(
+            job_id, {"epoch": p.epoch, "epochs": p.epochs, "step": p.step, "steps": p.steps}
+        )
 
     result = train_dpsgd(model, X_train, y_train, cfg, progress=on_epoch)
     model = model.to("cpu")
@@ -127,7 +132,9 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     save_file(
         state,
         str(out / "model.safetensors"),
-        metadata={"model": json.dumps({"kind": str(spec.model.kind), "hidden": list(spec.model.hidden)})},
+        metadata={
+            "model": json.dumps({"kind": str(spec.model.kind), "hidden": list(spec.model.hidden)})
+        },
     )
     (out / "preprocessing.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
     return {

@@ -81,13 +81,26 @@ def test_fuzz_any_text(text: str) -> None:
         pass
 
 
-_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**7), st.floats(allow_nan=True), st.text(max_size=8))
+_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 10**7),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["privacy", "training", "model", "resources", "features", "label", "mode"]),
-                       st.one_of(_scalar, st.dictionaries(st.text(max_size=12), _scalar, max_size=4),
-                                 st.lists(_scalar, max_size=3))))
+@given(
+    st.dictionaries(
+        st.sampled_from(["privacy", "training", "model", "resources", "features", "label", "mode"]),
+        st.one_of(
+            _scalar,
+            st.dictionaries(st.text(max_size=12), _scalar, max_size=4),
+            st.lists(_scalar, max_size=3),
+        ),
+    )
+)
 def test_fuzz_structured(mutation) -> None:
     data = tomllib.loads(GOOD)
     data.update(mutation)

@@ -18,16 +18,28 @@ def request(
     project: str,
     dataset: Annotated[str, typer.Option("--dataset")],
     columns: Annotated[str, typer.Option("--columns", help="comma-separated column names")],
-    mechanism: Annotated[str, typer.Option("--mechanism", help="dp-sgd (comma-separate several)")] = "dp-sgd",
+    mechanism: Annotated[
+        str, typer.Option("--mechanism", help="dp-sgd (comma-separate several)")
+    ] = "dp-sgd",
     epsilon: Annotated[float, typer.Option("--epsilon")] = 1.0,
     delta: Annotated[float, typer.Option("--delta")] = 1e-6,
-    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Ask a data steward for access to columns of a dataset, with a privacy budget."""
     cols = [c.strip() for c in columns.split(",") if c.strip()]
     s = open_session(zone, token)
     try:
-        r = s.service.request_access(s.user, project, dataset, cols, [m.strip() for m in mechanism.split(",")], epsilon, delta)
+        r = s.service.request_access(
+            s.user,
+            project,
+            dataset,
+            cols,
+            [m.strip() for m in mechanism.split(",")],
+            epsilon,
+            delta,
+        )
     finally:
         s.close()
     emit(r, as_json, lambda r: console.print(f"request {r.id} is pending; a data steward decides"))
@@ -36,7 +48,9 @@ def request(
 @app.command("list")
 def list_(
     pending: Annotated[bool, typer.Option("--pending", help="only undecided requests")] = False,
-    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """List access requests with their decision and reason."""
     s = open_session(zone, token)
@@ -44,8 +58,14 @@ def list_(
         rs = s.service.list_requests(s.user, pending_only=pending)
     finally:
         s.close()
-    emit({"requests": rs}, as_json, lambda o: show_table(
-        [r.to_dict() for r in rs], ["id", "project", "dataset", "columns", "mechanisms", "epsilon", "state", "reason"]))
+    emit(
+        {"requests": rs},
+        as_json,
+        lambda o: show_table(
+            [r.to_dict() for r in rs],
+            ["id", "project", "dataset", "columns", "mechanisms", "epsilon", "state", "reason"],
+        ),
+    )
 
 
 def _date(value: str | None) -> datetime | None:
@@ -61,25 +81,39 @@ def _date(value: str | None) -> datetime | None:
 @app.command("approve")
 def approve(
     request_id: str,
-    epsilon: Annotated[float | None, typer.Option("--epsilon", help="grant a different epsilon than asked")] = None,
+    epsilon: Annotated[
+        float | None, typer.Option("--epsilon", help="grant a different epsilon than asked")
+    ] = None,
     delta: Annotated[float | None, typer.Option("--delta")] = None,
     expires: Annotated[str | None, typer.Option("--expires", help="YYYY-MM-DD")] = None,
-    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Approve a request: grants the project a budget on those columns and mechanisms."""
     s = open_session(zone, token)
     try:
-        g = s.service.approve(s.user, request_id, epsilon=epsilon, delta=delta, expires_at=_date(expires))
+        g = s.service.approve(
+            s.user, request_id, epsilon=epsilon, delta=delta, expires_at=_date(expires)
+        )
     finally:
         s.close()
-    emit(g, as_json, lambda g: console.print(f"granted {g.id}: epsilon {g.epsilon:g}, delta {g.delta:g} on {g.dataset} for {g.project}"))
+    emit(
+        g,
+        as_json,
+        lambda g: console.print(
+            f"granted {g.id}: epsilon {g.epsilon:g}, delta {g.delta:g} on {g.dataset} for {g.project}"
+        ),
+    )
 
 
 @app.command("deny")
 def deny(
     request_id: str,
     reason: Annotated[str, typer.Option("--reason")],
-    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Deny a request with a reason the researcher will see."""
     s = open_session(zone, token)

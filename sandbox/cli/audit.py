@@ -14,7 +14,9 @@ app = typer.Typer(help="The audit log.", no_args_is_help=True)
 @app.command("list")
 def list_(
     limit: Annotated[int, typer.Option("--limit")] = 100,
-    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """The latest audit events."""
     s = open_session(zone, token)
@@ -22,8 +24,13 @@ def list_(
         evs = s.service.audit_list(s.user, limit=limit)
     finally:
         s.close()
-    emit({"events": evs}, as_json, lambda o: show_table(
-        [e.to_dict() for e in evs], ["seq", "at", "actor", "action", "outcome", "target"]))
+    emit(
+        {"events": evs},
+        as_json,
+        lambda o: show_table(
+            [e.to_dict() for e in evs], ["seq", "at", "actor", "action", "outcome", "target"]
+        ),
+    )
 
 
 @app.command("verify")
@@ -40,7 +47,9 @@ def verify(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = Fals
         if d["ok"]:
             console.print(f"audit chain verified: {d['checked']} events")
         else:
-            console.print(f"[red]audit chain broken at event {d['first_bad_seq']}: {d['problem']}[/red]")
+            console.print(
+                f"[red]audit chain broken at event {d['first_bad_seq']}: {d['problem']}[/red]"
+            )
 
     emit(rep, as_json, human)
     if not rep.ok:

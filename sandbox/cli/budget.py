@@ -4,19 +4,48 @@ from __future__ import annotations
 
 import typer
 
-from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, emit, open_session, show_table, to_jsonable
+from sandbox.cli.common import (
+    JsonOpt,
+    TokenOpt,
+    ZoneOpt,
+    emit,
+    open_session,
+    show_table,
+    to_jsonable,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("budget")
-    def budget(project: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    def budget(
+        project: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+    ) -> None:
         """Granted, reserved, spent and remaining epsilon and delta, per dataset."""
         s = open_session(zone, token)
         try:
             bs = s.service.budget(s.user, project)
         finally:
             s.close()
-        emit({"project": project, "budgets": bs}, as_json, lambda o: show_table(
-            [{**to_jsonable(b), "dataset": b.key.dataset + (f"@{b.key.site}" if b.key.site else "")} for b in bs],
-            ["dataset", "granted_epsilon", "reserved_epsilon", "spent_epsilon", "remaining_epsilon", "granted_delta", "spent_delta"],
-            title=f"budget of {project} (epsilon per person)"))
+        emit(
+            {"project": project, "budgets": bs},
+            as_json,
+            lambda o: show_table(
+                [
+                    {
+                        **to_jsonable(b),
+                        "dataset": b.key.dataset + (f"@{b.key.site}" if b.key.site else ""),
+                    }
+                    for b in bs
+                ],
+                [
+                    "dataset",
+                    "granted_epsilon",
+                    "reserved_epsilon",
+                    "spent_epsilon",
+                    "remaining_epsilon",
+                    "granted_delta",
+                    "spent_delta",
+                ],
+                title=f"budget of {project} (epsilon per person)",
+            ),
+        )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime
-from enum import Enum
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,10 +17,17 @@ from rich.console import Console
 
 from sandbox.settings import Settings
 
-ZoneOpt = Annotated[Path | None, typer.Option("--zone", help="zone folder (else $SANDBOX_ZONE, else ./zone)")]
+ZoneOpt = Annotated[
+    Path | None, typer.Option("--zone", help="zone folder (else $SANDBOX_ZONE, else ./zone)")
+]
 TokenOpt = Annotated[str | None, typer.Option("--token", help="your token (else $SANDBOX_TOKEN)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of prose")]
-RayOpt = Annotated[str | None, typer.Option("--ray-address", help="an existing Ray cluster (else $RAY_ADDRESS, else a local Ray)")]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="an existing Ray cluster (else $RAY_ADDRESS, else a local Ray)"
+    ),
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,7 +42,9 @@ class Session:
         self.service.close()
 
 
-def settings(zone: Path | None, token: str | None = None, ray_address: str | None = None) -> Settings:
+def settings(
+    zone: Path | None, token: str | None = None, ray_address: str | None = None
+) -> Settings:
     return Settings.resolve(os.environ, zone=zone, token=token, ray_address=ray_address)
 
 

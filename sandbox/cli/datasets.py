@@ -18,10 +18,16 @@ def ingest(
     name: str,
     source: Annotated[Path | None, typer.Option("--from", help="CSV or Parquet file")] = None,
     schema: Annotated[Path | None, typer.Option("--schema", help="schema contract (TOML)")] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="use the built-in multi-hospital cohort generator")] = False,
-    patients: Annotated[int, typer.Option("--patients", help="patients to generate with --demo")] = 50_000,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="use the built-in multi-hospital cohort generator")
+    ] = False,
+    patients: Annotated[
+        int, typer.Option("--patients", help="patients to generate with --demo")
+    ] = 50_000,
     seed: Annotated[int, typer.Option("--seed", help="generator seed with --demo")] = 0,
-    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Ingest a file (or the demo cohort) into governed, pseudonymised Parquet."""
     from connectors.schema import SchemaContract
@@ -32,12 +38,22 @@ def ingest(
             rec = s.service.ingest_demo(s.user, name, patients, seed)
         else:
             if source is None or schema is None:
-                raise SpecError("--from/--schema", "both are required without --demo", "give --from FILE --schema SCHEMA.toml, or --demo")
+                raise SpecError(
+                    "--from/--schema",
+                    "both are required without --demo",
+                    "give --from FILE --schema SCHEMA.toml, or --demo",
+                )
             contract = SchemaContract.from_toml_file(schema)
             rec = s.service.ingest_dataset(s.user, name, source, contract)
     finally:
         s.close()
-    emit(rec, as_json, lambda r: console.print(f"dataset {r.name}: {r.rows} rows, {r.persons} persons, {len(r.sites)} sites"))
+    emit(
+        rec,
+        as_json,
+        lambda r: console.print(
+            f"dataset {r.name}: {r.rows} rows, {r.persons} persons, {len(r.sites)} sites"
+        ),
+    )
 
 
 @app.command("list")
@@ -48,8 +64,17 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
         ds = s.service.list_datasets(s.user)
     finally:
         s.close()
-    emit({"datasets": ds}, as_json, lambda o: show_table(
-        [{"name": d.name, "rows": d.rows, "persons": d.persons, "sites": len(d.sites)} for d in ds], ["name", "rows", "persons", "sites"]))
+    emit(
+        {"datasets": ds},
+        as_json,
+        lambda o: show_table(
+            [
+                {"name": d.name, "rows": d.rows, "persons": d.persons, "sites": len(d.sites)}
+                for d in ds
+            ],
+            ["name", "rows", "persons", "sites"],
+        ),
+    )
 
 
 @app.command("show")

@@ -11,8 +11,12 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
-        patients: Annotated[int, typer.Option("--patients", help="size of the generated cohort")] = 50_000,
-        keep: Annotated[Path | None, typer.Option("--keep", help="build the zone here and keep it")] = None,
+        patients: Annotated[
+            int, typer.Option("--patients", help="size of the generated cohort")
+        ] = 50_000,
+        keep: Annotated[
+            Path | None, typer.Option("--keep", help="build the zone here and keep it")
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
     ) -> None:
         """Init a zone, ingest the demo cohort, approve access, train with DP-SGD on Ray, release, audit."""

@@ -7,7 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from sandbox.cli.common import JsonOpt, RayOpt, TokenOpt, ZoneOpt, console, emit, open_session, show_table
+from sandbox.cli.common import (
+    JsonOpt,
+    RayOpt,
+    TokenOpt,
+    ZoneOpt,
+    console,
+    emit,
+    open_session,
+    show_table,
+)
 
 app = typer.Typer(help="Jobs and their releases.", no_args_is_help=True)
 
@@ -17,8 +26,12 @@ def _summary(rec: Any) -> None:
     console.print(f"job [bold]{rec.id}[/bold]: {rec.state}")
     if r:
         m = r.get("metrics", {})
-        console.print(f"  epsilon spent {r['epsilon']:.3f} (delta {r['delta']:g}), {r['steps_taken']} steps, clipping {r['clipping']}")
-        console.print(f"  DP metrics: AUROC {m.get('auroc', float('nan')):.3f}, accuracy {m.get('accuracy', float('nan')):.3f}, ECE {m.get('ece', float('nan')):.3f}")
+        console.print(
+            f"  epsilon spent {r['epsilon']:.3f} (delta {r['delta']:g}), {r['steps_taken']} steps, clipping {r['clipping']}"
+        )
+        console.print(
+            f"  DP metrics: AUROC {m.get('auroc', float('nan')):.3f}, accuracy {m.get('accuracy', float('nan')):.3f}, ECE {m.get('ece', float('nan')):.3f}"
+        )
     if rec.error:
         console.print(f"  error: {rec.error}")
 
@@ -28,10 +41,18 @@ def register(app_root: typer.Typer) -> None:
     def submit(
         spec_path: Annotated[Path, typer.Argument(metavar="JOB.toml")],
         ray_address: RayOpt = None,
-        zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+        zone: ZoneOpt = None,
+        token: TokenOpt = None,
+        as_json: JsonOpt = False,
     ) -> None:
         """Submit a job spec; waits for it with a live progress bar of epochs."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         from sandbox.jobspec import load_job_spec
 
@@ -42,13 +63,21 @@ def register(app_root: typer.Typer) -> None:
                 rec = s.service.submit(s.user, spec)
             else:
                 with Progress(
-                    TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False,
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=console,
+                    transient=False,
                 ) as progress:
                     task = progress.add_task("epochs", total=spec.training.epochs)
 
                     def on_progress(p: dict[str, Any]) -> None:
-                        progress.update(task, completed=p.get("epoch", 0), total=p.get("epochs", spec.training.epochs))
+                        progress.update(
+                            task,
+                            completed=p.get("epoch", 0),
+                            total=p.get("epochs", spec.training.epochs),
+                        )
 
                     rec = s.service.submit(s.user, spec, on_progress=on_progress)
                     progress.update(task, completed=spec.training.epochs)
@@ -65,13 +94,20 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
         js = s.service.list_jobs(s.user)
     finally:
         s.close()
-    emit({"jobs": js}, as_json, lambda o: show_table(
-        [{**j.to_dict(), "epsilon": (j.result or {}).get("epsilon")} for j in js],
-        ["id", "project", "dataset", "state", "epsilon", "created_at"]))
+    emit(
+        {"jobs": js},
+        as_json,
+        lambda o: show_table(
+            [{**j.to_dict(), "epsilon": (j.result or {}).get("epsilon")} for j in js],
+            ["id", "project", "dataset", "state", "epsilon", "created_at"],
+        ),
+    )
 
 
 @app.command("status")
-def status(job_id: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+def status(
+    job_id: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """One job's state, progress and released figures."""
     s = open_session(zone, token)
     try:
@@ -85,7 +121,9 @@ def status(job_id: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: J
 def result(
     job_id: str,
     out: Annotated[Path, typer.Option("--out", help="folder to write the release into")],
-    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Fetch a succeeded job's release: weights (safetensors), preprocessing, model card."""
     s = open_session(zone, token)

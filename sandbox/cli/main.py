@@ -13,7 +13,18 @@ import sys
 import typer
 
 from connectors.errors import BackendError, ZoneError
-from sandbox.cli import access, audit, budget, datasets, demo, jobs, models, projects, users, zone_cmds
+from sandbox.cli import (
+    access,
+    audit,
+    budget,
+    datasets,
+    demo,
+    jobs,
+    models,
+    projects,
+    users,
+    zone_cmds,
+)
 
 app = typer.Typer(
     name="sandbox",

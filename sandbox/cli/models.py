@@ -15,7 +15,9 @@ app = typer.Typer(help="Released models.", no_args_is_help=True)
 @app.command("predict")
 def predict(
     folder: Annotated[Path, typer.Argument(metavar="DIR")],
-    source: Annotated[Path, typer.Option("--from", help="CSV or Parquet with the model's feature columns")],
+    source: Annotated[
+        Path, typer.Option("--from", help="CSV or Parquet with the model's feature columns")
+    ],
     out: Annotated[Path, typer.Option("--out", help="scores Parquet to write")],
     as_json: JsonOpt = False,
 ) -> None:
@@ -23,4 +25,8 @@ def predict(
     from training.predict import predict_file
 
     n = predict_file(folder, source, out)
-    emit({"rows": n, "out": str(out)}, as_json, lambda o: console.print(f"scored {n} rows into {out}"))
+    emit(
+        {"rows": n, "out": str(out)},
+        as_json,
+        lambda o: console.print(f"scored {n} rows into {out}"),
+    )

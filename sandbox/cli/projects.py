@@ -15,7 +15,9 @@ app = typer.Typer(help="Research projects.", no_args_is_help=True)
 def create(
     name: str,
     purpose: Annotated[str, typer.Option("--purpose", help="the approved research purpose")],
-    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create a project; you become its owner."""
     s = open_session(zone, token)
@@ -34,4 +36,8 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
         ps = s.service.list_projects(s.user)
     finally:
         s.close()
-    emit({"projects": ps}, as_json, lambda o: show_table([p.to_dict() for p in ps], ["name", "owner", "status", "purpose"]))
+    emit(
+        {"projects": ps},
+        as_json,
+        lambda o: show_table([p.to_dict() for p in ps], ["name", "owner", "status", "purpose"]),
+    )

@@ -15,7 +15,9 @@ app = typer.Typer(help="Users and tokens.", no_args_is_help=True)
 def add(
     name: str,
     role: Annotated[str, typer.Option("--role", help="steward | researcher | analyst | operator")],
-    zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Add a user; prints their token once (only a hash is stored)."""
     s = open_session(zone, token)
@@ -24,7 +26,13 @@ def add(
     finally:
         s.close()
     out = {"user": user.to_dict(), "token": new_token}
-    emit(out, as_json, lambda o: console.print(f"user {name} ({role}) added; token (shown once): [bold]{new_token}[/bold]"))
+    emit(
+        out,
+        as_json,
+        lambda o: console.print(
+            f"user {name} ({role}) added; token (shown once): [bold]{new_token}[/bold]"
+        ),
+    )
 
 
 @app.command("list")
@@ -35,11 +43,19 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
         users = s.service.list_users(s.user)
     finally:
         s.close()
-    emit({"users": users}, as_json, lambda o: show_table([u.to_dict() for u in users], ["name", "role", "created_at", "revoked_at"]))
+    emit(
+        {"users": users},
+        as_json,
+        lambda o: show_table(
+            [u.to_dict() for u in users], ["name", "role", "created_at", "revoked_at"]
+        ),
+    )
 
 
 @app.command("revoke")
-def revoke(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+def revoke(
+    name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """Revoke a user's token."""
     s = open_session(zone, token)
     try:

@@ -13,7 +13,10 @@ def register(app: typer.Typer) -> None:
     @app.command("init")
     def init(
         zone: ZoneOpt = None,
-        db_url: Annotated[str | None, typer.Option("--db-url", help="state database URL (default: SQLite in the zone)")] = None,
+        db_url: Annotated[
+            str | None,
+            typer.Option("--db-url", help="state database URL (default: SQLite in the zone)"),
+        ] = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Create a zone: state database, data folder, secret, and the operator's token."""
@@ -21,7 +24,12 @@ def register(app: typer.Typer) -> None:
 
         s = settings(zone)
         svc, token = Service.init_zone(s.zone, db_url=db_url)
-        out = {"zone": str(svc.zone.root), "db_url": svc.zone.db_url.split("@")[-1], "operator": "operator", "token": token}
+        out = {
+            "zone": str(svc.zone.root),
+            "db_url": svc.zone.db_url.split("@")[-1],
+            "operator": "operator",
+            "token": token,
+        }
         svc.close()
 
         def human(o: dict) -> None:
