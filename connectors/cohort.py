@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +75,7 @@ CHAPTERS = (
     "symptoms",
     "injury",
 )
-_CH = {name: i for i, name in enumerate(CHAPTERS)}
+_CH = MappingProxyType({name: i for i, name in enumerate(CHAPTERS)})
 
 # The 15 commonest codes, in rank order (these are the contract's declared vocabulary).
 _TOP_CODES = (
@@ -95,64 +96,74 @@ _TOP_CODES = (
     ("F10.239", "mental"),
 )
 # The long tail, by chapter; ranked after the top codes in a fixed shuffled order.
-_TAIL_CODES = {
-    "infectious": "A41.51 A41.01 A41.02 A40.9 A04.72 A08.4 A09 B34.9 A49.9 B37.0 A41.89 A87.9 "
-    "B99.9 A69.20 B02.9 A46 B95.2 A39.9 B44.9",
-    "neoplasm": "C34.90 C34.11 C18.9 C50.911 C61 C25.9 C78.7 C79.51 C85.90 C92.00 C20 C16.9 "
-    "C64.9 C67.9 C71.9 C56.9 C22.0 C90.00 D49.9 D37.6",
-    "blood": "D64.9 D62 D50.9 D69.6 D68.9 D70.9 D61.818 D65 D57.00 D59.9",
-    "endocrine": "E87.6 E86.0 E11.9 E10.10 E11.10 E87.2 E16.2 E05.90 E03.9 E66.01 E11.21 "
-    "E83.42 E27.40 E87.0 E11.649 E13.10",
-    "mental": "F10.20 F32.9 F20.9 F05 F03.90 F41.1 F31.9 F11.20 F19.20 F43.10 F29",
-    "nervous": "G40.909 G93.41 G45.9 G20 G35 G62.9 G47.33 G30.9 G91.9 G43.909 G61.0 G82.20",
-    "circulatory": "I10 I11.0 I13.0 I50.23 I50.33 I50.43 I21.09 I21.19 I25.10 I26.99 I49.9 "
-    "I46.9 I61.9 I70.222 I71.4 I80.209 I95.9 I47.2 I44.2 I48.0 I35.0 I20.0 I27.20 I82.409 "
-    "I74.3 I42.9 I33.0 I31.3",
-    "respiratory": "J44.0 J96.00 J96.02 J15.9 J69.0 J45.901 J81.0 J84.10 J90 J93.9 J12.89 "
-    "J20.9 J22 J98.11 J43.9 J80 J86.9",
-    "digestive": "K57.92 K56.609 K80.20 K70.30 K72.90 K63.1 K35.80 K29.70 K25.4 K21.9 K52.9 "
-    "K59.00 K65.0 K74.60 K83.1 K86.1 K92.0 K31.84",
-    "skin": "L03.115 L03.116 L03.90 L89.154 L97.509 L02.91 L08.9 L27.0 L51.9 L40.9",
-    "musculoskeletal": "M54.5 M86.9 M00.9 M62.82 M48.06 M17.11 M16.11 M79.7 M32.9 M06.9 "
-    "M10.9 M25.561",
-    "genitourinary": "N18.6 N18.4 N20.0 N13.30 N10 N40.1 N28.9 N19 N30.00 N18.30",
-    "symptoms": "R07.9 R55 R06.02 R10.9 R50.9 R41.82 R53.1 R56.9 R11.2 R00.0 R09.02 R19.7 "
-    "R31.9 R33.9 R40.20 R57.9 R78.81 R79.89",
-    "injury": "S72.001A S72.141A S06.0X0A S32.009A S22.31XA T81.4XXA T82.898A T84.50XA "
-    "T50.901A T42.4X1A T39.1X2A S42.201A S82.101A T79.A0XA T86.11 T85.79XA",
-}
+_TAIL_CODES = MappingProxyType(
+    {
+        "infectious": "A41.51 A41.01 A41.02 A40.9 A04.72 A08.4 A09 B34.9 A49.9 B37.0 A41.89 A87.9 "
+        "B99.9 A69.20 B02.9 A46 B95.2 A39.9 B44.9",
+        "neoplasm": "C34.90 C34.11 C18.9 C50.911 C61 C25.9 C78.7 C79.51 C85.90 C92.00 C20 C16.9 "
+        "C64.9 C67.9 C71.9 C56.9 C22.0 C90.00 D49.9 D37.6",
+        "blood": "D64.9 D62 D50.9 D69.6 D68.9 D70.9 D61.818 D65 D57.00 D59.9",
+        "endocrine": "E87.6 E86.0 E11.9 E10.10 E11.10 E87.2 E16.2 E05.90 E03.9 E66.01 E11.21 "
+        "E83.42 E27.40 E87.0 E11.649 E13.10",
+        "mental": "F10.20 F32.9 F20.9 F05 F03.90 F41.1 F31.9 F11.20 F19.20 F43.10 F29",
+        "nervous": "G40.909 G93.41 G45.9 G20 G35 G62.9 G47.33 G30.9 G91.9 G43.909 G61.0 G82.20",
+        "circulatory": "I10 I11.0 I13.0 I50.23 I50.33 I50.43 I21.09 I21.19 I25.10 I26.99 I49.9 "
+        "I46.9 I61.9 I70.222 I71.4 I80.209 I95.9 I47.2 I44.2 I48.0 I35.0 I20.0 I27.20 I82.409 "
+        "I74.3 I42.9 I33.0 I31.3",
+        "respiratory": "J44.0 J96.00 J96.02 J15.9 J69.0 J45.901 J81.0 J84.10 J90 J93.9 J12.89 "
+        "J20.9 J22 J98.11 J43.9 J80 J86.9",
+        "digestive": "K57.92 K56.609 K80.20 K70.30 K72.90 K63.1 K35.80 K29.70 K25.4 K21.9 K52.9 "
+        "K59.00 K65.0 K74.60 K83.1 K86.1 K92.0 K31.84",
+        "skin": "L03.115 L03.116 L03.90 L89.154 L97.509 L02.91 L08.9 L27.0 L51.9 L40.9",
+        "musculoskeletal": "M54.5 M86.9 M00.9 M62.82 M48.06 M17.11 M16.11 M79.7 M32.9 M06.9 "
+        "M10.9 M25.561",
+        "genitourinary": "N18.6 N18.4 N20.0 N13.30 N10 N40.1 N28.9 N19 N30.00 N18.30",
+        "symptoms": "R07.9 R55 R06.02 R10.9 R50.9 R41.82 R53.1 R56.9 R11.2 R00.0 R09.02 R19.7 "
+        "R31.9 R33.9 R40.20 R57.9 R78.81 R79.89",
+        "injury": "S72.001A S72.141A S06.0X0A S32.009A S22.31XA T81.4XXA T82.898A T84.50XA "
+        "T50.901A T42.4X1A T39.1X2A S42.201A S82.101A T79.A0XA T86.11 T85.79XA",
+    }
+)
 # Chapter log-odds shifts per hospital: c is a cardiac centre, f an oncology centre,
 # e an urban hospital with more injuries and mental-health admissions.
-_CASE_MIX = {
-    "hospital-c": {"circulatory": 1.0},
-    "hospital-f": {"neoplasm": 1.4, "blood": 0.6},
-    "hospital-e": {"injury": 0.6, "mental": 0.6},
-    "hospital-g": {"respiratory": 0.4},
-}
+_CASE_MIX = (
+    ("hospital-c", (("circulatory", 1.0),)),
+    ("hospital-f", (("neoplasm", 1.4), ("blood", 0.6))),
+    ("hospital-e", (("injury", 0.6), ("mental", 0.6))),
+    ("hospital-g", (("respiratory", 0.4),)),
+)
 _ZIPF_EXPONENT = 1.05
 
-_FIRST_NAMES = (
-    "Olivia Amelia Isla Ava Mia Grace Freya Lily Sophia Emily Ella Evie Harper Aisha Priya "
-    "Fatima Zainab Mei Chloe Ruby Noah Oliver George Arthur Leo Muhammad Harry Oscar Jack "
-    "Charlie Jacob Thomas James William Henry Ali Omar Ravi Kwame Chen Diego Mateo Luca Ivan "
-    "Samuel Daniel Joseph Alfie Ethan Adam Nia Kofi Yusuf Hana Sara Ines Maya Zoe Anna Eva"
-).split()
-_LAST_NAMES = (
-    "Smith Jones Taylor Brown Williams Wilson Johnson Davies Patel Wright Robinson Wood "
-    "Thompson Evans Walker White Roberts Green Hall Thomas Clarke Jackson Wright Hughes Khan "
-    "Ahmed Singh Begum Ali Hussain Nguyen Chen Wang Kowalski Novak Garcia Martinez Rossi "
-    "Okafor Mensah Murphy Kelly Byrne Campbell Stewart Scott Morris Cooper Ward Turner Hill "
-    "Moore Baker Harris Lewis Young King Lee Allen Mitchell"
-).split()
-_STREETS = (
-    "High Church Station Victoria Park Mill Queen King Manor Chapel School North South "
-    "London Bridge Green Albert Grange Springfield Kings Windsor Meadow Orchard Riverside"
-).split()
+_FIRST_NAMES = tuple(
+    (
+        "Olivia Amelia Isla Ava Mia Grace Freya Lily Sophia Emily Ella Evie Harper Aisha Priya "
+        "Fatima Zainab Mei Chloe Ruby Noah Oliver George Arthur Leo Muhammad Harry Oscar Jack "
+        "Charlie Jacob Thomas James William Henry Ali Omar Ravi Kwame Chen Diego Mateo Luca Ivan "
+        "Samuel Daniel Joseph Alfie Ethan Adam Nia Kofi Yusuf Hana Sara Ines Maya Zoe Anna Eva"
+    ).split()
+)
+_LAST_NAMES = tuple(
+    (
+        "Smith Jones Taylor Brown Williams Wilson Johnson Davies Patel Wright Robinson Wood "
+        "Thompson Evans Walker White Roberts Green Hall Thomas Clarke Jackson Hughes Khan "
+        "Ahmed Singh Begum Ali Hussain Nguyen Chen Wang Kowalski Novak Garcia Martinez Rossi "
+        "Okafor Mensah Murphy Kelly Byrne Campbell Stewart Scott Morris Cooper Ward Turner Hill "
+        "Moore Baker Harris Lewis Young King Lee Allen Mitchell"
+    ).split()
+)
+_STREETS = tuple(
+    (
+        "High Church Station Victoria Park Mill Queen King Manor Chapel School North South "
+        "London Bridge Green Albert Grange Springfield Kings Windsor Meadow Orchard Riverside"
+    ).split()
+)
 _STREET_KINDS = ("Street", "Road", "Lane", "Avenue", "Close", "Way", "Drive", "Crescent")
-_TOWNS = (
-    "Ashford Brampton Castleton Dunmore Eastleigh Fairview Glenbrook Harwood Kingsbridge "
-    "Lakeside Millbrook Northam Oakridge Pinewood Redcliffe Stoneham Thornbury Westfield"
-).split()
+_TOWNS = tuple(
+    (
+        "Ashford Brampton Castleton Dunmore Eastleigh Fairview Glenbrook Harwood Kingsbridge "
+        "Lakeside Millbrook Northam Oakridge Pinewood Redcliffe Stoneham Thornbury Westfield"
+    ).split()
+)
 
 _FIRST_DAY = np.datetime64("2019-01-01", "D")
 _N_DAYS = 5 * 365
@@ -359,9 +370,9 @@ def generate_cohort(
     codes, code_chapter, code_probs = _code_table()
     chapter_base = np.log(np.bincount(code_chapter, weights=code_probs, minlength=len(CHAPTERS)))
     logits = np.broadcast_to(chapter_base, (n, len(CHAPTERS))).copy()
-    for h_name, shifts in _CASE_MIX.items():
+    for h_name, shifts in _CASE_MIX:
         at = hospital == HOSPITALS.index(h_name)
-        for ch, s in shifts.items():
+        for ch, s in shifts:
             logits[at, _CH[ch]] += s
     logits[:, _CH["circulatory"]] += 1.0 * chf + 0.2 * a
     logits[:, _CH["respiratory"]] += 1.1 * copd
@@ -440,6 +451,8 @@ def generate_cohort(
     width = max(7, len(str(n)))
     subject_id = _join("P", _digits(np.arange(1, n + 1), width))
     patient_name = _join(_pick(rng, _FIRST_NAMES, n), " ", _pick(rng, _LAST_NAMES, n))
+    # no commas in any generated value, so a CSV of the cohort can be edited line by line
+    # with a plain split on "," (tests that plant a bad cell rely on it)
     address = _join(
         pc.cast(pa.array(rng.integers(1, 300, n)), pa.string()),
         " ",

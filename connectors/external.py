@@ -26,18 +26,29 @@ def read_user_table(path: Path, columns: Sequence[str]) -> pa.Table:
             have = set(pq.read_schema(path).names)
             missing = [c for c in columns if c not in have]
             if missing:
-                raise SchemaError(f"column {missing[0]!r} is missing from {path.name}", column=missing[0])
+                raise SchemaError(
+                    f"column {missing[0]!r} is missing from {path.name}", column=missing[0]
+                )
             return pq.read_table(path, columns=list(columns))
         if suffix == ".csv":
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(include_columns=list(columns), include_missing_columns=False))
+            table = pacsv.read_csv(
+                path,
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=list(columns), include_missing_columns=False
+                ),
+            )
             missing = [c for c in columns if c not in table.column_names]
             if missing:
-                raise SchemaError(f"column {missing[0]!r} is missing from {path.name}", column=missing[0])
+                raise SchemaError(
+                    f"column {missing[0]!r} is missing from {path.name}", column=missing[0]
+                )
             return table
     except pa.ArrowInvalid:
         # Arrow's message may quote a cell: name the file only
         raise SchemaError(f"{path.name} could not be parsed as {suffix[1:]}") from None
-    raise SpecError("--from", f"{path.name} is neither .csv nor .parquet", "convert it to CSV or Parquet")
+    raise SpecError(
+        "--from", f"{path.name} is neither .csv nor .parquet", "convert it to CSV or Parquet"
+    )
 
 
 def write_scores(path: Path, scores: pa.Table) -> None:

@@ -78,7 +78,7 @@ class IngestReport:
 
     rows: int
     persons: int
-    #: rows per site, keyed by site name (``{"": rows}`` when the contract has no site column)
+    #: rows per site, keyed by site name (empty when the contract has no site column)
     sites: dict[str, int] = field(hash=False)
     #: the governed Parquet file
     path: Path
@@ -101,6 +101,8 @@ def pseudonym(identifier: str, secret: bytes) -> str:
     Integer identifiers are pseudonymised as their decimal text.
     """
     _check_secret(secret)
+    if not isinstance(identifier, str):
+        raise SpecError("identifier", "must be text", "pass str(value) for integer identifiers")
     return hmac.digest(secret, _PSEUDONYM_DOMAIN + identifier.encode("utf-8"), "sha256").hex()
 
 
@@ -193,6 +195,12 @@ def _check_column_names(names: list[str], contract: SchemaContract) -> None:
 
 def _read_csv(source: Path, contract: SchemaContract) -> pa.Table:
     header = _csv_header(source)
+    if not set(header) & set(contract.names):
+        # without a header the first data row would be echoed below as "column names"
+        raise SchemaError(
+            "the CSV's first row names none of the contract's columns; CSV sources need a "
+            "header row with the declared column names"
+        )
     _check_column_names(header, contract)
     # Every column is read as raw bytes and converted by _conform, so every conversion error
     # is ours (column + row) and never pyarrow's (which quotes the value). Only an unquoted
@@ -454,7 +462,7 @@ def _ingest(table: pa.Table, contract: SchemaContract, dest: Path, secret: bytes
             )
         )
     else:
-        sites = {"": n}
+        sites = {}
     metadata = {
         "layout": LAYOUT_VERSION,
         "contract": contract.to_dict(),
@@ -462,7 +470,9 @@ def _ingest(table: pa.Table, contract: SchemaContract, dest: Path, secret: bytes
         "persons": persons,
         "sites": sites,
     }
-    path = _write_atomically(governed, dest, sites, metadata, id_name)
+    # one slice per site, in storage order (the whole table when there is no site column)
+    slices = list(sites.values()) if sites else [n]
+    path = _write_atomically(governed, dest, slices, metadata, id_name)
     return IngestReport(
         rows=n,
         persons=persons,
@@ -475,7 +485,7 @@ def _ingest(table: pa.Table, contract: SchemaContract, dest: Path, secret: bytes
 def _write_atomically(
     governed: pa.Table,
     dest: Path,
-    sites: dict[str, int],
+    slices: list[int],
     metadata: dict[str, object],
     id_name: str | None,
 ) -> Path:
@@ -495,7 +505,7 @@ def _write_atomically(
         ) as writer:
             start = 0
             # one write per site: a row group never spans two sites (see the module docstring)
-            for count in sites.values():
+            for count in slices:
                 writer.write_table(governed.slice(start, count), row_group_size=ROW_GROUP_ROWS)
                 start += count
         with target.open("rb") as handle:

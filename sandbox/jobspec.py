@@ -130,6 +130,7 @@ _TOP = {
     "privacy",
     "training",
     "resources",
+    "federated",
 }
 _SECTIONS = {
     "model": {"kind", "hidden"},
@@ -227,10 +228,6 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
         raise SpecError(
             "mode", "is not a known mode", f"use one of: {', '.join(m.value for m in Mode)}"
         ) from None
-    if mode is Mode.FEDERATED:
-        raise SpecError(
-            "mode", "federated training is not available in this zone yet", 'use mode = "dp-sgd"'
-        )
     features = data.get("features")
     if (
         not isinstance(features, list)

@@ -31,7 +31,7 @@ from privacy.ledger import BudgetKey, Ledger
 from privacy.sql import make_engine
 from sandbox.backend import InProcessBackend, JobBackend, Resources
 from sandbox.jobs import JobRecord, JobState, JobStore
-from sandbox.jobspec import JobSpec
+from sandbox.jobspec import JobSpec, Mode
 from sandbox.release import write_model_card
 from sandbox.zone import Zone
 
@@ -265,14 +265,18 @@ class Service:
             grant = self.store.approve(
                 request_id, actor.name, epsilon=epsilon, delta=delta, expires_at=expires_at
             )
-            # the budget lives in the ledger; the grant row says what it covers
-            self.ledger.grant(
-                BudgetKey(grant.project, grant.dataset),
-                grant.epsilon,
-                grant.delta,
-                actor=actor.name,
-                grant_id=grant.id,
-            )
+            # the budget lives in the ledger; the grant row says what it covers. Federated
+            # training spends per hospital (disjoint patients): one budget per site.
+            keys = []
+            if grant.mechanisms - {Mechanism.FEDERATED}:
+                keys.append((BudgetKey(grant.project, grant.dataset), grant.id))
+            if Mechanism.FEDERATED in grant.mechanisms:
+                sites = sorted(self.store.get_dataset(grant.dataset).sites)
+                keys += [
+                    (BudgetKey(grant.project, grant.dataset, s), f"{grant.id}@{s}") for s in sites
+                ]
+            for key, gid in keys:
+                self.ledger.grant(key, grant.epsilon, grant.delta, actor=actor.name, grant_id=gid)
             extra.update(grant=grant.id, epsilon=grant.epsilon)
             return grant
 
@@ -290,15 +294,15 @@ class Service:
         self, actor: Any, spec: JobSpec, *, on_progress: ProgressFn | None = None
     ) -> JobRecord:
         """Decide, reserve, schedule, wait, charge. Returns the finished job record."""
+        from sandbox import federated_run
+        from sandbox.jobs import new_job_id
         from sandbox.worker import run_dpsgd_job
 
-        job_id: str | None = None
-        with self._act(
-            actor,
-            Action.JOB_SUBMIT,
-            spec.project,
-            {"dataset": spec.dataset, "epsilon": spec.privacy.epsilon},
-        ) as extra:
+        federated = spec.mode is Mode.FEDERATED
+        mechanism = Mechanism.FEDERATED if federated else Mechanism.DP_SGD
+        job_id = new_job_id()
+        details = {"dataset": spec.dataset, "epsilon": spec.privacy.epsilon, "mode": str(spec.mode)}
+        with self._act(actor, Action.JOB_SUBMIT, spec.project, details) as extra:
             dataset = self.store.get_dataset(spec.dataset)
             contract = SchemaContract.from_dict(dataset.contract)
             self._check_columns(spec, contract)
@@ -310,7 +314,7 @@ class Service:
                     project=spec.project,
                     dataset=spec.dataset,
                     columns=spec.columns,
-                    mechanism=Mechanism.DP_SGD,
+                    mechanism=mechanism,
                     epsilon=spec.privacy.epsilon,
                     delta=spec.privacy.delta,
                 ),
@@ -325,16 +329,18 @@ class Service:
             resources = Resources(cpus=spec.resources.cpus, gpus=spec.resources.gpus)
             self.backend.check_resources(resources)
             # chokepoint 2: the ledger reserves before the job may run
-            from sandbox.jobs import new_job_id
-
-            job_id = new_job_id()
-            reservation = self.ledger.reserve(
-                BudgetKey(spec.project, spec.dataset),
-                spec.privacy.epsilon,
-                spec.privacy.delta,
-                job_id=job_id,
-                actor=actor.name,
-            )
+            if federated:
+                sites = federated_run.resolve_sites(spec, dict(dataset.sites))
+                reservations = federated_run.reserve_sites(self, actor, spec, sites, job_id)
+                reservation = None
+            else:
+                reservation = self.ledger.reserve(
+                    BudgetKey(spec.project, spec.dataset),
+                    spec.privacy.epsilon,
+                    spec.privacy.delta,
+                    job_id=job_id,
+                    actor=actor.name,
+                )
             self.jobs.create(
                 project=spec.project,
                 dataset=spec.dataset,
@@ -345,7 +351,13 @@ class Service:
                 job_id=job_id,
             )
             extra.update(job=job_id, grant=decision.grant_id or "", backend=self.backend.name)
-        assert job_id is not None  # set above or the with-block raised
+        if federated:
+            payload_path = federated_run.build_payload(
+                self, spec, contract.to_dict(), dataset.path, sites, job_id
+            )
+            return federated_run.run_federated(
+                self, actor, job_id, spec, payload_path, reservations, on_progress
+            )
         payload = {
             "zone_root": str(self.zone.root),
             "db_url": self.zone.db_url,
@@ -482,16 +494,21 @@ class Service:
                     f"job {job_id} is {rec.state}, not succeeded",
                     "only succeeded jobs have a release",
                 )
-            if (
-                rec.reservation_id is None
-                or self.ledger.reservation(rec.reservation_id).state.value != "committed"
-            ):
+            if not self._charged(rec):
                 raise IntegrityError(
                     f"job {job_id} has no committed ledger charge; nothing is released"
                 )
             files = release_artefacts(self.zone.job_dir(job_id), out)
             extra.update(files=len(files))
             return {"job": job_id, "out": str(out), "files": [str(f) for f in files]}
+
+    def _charged(self, rec: JobRecord) -> bool:
+        """Every reservation of the job is closed and at least one was committed."""
+        if rec.reservation_id is not None:
+            return self.ledger.reservation(rec.reservation_id).state.value == "committed"
+        if any(r.job_id == rec.id for r in self.ledger.open_reservations()):
+            return False
+        return any(e.kind.value == "commit" and e.job_id == rec.id for e in self.ledger.events())
 
     def _check_member(self, actor: Any, project: str) -> None:
         if Role(actor.role) in (Role.STEWARD, Role.OPERATOR):

@@ -17,8 +17,12 @@ def ray_local():
     configure_engine_env(scratch)
     tmp = Path(tempfile.mkdtemp(prefix="szr-"))
     ray.init(
-        address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(tmp),
-        log_to_driver=False, logging_level="ERROR",
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=str(tmp),
+        log_to_driver=False,
+        logging_level="ERROR",
     )
     yield ray
     ray.shutdown()

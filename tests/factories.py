@@ -28,8 +28,14 @@ class ZoneWorld:
 
 
 def make_world(
-    root: Path, backend: JobBackend | None = None, *, patients: int = 2000, canaries: Any = None,
-    grant_epsilon: float | None = 5.0, columns: list[str] | None = None, expires_in_days: int = 30,
+    root: Path,
+    backend: JobBackend | None = None,
+    *,
+    patients: int = 2000,
+    canaries: Any = None,
+    grant_epsilon: float | None = 5.0,
+    columns: list[str] | None = None,
+    expires_in_days: int = 30,
 ) -> ZoneWorld:
     svc, op_token = Service.init_zone(root, backend)
     operator = svc.authenticate(op_token)
@@ -40,7 +46,13 @@ def make_world(
     svc.create_project(researcher, "readmission", "readmission risk")
     if grant_epsilon is not None:
         req = svc.request_access(
-            researcher, "readmission", "cohort", columns or [*FEATURES, LABEL], ["dp-sgd"], grant_epsilon, 1e-5
+            researcher,
+            "readmission",
+            "cohort",
+            columns or [*FEATURES, LABEL],
+            ["dp-sgd"],
+            grant_epsilon,
+            1e-5,
         )
         svc.approve(steward, req.id, expires_at=datetime.now(UTC) + timedelta(days=expires_in_days))
     return ZoneWorld(svc, operator, steward, researcher, st, rt, op_token, root)

@@ -31,7 +31,9 @@ class SpyBackend(InProcessBackend):
         fn, payload = handle
         rec = self.world.svc.jobs.get(payload["job_id"])
         res = self.world.svc.ledger.reservation(rec.reservation_id)
-        self.seen.append({"reservation_state": str(res.state.value), "data_opened": rec.data_opened})
+        self.seen.append(
+            {"reservation_state": str(res.state.value), "data_opened": rec.data_opened}
+        )
         if self.fail_before:
             raise RuntimeError("node lost before the job started")
         return super().wait(handle, poll=poll, poll_s=poll_s)
@@ -109,8 +111,15 @@ def test_release_requires_committed_charge(tmp_path: Path) -> None:
     job = w.svc.submit(w.researcher, job_spec())
     # forge a job whose reservation is still open: the gate must refuse it
     rid = w.svc.ledger.reserve(KEY, 0.1, 1e-7, job_id="job-forged", actor="test")
-    forged = w.svc.jobs.create(project="readmission", dataset="cohort", user="rita", spec=job.spec,
-                               spec_hash=job.spec_hash, reservation_id=rid, job_id="job-forged")
+    forged = w.svc.jobs.create(
+        project="readmission",
+        dataset="cohort",
+        user="rita",
+        spec=job.spec,
+        spec_hash=job.spec_hash,
+        reservation_id=rid,
+        job_id="job-forged",
+    )
     w.svc.jobs.move(forged.id, JobState.RUNNING)
     w.svc.jobs.move(forged.id, JobState.SUCCEEDED, result=job.result)
     with pytest.raises(IntegrityError):
@@ -118,11 +127,29 @@ def test_release_requires_committed_charge(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     # the real one is released
     out = w.svc.job_result(w.researcher, job.id, tmp_path / "ok")
-    assert sorted(Path(f).name for f in out["files"]) == ["model.safetensors", "model_card.json", "preprocessing.json"]
+    assert sorted(Path(f).name for f in out["files"]) == [
+        "model.safetensors",
+        "model_card.json",
+        "preprocessing.json",
+    ]
 
 
-ROW_READERS = {"pyarrow.parquet", "pyarrow.dataset", "pyarrow.csv", "pyarrow.feather", "pyarrow.orc"}
-PANDAS_READERS = {"read_csv", "read_parquet", "read_feather", "read_sql", "read_table", "read_json", "read_excel"}
+ROW_READERS = {
+    "pyarrow.parquet",
+    "pyarrow.dataset",
+    "pyarrow.csv",
+    "pyarrow.feather",
+    "pyarrow.orc",
+}
+PANDAS_READERS = {
+    "read_csv",
+    "read_parquet",
+    "read_feather",
+    "read_sql",
+    "read_table",
+    "read_json",
+    "read_excel",
+}
 
 
 def _row_reads(path: Path) -> list[str]:
@@ -135,7 +162,9 @@ def _row_reads(path: Path) -> list[str]:
             if node.module in ROW_READERS:
                 found.append(node.module)
             if node.module == "pyarrow":
-                found += [f"pyarrow.{a.name}" for a in node.names if f"pyarrow.{a.name}" in ROW_READERS]
+                found += [
+                    f"pyarrow.{a.name}" for a in node.names if f"pyarrow.{a.name}" in ROW_READERS
+                ]
         elif isinstance(node, ast.Attribute) and node.attr in PANDAS_READERS:
             found.append(node.attr)
     return found
@@ -159,4 +188,3 @@ def test_resources_refused_up_front(tmp_path: Path) -> None:
         w.svc.submit(w.researcher, job_spec(**{"resources.gpus": 1}))
     assert w.svc.ledger.balance(KEY).reserved_epsilon == 0
     assert w.svc.jobs.list() == []
-

@@ -28,7 +28,9 @@ class Cli:
         self.zone = zone
         self.transcript: list[str] = []
 
-    def __call__(self, *args: str, token: str | None = None, code: int = 0, zone: bool = True) -> dict[str, Any]:
+    def __call__(
+        self, *args: str, token: str | None = None, code: int = 0, zone: bool = True
+    ) -> dict[str, Any]:
         argv = [*args, *(["--zone", str(self.zone)] if zone else []), "--json"]
         if token:
             argv += ["--token", token]
@@ -62,7 +64,16 @@ def test_cli_first_slice_with_canaries(tmp_path: Path, capsys, ray_local) -> Non
     rita = cli("user", "add", "rita", "--role", "researcher", token=op)["token"]
     cli("user", "list", token=op)
 
-    ds = cli("dataset", "ingest", "cohort", "--from", str(src), "--schema", str(ROOT / "connectors/cohort_schema.toml"), token=sam)
+    ds = cli(
+        "dataset",
+        "ingest",
+        "cohort",
+        "--from",
+        str(src),
+        "--schema",
+        str(ROOT / "connectors/cohort_schema.toml"),
+        token=sam,
+    )
     assert ds["rows"] == 2500
     shown = cli("dataset", "show", "cohort", token=rita)
     assert shown["name"] == "cohort" and "contract" in shown
@@ -70,14 +81,45 @@ def test_cli_first_slice_with_canaries(tmp_path: Path, capsys, ray_local) -> Non
 
     cli("project", "create", "readmission", "--purpose", "readmission risk", token=rita)
     cols = ",".join([*FEATURES, "readmitted_30d"])
-    req = cli("access", "request", "readmission", "--dataset", "cohort", "--columns", cols,
-              "--mechanism", "dp-sgd", "--epsilon", "3", "--delta", "1e-5", token=rita)
+    req = cli(
+        "access",
+        "request",
+        "readmission",
+        "--dataset",
+        "cohort",
+        "--columns",
+        cols,
+        "--mechanism",
+        "dp-sgd",
+        "--epsilon",
+        "3",
+        "--delta",
+        "1e-5",
+        token=rita,
+    )
     pending = cli("access", "list", "--pending", token=sam)
     assert [r["id"] for r in pending["requests"]] == [req["id"]]
     # a denied request shows its reason to the researcher
-    req2 = cli("access", "request", "readmission", "--dataset", "cohort", "--columns", "age,readmitted_30d",
-               "--epsilon", "50", token=rita)
-    cli("access", "deny", req2["id"], "--reason", "epsilon 50 is too high for this purpose", token=sam)
+    req2 = cli(
+        "access",
+        "request",
+        "readmission",
+        "--dataset",
+        "cohort",
+        "--columns",
+        "age,readmitted_30d",
+        "--epsilon",
+        "50",
+        token=rita,
+    )
+    cli(
+        "access",
+        "deny",
+        req2["id"],
+        "--reason",
+        "epsilon 50 is too high for this purpose",
+        token=sam,
+    )
     mine = cli("access", "list", token=rita)["requests"]
     assert any(r["state"] == "denied" and "too high" in r["reason"] for r in mine)
     grant = cli("access", "approve", req["id"], "--expires", "2099-01-01", token=sam)
@@ -102,7 +144,12 @@ def test_cli_first_slice_with_canaries(tmp_path: Path, capsys, ray_local) -> Non
     rel = tmp_path / "release"
     cli("jobs", "result", job["id"], "--out", str(rel), token=rita)
     scores = tmp_path / "scores.parquet"
-    assert cli("model", "predict", str(rel), "--from", str(src), "--out", str(scores), zone=False)["rows"] == 2500
+    assert (
+        cli("model", "predict", str(rel), "--from", str(src), "--out", str(scores), zone=False)[
+            "rows"
+        ]
+        == 2500
+    )
 
     budget = cli("budget", "readmission", token=rita)["budgets"][0]
     assert budget["spent_epsilon"] == pytest.approx(job["result"]["epsilon"])
@@ -118,13 +165,26 @@ def test_cli_first_slice_with_canaries(tmp_path: Path, capsys, ray_local) -> Non
     rows[3][rows[0].index("age")] = secrets_[0]
     with bad.open("w", newline="") as fh:
         csv.writer(fh).writerows(rows)
-    e = cli("dataset", "ingest", "bad", "--from", str(bad), "--schema", str(ROOT / "connectors/cohort_schema.toml"), token=sam, code=2)
+    e = cli(
+        "dataset",
+        "ingest",
+        "bad",
+        "--from",
+        str(bad),
+        "--schema",
+        str(ROOT / "connectors/cohort_schema.toml"),
+        token=sam,
+        code=2,
+    )
     assert "age" in e["message"]
 
     # --- search every output for every canary ------------------------------------------------
     haystacks: dict[str, bytes] = {"cli transcript": "\n".join(cli.transcript).encode()}
     for f in [*zone.rglob("*"), *rel.rglob("*"), scores]:
-        if f.is_file() and "data" not in f.relative_to(zone if f.is_relative_to(zone) else f.parent).parts[:1]:
+        if (
+            f.is_file()
+            and "data" not in f.relative_to(zone if f.is_relative_to(zone) else f.parent).parts[:1]
+        ):
             if f.suffix in (".db", ".db-wal", ".db-shm"):
                 continue
             haystacks[str(f)] = f.read_bytes()

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 from factories import FEATURES, job_spec, make_world
 
@@ -54,7 +53,9 @@ def test_dp_job_on_ray_is_charged_released_and_usable(tmp_path: Path, ray_local)
 
 
 @pytest.mark.slow
-def test_killed_worker_is_a_retryable_error_and_budget_is_consistent(tmp_path: Path, ray_local) -> None:
+def test_killed_worker_is_a_retryable_error_and_budget_is_consistent(
+    tmp_path: Path, ray_local
+) -> None:
     class KillingBackend(RayBackend):
         def submit(self, fn, payload, resources):
             def die(p):
@@ -85,4 +86,3 @@ def test_demo_runs_end_to_end(tmp_path: Path, ray_local) -> None:
     assert summary["audit"]["verified"]
     assert summary["budget"]["spent_epsilon"] > 0
     assert summary["scored_rows"] == 1000
-

@@ -354,5 +354,15 @@ def test_contract_without_identifier_or_site(tmp_path: Path) -> None:
         tmp_path / "n",
         SECRET,
     )
-    assert (report.rows, report.persons, report.sites) == (2, 2, {"": 2})
+    assert (report.rows, report.persons, report.sites) == (2, 2, {})
     assert pq.read_table(report.path).num_rows == 2
+
+
+def test_headerless_csv_echoes_nothing(tmp_path: Path) -> None:
+    path, lines = _csv(tmp_path)
+    path.write_text("\n".join(lines[1:]) + "\n")  # the first data row now sits where a header goes
+    with pytest.raises(SchemaError) as err:
+        ingest_file(path, cohort_contract(), tmp_path / "d", SECRET)
+    assert "header" in str(err.value)
+    first_row = [cell.strip('"') for cell in lines[1].split(",")]
+    assert not any(cell and cell in _messages(err.value) for cell in first_row if len(cell) > 3)

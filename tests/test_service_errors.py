@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,14 @@ from typing import Any
 import pytest
 from factories import FEATURES, LABEL, job_spec, make_world
 
-from connectors.errors import AuthError, BudgetExceeded, PolicyDenied, SchemaError, SpecError, UserError
+from connectors.errors import (
+    AuthError,
+    BudgetExceeded,
+    PolicyDenied,
+    SchemaError,
+    SpecError,
+    UserError,
+)
 from privacy.ledger import BudgetKey
 from sandbox.backend import InProcessBackend
 from sandbox.jobspec import parse_job_toml
@@ -25,7 +31,9 @@ def _state(w: Any) -> tuple:
     bal = w.svc.ledger.balance(KEY)
     return (
         len(w.svc.jobs.list()),
-        bal.granted_epsilon, bal.reserved_epsilon, bal.spent_epsilon,
+        bal.granted_epsilon,
+        bal.reserved_epsilon,
+        bal.spent_epsilon,
         len(w.svc.store.list_requests()),
         len(w.svc.store.list_datasets()),
     )
@@ -38,7 +46,9 @@ def world(tmp_path: Path):
     w.svc.close()
 
 
-def _refused(w: Any, exc_type: type[UserError], fn, *args, match: str | None = None, **kw) -> UserError:
+def _refused(
+    w: Any, exc_type: type[UserError], fn, *args, match: str | None = None, **kw
+) -> UserError:
     before = _state(w)
     n_audit = w.svc.audit.verify().checked
     with pytest.raises(exc_type, match=match) as err:
@@ -57,7 +67,14 @@ def test_unknown_column(world) -> None:
 
 
 def test_label_must_be_a_label(world) -> None:
-    _refused(world, SpecError, world.svc.submit, world.researcher, job_spec(label="age", features=["sex"]), match="label")
+    _refused(
+        world,
+        SpecError,
+        world.svc.submit,
+        world.researcher,
+        job_spec(label="age", features=["sex"]),
+        match="label",
+    )
 
 
 def test_expired_grant(tmp_path: Path) -> None:
@@ -69,7 +86,13 @@ def test_expired_grant(tmp_path: Path) -> None:
 
 
 def test_over_budget(world) -> None:
-    e = _refused(world, BudgetExceeded, world.svc.submit, world.researcher, job_spec(**{"privacy.epsilon": 6.0}))
+    e = _refused(
+        world,
+        BudgetExceeded,
+        world.svc.submit,
+        world.researcher,
+        job_spec(**{"privacy.epsilon": 6.0}),
+    )
     assert "epsilon" in str(e)
 
 
@@ -94,9 +117,15 @@ def test_unknown_and_revoked_token(world) -> None:
     ("text", "field"),
     [
         ("project = ", "job.toml"),
-        ('project = "p"\ndataset = "d"\nlabel = "y"\nfeatures = ["a"]\n[model]\nkind = "mlp"\nhidden = [4]\n'
-         "[privacy]\nepsilon = 0\ndelta = 1e-6\n[training]\nepochs = 1\nbatch_size = 8\nlr = 0.1\n", "privacy.epsilon"),
-        ('project = "p"\ndataset = "d"\nlabel = "y"\nfeatures = ["a"]\n[model]\nkind = "svm"\n', "model.kind"),
+        (
+            'project = "p"\ndataset = "d"\nlabel = "y"\nfeatures = ["a"]\n[model]\nkind = "mlp"\nhidden = [4]\n'
+            "[privacy]\nepsilon = 0\ndelta = 1e-6\n[training]\nepochs = 1\nbatch_size = 8\nlr = 0.1\n",
+            "privacy.epsilon",
+        ),
+        (
+            'project = "p"\ndataset = "d"\nlabel = "y"\nfeatures = ["a"]\n[model]\nkind = "svm"\n',
+            "model.kind",
+        ),
         ('project = "p"\ndataset = "d"\nlabel = "y"\nfeatures = ["a"]\nepochs = 3\n', "epochs"),
     ],
 )
@@ -117,15 +146,29 @@ def test_csv_breaking_schema_names_column_and_row(world, tmp_path: Path) -> None
     rows[7][rows[0].index("age")] = "not-an-age"  # data row 7 (the header is line 0)
     with src.open("w", newline="") as fh:
         csv.writer(fh).writerows(rows)
-    e = _refused(world, SchemaError, world.svc.ingest_dataset, world.steward, "bad", src, cohort_contract())
+    e = _refused(
+        world, SchemaError, world.svc.ingest_dataset, world.steward, "bad", src, cohort_contract()
+    )
     msg = str(e)
     assert "age" in msg and "7" in msg and "not-an-age" not in msg
-    assert not (world.svc.zone.dataset_dir("bad")).exists() or not any(world.svc.zone.dataset_dir("bad").iterdir())
+    assert not (world.svc.zone.dataset_dir("bad")).exists() or not any(
+        world.svc.zone.dataset_dir("bad").iterdir()
+    )
 
 
 def test_request_for_unknown_column(world) -> None:
-    _refused(world, UserError, world.svc.request_access, world.researcher, "readmission", "cohort",
-             ["age", "shoe_size", LABEL], ["dp-sgd"], 1.0, 1e-6)
+    _refused(
+        world,
+        UserError,
+        world.svc.request_access,
+        world.researcher,
+        "readmission",
+        "cohort",
+        ["age", "shoe_size", LABEL],
+        ["dp-sgd"],
+        1.0,
+        1e-6,
+    )
 
 
 def test_init_twice_refused(tmp_path: Path) -> None:

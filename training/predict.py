@@ -36,7 +36,11 @@ class ReleasedModel:
         weights = folder / "model.safetensors"
         prep = folder / "preprocessing.json"
         if not weights.exists() or not prep.exists():
-            raise SpecError("DIR", f"{folder} is not a released model", "use the folder from `sandbox jobs result ID --out DIR`")
+            raise SpecError(
+                "DIR",
+                f"{folder} is not a released model",
+                "use the folder from `sandbox jobs result ID --out DIR`",
+            )
         with safe_open(str(weights), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["model"])
         cfg = ModelConfig(kind=ModelKind(meta["kind"]), hidden=tuple(meta["hidden"]))

@@ -65,13 +65,15 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+import tomli_w  # ships with flwr; tomllib only reads
 
 from connectors.errors import ComputeError, SpecError
 from sandbox.engine_env import configure_engine_env
@@ -116,7 +118,8 @@ class SiteNode:
 
     ``site`` becomes the node config's ``site`` and part of log file names, so it is a short
     name (letters, digits, ``-``, ``_``, ``.``). ``data_path`` must be an absolute path to
-    an existing file: the SuperNode hands it to the ClientApp as ``data-path``.
+    the site's governed Parquet file (or its governed dataset directory): the SuperNode hands
+    it to the ClientApp as ``data-path``.
     """
 
     site: str
@@ -132,8 +135,8 @@ class SiteNode:
         path = Path(self.data_path)
         if not path.is_absolute():
             raise SpecError("data_path", "must be an absolute path", "resolve() it first")
-        if not path.is_file():
-            raise SpecError("data_path", f"is not a file: {path}", "pass the site's Parquet")
+        if not path.exists():
+            raise SpecError("data_path", f"does not exist: {path}", "pass the site's Parquet")
         object.__setattr__(self, "data_path", path)
 
 
@@ -198,6 +201,16 @@ class Listener:
     @property
     def loopback(self) -> bool:
         return ipaddress.ip_address(self.host).is_loopback
+
+
+@dataclass(frozen=True)
+class _PartSpec:
+    """How to start one part: its name, log file, command line for a port, environment."""
+
+    role: str
+    log_name: str
+    argv: Callable[[int], list[str]]
+    env: dict[str, str] = field(hash=False)
 
 
 @dataclass
@@ -347,10 +360,10 @@ class LoopbackFederation:
         # SuperNodes first, so no node is left retrying a SuperLink that went away
         for group in (self._nodes, [self._superlink] if self._superlink else []):
             for part in group:
-                _signal_group(part.pid, signal.SIGTERM)
+                self._kill_group(part, signal.SIGTERM)
             _wait_all([p.popen for p in group], grace)
             for part in group:
-                _signal_group(part.pid, signal.SIGKILL)
+                self._kill_group(part, signal.SIGKILL)
             _wait_all([p.popen for p in group], grace)
         for part in parts:
             part.log.close()
@@ -364,6 +377,18 @@ class LoopbackFederation:
                 f"processes {sorted(leftovers)} of federation {self.name} did not stop",
                 retryable=False,
             )
+
+    def _kill_group(self, part: _Part, sig: int) -> None:
+        """Signal the process group ``part`` leads, while it is certainly still ours.
+
+        Its pgid is its pid (``start_new_session``). Linux does not reuse an id that still
+        names a process group, so the group is ours while its leader is unreaped or while
+        one of our tagged processes is still in it; otherwise nothing is sent.
+        """
+        if part.popen.poll() is None or any(
+            _pgid(pid) == part.pid for pid in _tagged_pids(self._tag)
+        ):
+            _signal_group(part.pid, sig)
 
     def _sweep(self, grace: float) -> list[int]:
         """Stop, by pid, every process still carrying this federation's tag."""
@@ -386,49 +411,62 @@ class LoopbackFederation:
 
     # --- starting the parts ---------------------------------------------------------------
 
-    def _spawn(self, role: str, log_name: str, argv: list[str], port: int) -> _Part:
-        log_path = self.log_dir / log_name
+    def _start_parts(self, specs: Sequence[_PartSpec], deadline: float) -> list[_Part]:
+        """Start every part at once on fresh free ports, then wait until each accepts
+        connections; a part whose port someone else took first is restarted on another."""
+        parts = [self._spawn(spec, _free_port()) for spec in specs]
+        try:
+            for i, spec in enumerate(specs):
+                for attempt in range(1, _PORT_ATTEMPTS + 1):
+                    part = parts[i]
+                    if _wait_port(part, deadline):
+                        break
+                    self._discard(part)
+                    if attempt < _PORT_ATTEMPTS and _log_says_port_taken(part.log_path):
+                        parts[i] = self._spawn(spec, _free_port())
+                        continue
+                    if part.popen.returncode is not None and time.monotonic() < deadline:
+                        raise ComputeError(
+                            f"the {spec.role} exited during start-up (exit code"
+                            f" {part.popen.returncode}); see its log at {part.log_path}",
+                            retryable=False,
+                        )
+                    raise ComputeError(
+                        f"the {spec.role} did not accept connections on"
+                        f" {LOOPBACK_HOST}:{part.port} within"
+                        f" {self.settings.start_timeout_s:g} s; see its log at {part.log_path}",
+                        retryable=True,
+                    )
+        except BaseException:
+            for part in parts:
+                self._discard(part)
+            raise
+        return parts
+
+    def _spawn(self, spec: _PartSpec, port: int) -> _Part:
+        log_path = self.log_dir / spec.log_name
         log = log_path.open("ab")
         try:
             popen = subprocess.Popen(
-                argv,
+                spec.argv(port),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self._env,
+                env=spec.env,
                 cwd=self.state_dir,
                 start_new_session=True,  # its own process group: stopped by pid, with children
             )
         except OSError as exc:
             log.close()
-            raise ComputeError(f"could not start the {role}: {exc.strerror}") from None
-        return _Part(role=role, popen=popen, log_path=log_path, port=port, log=log)
+            raise ComputeError(f"could not start the {spec.role}: {exc.strerror}") from None
+        return _Part(role=spec.role, popen=popen, log_path=log_path, port=port, log=log)
 
-    def _start_with_port(self, role: str, log_name: str, argv_for, deadline: float) -> _Part:
-        """Start a part on a fresh free port; retry if someone else took the port first."""
-        for attempt in range(_PORT_ATTEMPTS):
-            port = _free_port()
-            part = self._spawn(role, log_name, argv_for(port), port)
-            up = _wait_port(part, deadline)
-            if up:
-                return part
+    def _discard(self, part: _Part) -> None:
+        """Kill a part that never came up (its leader is unreaped, so the group is ours)."""
+        if part.popen.poll() is None:
             _signal_group(part.pid, signal.SIGKILL)
-            part.popen.wait()
-            part.log.close()
-            if attempt + 1 < _PORT_ATTEMPTS and _log_says_port_taken(part.log_path):
-                continue
-            if part.popen.returncode is not None and time.monotonic() < deadline:
-                raise ComputeError(
-                    f"the {role} exited during start-up (exit code {part.popen.returncode});"
-                    f" see its log at {part.log_path}",
-                    retryable=False,
-                )
-            raise ComputeError(
-                f"the {role} did not accept connections on {LOOPBACK_HOST}:{port} within"
-                f" {self.settings.start_timeout_s:g} s; see its log at {part.log_path}",
-                retryable=True,
-            )
-        raise AssertionError("unreachable")  # pragma: no cover
+        part.popen.wait()
+        part.log.close()
 
     def _start_superlink(self, deadline: float) -> None:
         def argv(port: int) -> list[str]:
@@ -442,10 +480,12 @@ class LoopbackFederation:
                 "--disable-runtime-dependency-installation",
             ]  # fmt: skip
 
-        self._superlink = self._start_with_port("SuperLink", "superlink.log", argv, deadline)
+        spec = _PartSpec("SuperLink", "superlink.log", argv, self._env)
+        (self._superlink,) = self._start_parts([spec], deadline)
 
     def _start_supernodes(self, deadline: float) -> None:
         n = len(self.sites)
+        specs = []
         for index, site in enumerate(self.sites):
             node_dir = self.state_dir / "nodes" / site.site
             (node_dir / "flwr").mkdir(parents=True, exist_ok=True)
@@ -471,22 +511,19 @@ class LoopbackFederation:
                     "--isolation", "subprocess",
                 ]  # fmt: skip
 
-            node_env = dict(self._env)
-            node_env["FLWR_HOME"] = str(node_dir / "flwr")  # the hospital's own Flower home
-            env, self._env = self._env, node_env
-            try:
-                part = self._start_with_port(
-                    f"SuperNode for site {site.site}", f"supernode-{site.site}.log", argv, deadline
+            env = {**self._env, "FLWR_HOME": str(node_dir / "flwr")}  # the hospital's own
+            specs.append(
+                _PartSpec(
+                    f"SuperNode for site {site.site}", f"supernode-{site.site}.log", argv, env
                 )
-            finally:
-                self._env = env
-            self._nodes.append(part)
+            )
+        self._nodes = self._start_parts(specs, deadline)
 
     def _wait_nodes_online(self, deadline: float) -> None:
         want = len(self.sites)
         online = 0
         while True:
-            for part in self._nodes:
+            for part in [*self._nodes, *([self._superlink] if self._superlink else [])]:
                 if part.popen.poll() is not None:
                     raise ComputeError(
                         f"the {part.role} exited during start-up (exit code"
@@ -634,9 +671,14 @@ class LoopbackFederation:
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 [
-                    str(self._bin / "flwr"), "run", str(app), self.name,
-                    "--stream", "--run-config", str(config_file),
-                ],  # fmt: skip
+                    str(self._bin / "flwr"),
+                    "run",
+                    str(app),
+                    self.name,
+                    "--stream",
+                    "--run-config",
+                    str(config_file),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -650,22 +692,22 @@ class LoopbackFederation:
                 pass
             streaming = proc.poll() is None
             run_id = self._find_run_id(log_path)
-            if streaming:
+            if streaming:  # past the deadline: the stream is only a log; end it
                 _signal_group(proc.pid, signal.SIGTERM)
                 _wait_all([proc], self.settings.stop_grace_s)
-                _signal_group(proc.pid, signal.SIGKILL)
+                if proc.poll() is None:
+                    _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
             if run_id is None:
                 raise ComputeError(
-                    f"`flwr run` did not start a run (exit code {proc.returncode});"
-                    f" see {log_path}",
+                    f"`flwr run` did not start a run (exit code {proc.returncode}); see {log_path}",
                     retryable=streaming,
                 )
             self._known_runs.add(run_id)
             record = self._await_finished(run_id, deadline)
             status_text = str(record.get("status", ""))
             if not status_text.startswith("finished"):
-                self._cli(["stop", str(run_id), self.name], self.settings.cli_timeout_s)
+                self._stop_run(run_id)
                 record = self._await_finished(run_id, time.monotonic() + self.settings.stop_grace_s)
                 status = RunStatus.TIMED_OUT
             else:
@@ -674,8 +716,7 @@ class LoopbackFederation:
         return RunOutcome(
             run_id=run_id,
             status=status,
-            flower_status=str(record.get("status", "")) if status is not RunStatus.TIMED_OUT
-            else "",
+            flower_status=str(record.get("status", "")),
             wall_s=time.monotonic() - started,
             log_path=log_path,
         )
@@ -690,19 +731,23 @@ class LoopbackFederation:
 
     def _await_finished(self, run_id: int, deadline: float) -> dict[str, Any]:
         """The run's record once finished, or its last record when ``deadline`` passes."""
-        record: dict[str, Any] = {}
         while True:
-            remaining = deadline - time.monotonic()
             data = self._cli_json(
                 ["ls", self.name, "--run-id", str(run_id), "--format", "json"],
-                max(self.settings.cli_timeout_s, 1.0) if remaining <= 0
-                else min(self.settings.cli_timeout_s, max(remaining, 5.0)),
+                self.settings.cli_timeout_s,
             )
-            runs = data.get("runs") or [{}]
-            record = runs[0]
-            if str(record.get("status", "")).startswith("finished") or remaining <= 0:
+            record: dict[str, Any] = (data.get("runs") or [{}])[0]
+            if str(record.get("status", "")).startswith("finished"):
+                return record
+            if time.monotonic() >= deadline:
                 return record
             time.sleep(_POLL_S)
+
+    def _stop_run(self, run_id: int) -> None:
+        try:
+            self._cli(["stop", str(run_id), self.name], self.settings.cli_timeout_s)
+        except ComputeError:
+            pass  # it may have finished meanwhile; the next `flwr ls` says
 
 
 _STATUS = {
@@ -721,7 +766,9 @@ def _check_run_config(run_config: Mapping[str, Any]) -> None:
     for key, value in run_config.items():
         if not isinstance(key, str) or not _KEY.match(key):
             raise SpecError(
-                "run_config", "has a key that is not letters, digits, '-' or '_'", "e.g. job-payload"
+                "run_config",
+                "has a key that is not letters, digits, '-' or '_'",
+                "e.g. job-payload",
             )
         if not isinstance(value, str | int | float | bool):
             raise SpecError(
@@ -730,9 +777,7 @@ def _check_run_config(run_config: Mapping[str, Any]) -> None:
 
 
 def _write_toml(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as TOML atomically (tomli_w ships with flwr)."""
-    import tomli_w
-
+    """Write ``data`` as TOML atomically."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     tmp.write_text(tomli_w.dumps(dict(data)), encoding="utf-8")
     os.replace(tmp, path)
@@ -772,7 +817,6 @@ def _log_says_port_taken(path: Path) -> bool:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    """Signal the process group a part leads (its pgid is its pid: start_new_session)."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -795,12 +839,23 @@ def _wait_all(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> Non
             pass
 
 
-def _proc_state(pid: int) -> str:
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, ppid, pgrp, ... ([] if gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    return stat[stat.rfind(")") + 2 :].split(" ", 1)[0]
+        return []
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def _proc_state(pid: int) -> str:
+    fields = _stat_fields(pid)
+    return fields[0] if fields else ""
+
+
+def _pgid(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[2]) if len(fields) > 2 else -1
 
 
 def _tagged_pids(tag: str) -> list[int]:
@@ -820,7 +875,7 @@ def _tagged_pids(tag: str) -> list[int]:
 
 
 def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
+    inodes: set[str] = set()
     try:
         fds = list(Path(f"/proc/{pid}/fd").iterdir())
     except OSError:

@@ -1,0 +1,328 @@
+"""The service's federated path: per-site reservations, Flower on the zone's Ray, per-site charges.
+
+Sites hold disjoint patients, so the ledger keeps one budget per site
+(``BudgetKey(project, dataset, site)``) and a federated job's spend on one hospital's patients
+is charged to that hospital's budget only (parallel composition). The flow mirrors DP-SGD:
+
+1. the grant decision (mechanism ``federated``) was taken by the service;
+2. every site's epsilon is reserved up front, all or nothing (a site without budget refuses
+   the whole job before any data is opened);
+3. Flower's Simulation Engine runs the ServerApp and one ClientApp per site on Ray;
+4. each round the server writes every site's cumulative epsilon (from the accountant) and
+   the service writes one audit event per round;
+5. at the end each site's reservation is committed with its accountant figure; a site that
+   never touched its data (left out as too small, never sampled) has its reservation
+   released; on failure a site that touched data keeps its whole reservation.
+
+Server-side client-level DP protects the *same* release a second time (unit: one site, which
+covers any one person in it): the released model then satisfies both guarantees, and the
+ledger charges the per-site figure, which is the person-level bound. The server's figure is
+recorded in the card and the audit log, not added on top: adding would double-count one
+release.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from connectors.errors import BudgetExceeded, SpecError, ZoneError
+from privacy.ledger import BudgetKey
+from sandbox.jobs import JobRecord, JobState
+
+if TYPE_CHECKING:
+    from sandbox.jobspec import JobSpec
+    from sandbox.service import ProgressFn, Service
+
+#: a federated job may take this long before it is stopped (and charged what it spent)
+FEDERATED_TIMEOUT_S = 3600.0
+
+
+def resolve_sites(spec: JobSpec, dataset_sites: dict[str, int]) -> tuple[str, ...]:
+    assert spec.federated is not None
+    known = sorted(dataset_sites)
+    if not spec.federated.sites:
+        return tuple(known)
+    unknown = [s for s in spec.federated.sites if s not in dataset_sites]
+    if unknown:
+        raise SpecError(
+            "federated.sites",
+            f"{unknown[0]!r} is not a site of dataset {spec.dataset!r}",
+            f"sites: {', '.join(known)}",
+        )
+    return spec.federated.sites
+
+
+def reserve_sites(
+    svc: Service, actor: Any, spec: JobSpec, sites: tuple[str, ...], job_id: str
+) -> dict[str, str]:
+    """Reserve every site's epsilon, all or nothing."""
+    done: dict[str, str] = {}
+    try:
+        for site in sites:
+            done[site] = svc.ledger.reserve(
+                BudgetKey(spec.project, spec.dataset, site),
+                spec.privacy.epsilon,
+                spec.privacy.delta,
+                job_id=job_id,
+                actor=actor.name,
+            )
+    except BudgetExceeded as exc:
+        for rid in done.values():
+            svc.ledger.release(
+                rid, actor=actor.name, reason="another site of the job was over budget"
+            )
+        raise BudgetExceeded(f"{exc} (no site was charged)") from None
+    return done
+
+
+def build_payload(
+    svc: Service,
+    spec: JobSpec,
+    contract_dict: dict[str, Any],
+    dataset_path: str,
+    sites: tuple[str, ...],
+    job_id: str,
+) -> Path:
+    from connectors.schema import SchemaContract
+    from training.federated.config import (
+        ClientDPConfig,
+        FederatedConfig,
+        FederatedPayload,
+        Strategy,
+    )
+
+    f = spec.federated
+    assert f is not None
+    cfg = FederatedConfig(
+        rounds=f.rounds,
+        sites=sites,
+        label=spec.label,
+        features=spec.features,
+        model=spec.model,
+        epsilon=spec.privacy.epsilon,
+        delta=spec.privacy.delta,
+        max_grad_norm=spec.privacy.max_grad_norm,
+        batch_size=spec.training.batch_size,
+        lr=spec.training.lr,
+        clients_per_round=f.clients_per_round,
+        min_sites=min(f.min_sites, len(sites)),
+        local_epochs=f.local_epochs,
+        strategy=Strategy(f.strategy.value),
+        mu=f.mu,
+        secure_aggregation=f.secure_aggregation,
+        client_dp=(
+            ClientDPConfig(
+                noise_multiplier=f.server_noise_multiplier, clipping_norm=f.server_clipping_norm
+            )
+            if f.server_noise_multiplier is not None
+            else None
+        ),
+        seed=spec.training.seed,
+        min_site_rows=f.min_site_rows,
+        num_cpus=spec.resources.cpus,
+        num_gpus=spec.resources.gpus,
+    )
+    job_dir = svc.zone.job_dir(job_id)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    payload = FederatedPayload(
+        job_id=job_id,
+        dataset=spec.dataset,
+        dataset_path=Path(dataset_path).resolve(),
+        contract=SchemaContract.from_dict(contract_dict),
+        config=cfg,
+        out_dir=(job_dir / "federated").resolve(),
+        # per-job noise secret: the researcher knows the seed, never this
+        noise_secret_hex=secrets.token_hex(32),
+    )
+    path = job_dir / "payload.json"
+    path.write_text(payload.to_json())
+    path.chmod(0o600)
+    return path
+
+
+def run_federated(
+    svc: Service,
+    actor: Any,
+    job_id: str,
+    spec: JobSpec,
+    payload_path: Path,
+    reservations: dict[str, str],
+    on_progress: ProgressFn | None,
+) -> JobRecord:
+    from training.federated.simulation import run_federated_simulation
+
+    assert spec.federated is not None
+    rounds = spec.federated.rounds
+    svc.jobs.move(job_id, JobState.RUNNING)
+
+    def on_round(line: dict[str, Any]) -> None:
+        sites = line.get("sites", {})
+        if any(v.get("status") == "trained" for v in sites.values()):
+            svc.jobs.mark_data_opened(job_id)
+        # each round's charge is on the record (cumulative epsilon per site, from the accountant)
+        svc.audit.append(
+            actor.name,
+            "federated.round",
+            "ok",
+            job_id,
+            {
+                "round": int(line.get("round", 0)),
+                **{
+                    f"epsilon@{s}": float(v.get("epsilon") or 0.0) for s, v in sorted(sites.items())
+                },
+                "dropped": ",".join(line.get("dropped", [])),
+            },
+        )
+        progress = {
+            "round": int(line.get("round", 0)),
+            "rounds": rounds,
+            "epsilon": {s: v.get("epsilon") for s, v in sites.items()},
+        }
+        svc.jobs.set_progress(job_id, progress)
+        if on_progress is not None:
+            on_progress(progress)
+
+    try:
+        result = run_federated_simulation(
+            payload_path, timeout_s=FEDERATED_TIMEOUT_S, zone_dir=svc.zone.root, on_round=on_round
+        )
+    except ZoneError as exc:
+        _settle_failed(svc, actor, job_id, payload_path, reservations, exc)
+        raise
+    summary = dict(result.summary)
+    charges = {}
+    for site, rid in reservations.items():
+        info = summary.get("sites", {}).get(site)
+        spent = float(info["epsilon"]) if info else 0.0
+        if info and spent > 0:
+            ev = svc.ledger.commit(
+                rid, spent, float(info.get("delta", spec.privacy.delta)), actor=actor.name
+            )
+            charges[site] = {"epsilon": spent, "ledger_event": ev.event_id}
+        else:
+            svc.ledger.release(rid, actor=actor.name, reason="site did not train")
+            charges[site] = {"epsilon": 0.0, "ledger_event": None}
+    audit = svc.audit.append(
+        actor.name,
+        "job.charge",
+        "ok",
+        job_id,
+        {
+            **{f"epsilon@{s}": c["epsilon"] for s, c in sorted(charges.items())},
+            "server_epsilon": result.server_epsilon,
+        },
+    )
+    out = {
+        "mode": "federated",
+        "sites": charges,
+        "epsilon": max((c["epsilon"] for c in charges.values()), default=0.0),
+        "delta": spec.privacy.delta,
+        "rounds": result.rounds,
+        "dropped": list(result.dropped),
+        "excluded": list(result.excluded),
+        "server_epsilon": result.server_epsilon,
+        "seconds": result.seconds,
+        "audit_seq": audit.seq,
+        "audit_hash": audit.hash,
+        "metrics": summary.get("global_dp_metrics") or {},
+    }
+    job_dir = svc.zone.job_dir(job_id)
+    _write_preprocessing(job_dir, payload_path)
+    write_federated_card(job_dir, svc.jobs.get(job_id), summary, out)
+    return svc.jobs.move(job_id, JobState.SUCCEEDED, result=out)
+
+
+def _write_preprocessing(job_dir: Path, payload_path: Path) -> None:
+    """The release's preprocessing: the same contract-only feature plan every site used."""
+    from connectors.preprocess import FeaturePlan
+    from training.federated.config import load_payload
+
+    payload = load_payload(payload_path.resolve())
+    plan = FeaturePlan.from_contract(payload.contract, payload.config.features)
+    (job_dir / "preprocessing.json").write_text(
+        json.dumps(plan.to_dict(), indent=2, sort_keys=True)
+    )
+
+
+def _settle_failed(
+    svc: Service,
+    actor: Any,
+    job_id: str,
+    payload_path: Path,
+    reservations: dict[str, str],
+    exc: ZoneError,
+) -> None:
+    from training.federated.config import SUMMARY_FILE
+
+    summary_path = payload_path.parent / "federated" / SUMMARY_FILE
+    sites: dict[str, Any] = {}
+    if summary_path.exists():
+        sites = json.loads(summary_path.read_text()).get("sites", {})
+    for site, rid in reservations.items():
+        info = sites.get(site) or {}
+        touched = info.get("touched") is not False and float(info.get("epsilon") or 0) > 0
+        r = svc.ledger.reservation(rid)
+        if touched:
+            svc.ledger.commit(rid, r.epsilon, r.delta, actor=actor.name)
+        else:
+            svc.ledger.release(
+                rid, actor=actor.name, reason=f"failed before site data ({exc.kind})"
+            )
+    rec = svc.jobs.get(job_id)
+    if rec.state not in (JobState.SUCCEEDED, JobState.FAILED):
+        svc.jobs.move(job_id, JobState.FAILED, error=str(exc))
+    svc.audit.append(actor.name, "job.fail", "error", job_id, {"error": exc.kind})
+
+
+def write_federated_card(
+    job_dir: Path, job: JobRecord, summary: dict[str, Any], out: dict[str, Any]
+) -> Path:
+    """The global model's card: every site's epsilon and delta, rounds, strategy, DP metrics."""
+    import shutil
+
+    from training.federated.config import WEIGHTS_FILE
+
+    fed_dir = job_dir / "federated"
+    if (fed_dir / WEIGHTS_FILE).exists():
+        shutil.copy2(fed_dir / WEIGHTS_FILE, job_dir / "model.safetensors")
+    spec = job.spec
+    card = {
+        "job": job.id,
+        "project": job.project,
+        "dataset": job.dataset,
+        "mechanism": "federated",
+        "label": spec["label"],
+        "features": spec["features"],
+        "columns": sorted([*spec["features"], spec["label"]]),
+        "model": spec["model"],
+        "federated": {k: v for k, v in spec["federated"].items()},
+        "rounds_done": out["rounds"],
+        "privacy": {
+            "unit": "person (pseudonymous identifier), per site",
+            "neighbouring_relation": "add/remove one person",
+            "composition": "sites hold disjoint patients: parallel composition, one budget per site",
+            "accountant": "rdp",
+            "per_site": {
+                s: {
+                    k: info.get(k)
+                    for k in ("epsilon", "delta", "steps", "rounds", "n", "status", "plan")
+                }
+                for s, info in summary.get("sites", {}).items()
+            },
+            "server_client_level": summary.get("server_dp"),
+        },
+        "per_site_dp_metrics": {
+            s: info.get("dp_metrics") for s, info in summary.get("sites", {}).items()
+        },
+        "global_dp_metrics": summary.get("global_dp_metrics"),
+        "excluded_sites": summary.get("excluded"),
+        "dropped_sites": summary.get("dropped"),
+        "spec_hash": job.spec_hash,
+        "audit_event": {"seq": out.get("audit_seq"), "hash": out.get("audit_hash")},
+    }
+    path = job_dir / "model_card.json"
+    path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
+    return path

@@ -1,0 +1,31 @@
+"""Federated DP training across the zone's sites (hospitals) with Flower.
+
+Modules (Flower is imported only in ``client``, ``server``, ``simulation`` and ``faults``):
+
+- ``config``: ``Strategy``, ``ClientDPConfig``, ``FederatedConfig``, ``FederatedPayload``
+  (the job file the zone writes; its path is the run config's ``"job-payload"``).
+- ``site``: what one site does (setup, a round of DP-SGD, the DP evaluation), engine-free.
+- ``client``: ``client_app`` / ``build_client_app`` (Flower ClientApp).
+- ``server``: ``server_app`` / ``build_server_app`` (Flower ServerApp), rounds.jsonl, summary.
+- ``simulation``: ``run_federated_simulation`` -> ``FederatedResult`` (Simulation Engine, Ray).
+- ``reference``: ``run_reference`` (the same training in-process, no Flower, no Ray).
+- ``weights``, ``metrics``: fixed-order aggregation, client-level DP, pooled DP metrics.
+"""
+
+from training.federated.config import (
+    RUN_CONFIG_KEY,
+    ClientDPConfig,
+    FederatedConfig,
+    FederatedPayload,
+    Strategy,
+    load_payload,
+)
+
+__all__ = [
+    "RUN_CONFIG_KEY",
+    "ClientDPConfig",
+    "FederatedConfig",
+    "FederatedPayload",
+    "Strategy",
+    "load_payload",
+]
