@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     baseline_fit = next((r["fit_s"] for r in rows if r["method"] == "gaussian-copula"), None)
     for r in rows:
-        r["fit_ratio_vs_gaussian_copula"] = (
-            r["fit_s"] / baseline_fit if baseline_fit else None
-        )
+        r["fit_ratio_vs_gaussian_copula"] = r["fit_s"] / baseline_fit if baseline_fit else None
 
     targets = check_targets(rows)
     plots: list[str] = []
@@ -297,7 +295,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "target": f"DP fit <= {TARGET_FIT_RATIO:g}x GaussianCopula fit",
                 "pass": max(ratios) <= TARGET_FIT_RATIO,
-                "detail": f"worst {max(ratios):.1f}x ({_label(worst)})",
+                "detail": f"worst {max(ratios):.3g}x ({_label(worst)})",
             }
         )
     at3 = [r for r in dp if r["epsilon_requested"] == 3.0]
@@ -354,7 +352,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         eps = "not DP" if not r["dp"] else f"{r['epsilon_requested']:g} ({r['epsilon']:.3f})"
         lines.append(
             f"| {_label(r)} | {eps} | {r['fit_s']:.2f} | "
-            f"{_f(r['fit_ratio_vs_gaussian_copula'], '.1f')} | {r['sample_s']:.2f} | "
+            f"{_f(r['fit_ratio_vs_gaussian_copula'], '.3g')} | {r['sample_s']:.2f} | "
             f"{r['quality']:.3f} | {r['column_shapes']:.3f} | "
             f"{_f(r['column_pair_trends'], '.3f')} | {_f(r['column_pair_trends_all_pairs'], '.3f')} | "
             f"{r['tstr_auroc']:.3f} | {r['trtr_auroc']:.3f} | {r['tstr_gap']:+.3f} | "
@@ -366,7 +364,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def markdown(
-    meta: dict[str, Any], rows: list[dict[str, Any]], targets: list[dict[str, Any]], plots: list[str]
+    meta: dict[str, Any],
+    rows: list[dict[str, Any]],
+    targets: list[dict[str, Any]],
+    plots: list[str],
 ) -> str:
     parts = [
         "# Synthetic data: DP synthesizers beside SDV's non-DP baselines\n",

@@ -63,6 +63,33 @@ gpus = 0
 """
 
 
+def demo_federated_toml(epsilon: float = 1.0, rounds: int = 5) -> str:
+    feats = ", ".join(f'"{f}"' for f in DEMO_FEATURES)
+    return f"""
+project = "readmission"
+dataset = "cohort"
+label = "{DEMO_LABEL}"
+features = [{feats}]
+mode = "federated"
+[federated]
+rounds = {rounds}
+sites = "all"
+min_sites = 3
+local_epochs = 1
+strategy = "fedavg"
+[model]
+kind = "logistic"
+[privacy]
+epsilon = {epsilon}
+delta = 1e-6
+max_grad_norm = 1.0
+[training]
+batch_size = 256
+lr = 1.0
+seed = 7
+"""
+
+
 def run_demo(
     patients: int = 50_000, keep: Path | None = None, as_json: bool = False
 ) -> dict[str, Any]:
@@ -99,10 +126,16 @@ def run_demo(
         step('sandbox project create readmission --purpose "30-day readmission risk"   # as rita')
         svc.create_project(rita, "readmission", "30-day readmission risk model")
         step(
-            "sandbox access request readmission --dataset cohort --columns ... --mechanism dp-sgd --epsilon 3 --delta 1e-5"
+            "sandbox access request readmission --dataset cohort --columns ... --mechanism dp-sgd,federated --epsilon 3 --delta 1e-5"
         )
         req = svc.request_access(
-            rita, "readmission", "cohort", [*DEMO_FEATURES, DEMO_LABEL], ["dp-sgd"], 3.0, 1e-5
+            rita,
+            "readmission",
+            "cohort",
+            [*DEMO_FEATURES, DEMO_LABEL],
+            ["dp-sgd", "federated"],
+            3.0,
+            1e-5,
         )
         expires = datetime.now(UTC) + timedelta(days=90)
         step(f"sandbox access approve {req.id} --expires {expires.date()}   # as sam")
@@ -138,8 +171,31 @@ def run_demo(
         )
         scored = predict_file(out, new_rows, root.parent / "scores.parquet")
 
+        fed_spec = parse_job_toml(demo_federated_toml())
+        step("sandbox submit federated.toml   # as rita: Flower on Ray, one client per hospital")
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("federated rounds", total=fed_spec.federated.rounds)
+            fed_job = svc.submit(
+                rita,
+                fed_spec,
+                on_progress=lambda p: progress.update(task, completed=p.get("round", 0)),
+            )
+        fed = fed_job.result or {}
+        for site, c in sorted(fed.get("sites", {}).items()):
+            console.print(f"  {site}: epsilon {c['epsilon']:.3f}")
+        if fed.get("excluded"):
+            console.print(
+                f"  left out (too few patients for a useful DP guarantee): {len(fed['excluded'])} site(s)"
+            )
+
         step("sandbox budget readmission")
-        bal = svc.budget(rita, "readmission")[0]
+        bal = next(b for b in svc.budget(rita, "readmission") if not b.key.site)
         step("sandbox audit verify   # as sam")
         verified = svc.audit_verify(steward)
         summary = {
@@ -155,6 +211,14 @@ def run_demo(
             "budget": {
                 "spent_epsilon": bal.spent_epsilon,
                 "remaining_epsilon": bal.remaining_epsilon,
+            },
+            "federated": {
+                "job": fed_job.id,
+                "state": str(fed_job.state),
+                "rounds": fed.get("rounds"),
+                "site_epsilon": {s: c["epsilon"] for s, c in fed.get("sites", {}).items()},
+                "excluded": fed.get("excluded"),
+                "dp_metrics": fed.get("metrics"),
             },
             "release": str(out),
             "scored_rows": scored,
@@ -172,6 +236,12 @@ def run_demo(
         )
         console.print(
             f"DP AUROC {metrics.get('auroc', float('nan')):.3f}, DP accuracy {metrics.get('accuracy', float('nan')):.3f}"
+        )
+        console.print(
+            "federated per-site epsilon: "
+            + ", ".join(
+                f"{s} {e:.3f}" for s, e in sorted(summary["federated"]["site_epsilon"].items())
+            )
         )
         console.print(f"audit chain verified: {verified.ok} ({verified.checked} events)")
         console.print(f"release in {out}; zone in {root}; {summary['seconds']} s")

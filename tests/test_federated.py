@@ -74,7 +74,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     canaries = Canaries.make(7)
     contract = cohort_contract()
     ingest_secret = secrets.token_bytes(32)
-    ingest_table(generate_cohort(3000, seed=11, canaries=canaries), contract, root / "ds", ingest_secret)
+    ingest_table(
+        generate_cohort(3000, seed=11, canaries=canaries), contract, root / "ds", ingest_secret
+    )
     return World(root, contract, canaries, secrets.token_hex(32), ingest_secret)
 
 
@@ -154,7 +156,9 @@ def test_simulation_writes_rounds_summary_and_weights(fedavg: Any) -> None:
     # every site released its evaluation (at ~190 test persons under sigma ~40 per cell a
     # metric can be undefined, i.e. null: that is the DP answer, not a failure)
     last = lines[-1]["sites"].values()
-    assert all(set(s["dp_metrics"]) >= {"auroc", "accuracy", "ece", "n_noisy", "sigma"} for s in last)
+    assert all(
+        set(s["dp_metrics"]) >= {"auroc", "accuracy", "ece", "n_noisy", "sigma"} for s in last
+    )
     summary = json.loads(result.summary_path.read_text())
     assert summary["status"] == "completed" and summary["rounds_done"] == 2
     assert summary["strategy"] == "fedavg" and summary["dropped"] == []
@@ -162,7 +166,9 @@ def test_simulation_writes_rounds_summary_and_weights(fedavg: Any) -> None:
     assert summary["global_dp_metrics"]["bins"] == EVAL_BINS
     # pooled metrics are the sum of the sites' histograms: sigma adds in quadrature
     sigmas = [s["dp_metrics"]["sigma"] for s in summary["sites"].values()]
-    assert summary["global_dp_metrics"]["sigma"] == pytest.approx(float(np.sqrt(np.sum(np.square(sigmas)))))
+    assert summary["global_dp_metrics"]["sigma"] == pytest.approx(
+        float(np.sqrt(np.sum(np.square(sigmas))))
+    )
     with safe_open(str(result.weights_path), framework="numpy") as fh:
         meta = json.loads((fh.metadata() or {})["model"])
         assert meta == {"kind": "mlp", "hidden": [16]}
@@ -180,7 +186,9 @@ def test_site_epsilon_within_budget_and_independently_recomputed(fedavg: Any) ->
     for site, fig in summary["sites"].items():
         assert fig["epsilon"] <= cfg.epsilon
         # the plan again, from the public n alone
-        plan = plan_dpsgd(cfg.epsilon, cfg.delta, fig["n"], cfg.batch_size, cfg.rounds * cfg.local_epochs)
+        plan = plan_dpsgd(
+            cfg.epsilon, cfg.delta, fig["n"], cfg.batch_size, cfg.rounds * cfg.local_epochs
+        )
         assert fig["plan"]["noise_multiplier"] == plan.noise_multiplier
         assert fig["plan"]["sample_rate"] == plan.sample_rate
         assert fig["steps"] == plan.steps == cfg.rounds * fig["plan"]["steps_per_round"]
@@ -289,7 +297,11 @@ def test_crashing_site_does_not_kill_the_job_and_is_charged(world: World, ray_lo
 
 @pytest.mark.ray
 def test_canaries_never_appear_in_any_output(world: World, fedavg: Any) -> None:
-    files = [f for f in world.root.rglob("*") if f.is_file() and "ds" not in f.relative_to(world.root).parts]
+    files = [
+        f
+        for f in world.root.rglob("*")
+        if f.is_file() and "ds" not in f.relative_to(world.root).parts
+    ]
     assert any(f.name == "rounds.jsonl" for f in files) and any(f.suffix == ".log" for f in files)
     for f in files:
         data = f.read_bytes()
@@ -311,7 +323,10 @@ def test_canaries_never_appear_in_any_output(world: World, fedavg: Any) -> None:
         ({"strategy": "fedsgd"}, "federated.strategy"),
         ({"strategy": Strategy.FEDPROX, "mu": 0.0}, "federated.mu"),
         ({"mu": 0.1}, "federated.mu"),
-        ({"secure_aggregation": True, "client_dp": ClientDPConfig(1.0, 1.0)}, "federated.client_dp"),
+        (
+            {"secure_aggregation": True, "client_dp": ClientDPConfig(1.0, 1.0)},
+            "federated.client_dp",
+        ),
         ({"epsilon": 0}, "federated.epsilon"),
         ({"delta": 1.0}, "federated.delta"),
         ({"batch_size": 0}, "federated.batch_size"),
@@ -366,7 +381,9 @@ def test_site_histogram_is_the_draw_behind_dp_binary_metrics() -> None:
     rng = np.random.default_rng(0)
     scores, labels = rng.random(500), (rng.random(500) < 0.3).astype(np.int64)
     metrics, hist = site_evaluation(scores, labels, 5.0, 42)
-    assert metrics == dp_binary_metrics(scores, labels, 5.0, np.random.default_rng(42), bins=EVAL_BINS)
+    assert metrics == dp_binary_metrics(
+        scores, labels, 5.0, np.random.default_rng(42), bins=EVAL_BINS
+    )
     # the pooled metrics' post-processing is dp_binary_metrics' own
     assert metrics_from_histogram(hist, 5.0) == metrics
     pooled = pooled_metrics([(hist, 3.0), (hist, 4.0)])
@@ -447,19 +464,40 @@ def test_deployment_node_config_picks_site_and_own_data_path(world: World, tmp_p
     ingest_table(own, world.contract, tmp_path / "b", world.ingest_secret)
     payload = make_payload(world, "deploy")
     path = payload.write(tmp_path / "payload.json")
-    node = {"partition-id": 1, "num-partitions": 3, "data-path": str(tmp_path / "b" / "data.parquet")}
-    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={"job-payload": str(path)})
+    node = {
+        "partition-id": 1,
+        "num-partitions": 3,
+        "data-path": str(tmp_path / "b" / "data.parquet"),
+    }
+    ctx = Context(
+        run_id=1,
+        node_id=7,
+        node_config=node,
+        state=RecordDict(),
+        run_config={"job-payload": str(path)},
+    )
     assert site_of(ctx, payload) == ("hospital-b", tmp_path / "b" / "data.parquet")
     # a SuperNode's message, as the Deployment Engine delivers it (no engine needed here)
-    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                    group_id="0", created_at=time.time(), ttl=3600.0, message_type=MessageType.QUERY)
+    meta = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="0",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=MessageType.QUERY,
+    )
     msg = Message(content=RecordDict({"config": ConfigRecord({"phase": "setup"})}), metadata=meta)
     reply = handle_setup(msg, ctx, None)
     rec = reply.content.config_records[SITE_RECORD]
     assert rec["site"] == "hospital-b" and rec["status"] == "ready"
     assert rec["n"] == setup_site(payload, "hospital-b").plan.n_train  # type: ignore[union-attr]
     assert "safe-zone.site" in ctx.state.config_records
-    bad = Context(run_id=1, node_id=7, node_config={"partition-id": 5}, state=RecordDict(), run_config={})
+    bad = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 5}, state=RecordDict(), run_config={}
+    )
     with pytest.raises(SpecError) as err:
         site_of(bad, payload)
     assert err.value.field == "node_config.partition-id"

@@ -24,7 +24,16 @@ app = typer.Typer(help="Jobs and their releases.", no_args_is_help=True)
 def _summary(rec: Any) -> None:
     r = rec.result or {}
     console.print(f"job [bold]{rec.id}[/bold]: {rec.state}")
-    if r:
+    if r and r.get("mode") == "federated":
+        console.print(
+            f"  federated: {r['rounds']} rounds; dropped {r.get('dropped') or 'none'}; left out {len(r.get('excluded') or [])}"
+        )
+        for site, c in sorted(r["sites"].items()):
+            console.print(f"    {site}: epsilon {c['epsilon']:.3f} (delta {r['delta']:g})")
+        m = r.get("metrics") or {}
+        if m.get("auroc") is not None:
+            console.print(f"  global DP AUROC {m['auroc']:.3f}")
+    elif r:
         m = r.get("metrics", {})
         console.print(
             f"  epsilon spent {r['epsilon']:.3f} (delta {r['delta']:g}), {r['steps_taken']} steps, clipping {r['clipping']}"
@@ -62,25 +71,32 @@ def register(app_root: typer.Typer) -> None:
             if as_json:
                 rec = s.service.submit(s.user, spec)
             else:
+                federated = spec.federated is not None
+                total = spec.federated.rounds if spec.federated else spec.training.epochs
                 with Progress(
                     TextColumn("[bold]{task.description}"),
                     BarColumn(),
                     MofNCompleteColumn(),
                     TimeElapsedColumn(),
+                    TextColumn("{task.fields[note]}"),
                     console=console,
                     transient=False,
                 ) as progress:
-                    task = progress.add_task("epochs", total=spec.training.epochs)
+                    task = progress.add_task(
+                        "rounds" if federated else "epochs", total=total, note=""
+                    )
 
                     def on_progress(p: dict[str, Any]) -> None:
-                        progress.update(
-                            task,
-                            completed=p.get("epoch", 0),
-                            total=p.get("epochs", spec.training.epochs),
-                        )
+                        done = p.get("round", p.get("epoch", 0))
+                        note = ""
+                        if federated and p.get("epsilon"):
+                            # cumulative epsilon per site so far (accountant figures, not data)
+                            eps = [v for v in p["epsilon"].values() if v is not None]
+                            note = f"max site epsilon {max(eps):.3f}" if eps else ""
+                        progress.update(task, completed=done, note=note)
 
                     rec = s.service.submit(s.user, spec, on_progress=on_progress)
-                    progress.update(task, completed=spec.training.epochs)
+                    progress.update(task, completed=total)
         finally:
             s.close()
         emit(rec, as_json, _summary)

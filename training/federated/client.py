@@ -126,7 +126,9 @@ def _server_charged(config: Any) -> SiteLedger:
     return SiteLedger(num("charged-train-steps"), num("charged-evals"), num("charged-rounds"))
 
 
-def _site_record(site: str, status: str, touched: bool, reason: str, ledger: SiteLedger) -> ConfigRecord:
+def _site_record(
+    site: str, status: str, touched: bool, reason: str, ledger: SiteLedger
+) -> ConfigRecord:
     return ConfigRecord(
         {
             "site": site,
@@ -154,7 +156,7 @@ def _plan_for(
 
 
 def handle_setup(msg: Message, context: Context, default_payload: str | None) -> Message:
-    from training.federated.site import SiteLedger, SiteStatus, setup_site
+    from training.federated.site import SiteStatus, setup_site
 
     payload = payload_of(context, default_payload)
     site, data_path = site_of(context, payload)
@@ -162,7 +164,7 @@ def handle_setup(msg: Message, context: Context, default_payload: str | None) ->
     _, ledger = _stored(context)
     if setup.plan is not None:
         _store(context, setup.plan, ledger)
-    record = _site_record(site, setup.status.value, setup.touched, setup.reason, ledger or SiteLedger())
+    record = _site_record(site, setup.status.value, setup.touched, setup.reason, ledger)
     if setup.status is SiteStatus.READY and setup.plan is not None:
         for key, value in setup.plan.to_record().items():
             record[key] = value
@@ -202,7 +204,9 @@ def handle_train(msg: Message, context: Context, default_payload: str | None) ->
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     arrays = msg.content.array_records["arrays"]
     global_state = {k: v.numpy() for k, v in arrays.items()}
-    site, outcome, plan = _train(payload, context, server_round, global_state, _server_charged(config))
+    site, outcome, plan = _train(
+        payload, context, server_round, global_state, _server_charged(config)
+    )
     content = RecordDict(
         {
             SITE_RECORD: _site_record(
@@ -240,7 +244,9 @@ def _handle_legacy_fit(msg: Message, context: Context, default_payload: str | No
     if len(arrays) != len(names):
         raise SpecError("fitins.parameters", "does not match the model's parameter count")
     global_state = dict(zip(names, arrays, strict=True))
-    site, outcome, plan = _train(payload, context, server_round, global_state, _server_charged(fitins.config))
+    site, outcome, plan = _train(
+        payload, context, server_round, global_state, _server_charged(fitins.config)
+    )
     trained = outcome.status is SiteStatus.TRAINED and outcome.state is not None
     # a site that did not train still answers, with weight 0: SecAgg+ then sums it in with
     # no effect, instead of treating it as a dropout to be unmasked
@@ -283,8 +289,12 @@ def handle_evaluate(msg: Message, context: Context, default_payload: str | None)
         for key in ("auroc", "accuracy", "ece", "n_noisy", "sigma"):
             value = outcome.metrics.get(key)
             metrics[f"dp-{key}"] = float("nan") if value is None else float(value)
-    record = _site_record(site, outcome.status.value, outcome.touched, outcome.reason, outcome.ledger)
-    return Message(RecordDict({SITE_RECORD: record, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    record = _site_record(
+        site, outcome.status.value, outcome.touched, outcome.reason, outcome.ledger
+    )
+    return Message(
+        RecordDict({SITE_RECORD: record, "metrics": MetricRecord(metrics)}), reply_to=msg
+    )
 
 
 def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -99,16 +99,14 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _whole(name: str, value: object, low: int, high: int | None = None) -> int:
     if not _is_int(value) or value < low or (high is not None and value > high):  # type: ignore[operator]
         limit = f">= {low}" if high is None else f"between {low} and {high}"
         raise SpecError(f"federated.{name}", f"must be a whole number {limit}", f"e.g. {low}")
-    return int(value)  # type: ignore[arg-type]
+    return int(value)  # type: ignore[call-overload]
 
 
 def _positive(name: str, value: object, fix: str) -> float:
@@ -294,6 +292,16 @@ class FederatedConfig:
         object.__setattr__(self, "round_timeout_s", float(self.round_timeout_s))
 
     @property
+    def per_round(self) -> int:
+        """``clients_per_round`` as resolved on construction (never None after it)."""
+        return int(self.clients_per_round or len(self.sites))
+
+    @property
+    def quorum(self) -> int:
+        """``min_sites`` as resolved on construction (never None after it)."""
+        return int(self.min_sites or 1)
+
+    @property
     def local_training_epochs(self) -> int:
         """Epochs of its own data a site trains at most over the job (what its noise is
         calibrated for)."""
@@ -344,7 +352,7 @@ class FederatedConfig:
         if not isinstance(hidden, list | tuple):
             raise SpecError("federated.model.hidden", "must be a list of widths", "e.g. [16]")
         try:
-            kind = ModelKind(model.get("kind"))
+            kind = ModelKind(str(model.get("kind")))
         except ValueError:
             raise SpecError(
                 "federated.model.kind",
@@ -365,8 +373,19 @@ class FederatedConfig:
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         missing = sorted(
-            k for k in ("rounds", "sites", "label", "features", "model", "epsilon", "delta",
-                        "max_grad_norm", "batch_size", "lr")
+            k
+            for k in (
+                "rounds",
+                "sites",
+                "label",
+                "features",
+                "model",
+                "epsilon",
+                "delta",
+                "max_grad_norm",
+                "batch_size",
+                "lr",
+            )
             if k not in values
         )
         if missing:
@@ -453,7 +472,9 @@ class FederatedPayload:
         FeaturePlan.from_contract(contract, cfg.features)  # names the bad feature
         if contract.site is None:
             raise SpecError(
-                "payload.contract", "the dataset has no site column", "federate a multi-site dataset"
+                "payload.contract",
+                "the dataset has no site column",
+                "federate a multi-site dataset",
             )
         declared = contract.column(contract.site).categories
         if declared is not None:
@@ -501,9 +522,7 @@ class FederatedPayload:
         if extra:
             raise SpecError(f"payload.{extra[0]}", "is not a known field")
         if data.get("version") != PAYLOAD_VERSION:
-            raise SpecError(
-                "payload.version", f"must be {PAYLOAD_VERSION}", "rebuild the payload"
-            )
+            raise SpecError("payload.version", f"must be {PAYLOAD_VERSION}", "rebuild the payload")
         missing = sorted(_PAYLOAD_KEYS - {"site_data_paths"} - set(data))
         if missing:
             raise SpecError(f"payload.{missing[0]}", "is required")

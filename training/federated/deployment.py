@@ -236,7 +236,7 @@ class LoopbackFederation:
     ``configure_engine_env`` (default: ``state_dir``); ``$FLWR_HOME`` is the zone's Flower
     home, where the connection is written and the ServerApp's apps are installed. Each
     SuperNode gets a Flower home of its own under ``state_dir/nodes/<site>/flwr``, as a
-    hospital's machine would.
+    hospital's machine would. One caller at a time: ``run`` calls are not meant to overlap.
     """
 
     def __init__(

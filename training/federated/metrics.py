@@ -43,10 +43,14 @@ def site_evaluation(
     """One site's DP metrics and the ``(2, EVAL_BINS)`` noisy histogram they come from."""
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
         raise SpecError("evaluation.sigma", "must be a finite number > 0", "use the plan's sigma")
-    metrics = dp_binary_metrics(scores, labels, float(sigma), np.random.default_rng(seed), bins=EVAL_BINS)
+    metrics = dp_binary_metrics(
+        scores, labels, float(sigma), np.random.default_rng(seed), bins=EVAL_BINS
+    )
     labels_idx = np.asarray(labels).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64)
-    hist = _dpm._noisy_histogram(scores, labels_idx, float(sigma), np.random.default_rng(seed), EVAL_BINS)
+    hist = _dpm._noisy_histogram(
+        scores, labels_idx, float(sigma), np.random.default_rng(seed), EVAL_BINS
+    )
     return metrics, hist
 
 

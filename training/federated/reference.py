@@ -32,8 +32,9 @@ def run_reference(
 ) -> dict[str, np.ndarray]:
     """The global model after ``config.rounds`` rounds (state_dict names -> float32 arrays).
 
-    ``on_round(round, info)`` is called after each round with the sites that trained and
-    each site's epsilon so far (for progress and timing)."""
+    ``on_round(round, info)`` is called once the setup is done (round 0: the ready and the
+    excluded sites) and after each round (the sites that trained, each site's epsilon so
+    far), for progress and timing."""
     if not isinstance(payload, FederatedPayload):
         payload = load_payload(Path(payload).resolve())
     cfg = payload.config
@@ -41,6 +42,8 @@ def run_reference(
     run.register([(i, setup_site(payload, site)) for i, site in enumerate(cfg.sites)])
     # each site's own view of its spend, as its context.state would carry it
     ledgers: dict[str, SiteLedger] = {site: SiteLedger() for site in run.sites}
+    if on_round is not None:
+        on_round(0, {"ready": run.active(), "excluded": sorted(run.excluded)})
     for server_round in range(1, cfg.rounds + 1):
         sampled = run.sample(server_round)
         replies: dict[str, Reply] = {}
@@ -50,7 +53,13 @@ def run_reference(
             out = train_round(payload, plan, ledger, server_round, run.global_state)
             ledgers[site] = out.ledger
             replies[site] = Reply(
-                site, out.status, out.touched, out.reason, out.ledger, float(plan.n_train), out.state
+                site,
+                out.status,
+                out.touched,
+                out.reason,
+                out.ledger,
+                float(plan.n_train),
+                out.state,
             )
         run.close_round(server_round, sampled, replies)
         if on_round is not None:

@@ -192,10 +192,10 @@ class ServerRun:
         for name in self.cfg.sites:
             if name not in self.sites and name not in self.excluded:
                 self.excluded[name] = f"site {name!r} did not answer the setup"
-        if len(self.sites) < self.cfg.min_sites:
+        if len(self.sites) < self.cfg.quorum:
             raise ComputeError(
                 f"only {len(self.sites)} site(s) are ready, fewer than federated.min_sites "
-                f"({self.cfg.min_sites}); summary.json lists why the others are left out",
+                f"({self.cfg.quorum}); summary.json lists why the others are left out",
                 retryable=False,
             )
 
@@ -205,13 +205,13 @@ class ServerRun:
 
     def sample(self, server_round: int) -> list[str]:
         active = self.active()
-        if len(active) < self.cfg.min_sites:
+        if len(active) < self.cfg.quorum:
             raise ComputeError(
                 f"round {server_round}: only {len(active)} site(s) are still active, fewer "
-                f"than federated.min_sites ({self.cfg.min_sites})",
+                f"than federated.min_sites ({self.cfg.quorum})",
                 retryable=True,
             )
-        return select_sites(active, int(self.cfg.clients_per_round), self.cfg.seed, server_round)
+        return select_sites(active, self.cfg.per_round, self.cfg.seed, server_round)
 
     def charged(self, site: str) -> SiteLedger:
         return self.sites[site].ledger
@@ -315,14 +315,19 @@ class ServerRun:
             s.touched = reply.touched
             dropped[site] = {"touched": reply.touched, "reason": reply.reason}
         trained = sorted(s for s, st in statuses.items() if st == "trained")
-        enough = len(trained) >= self.cfg.min_sites
+        enough = len(trained) >= self.cfg.quorum
         if enough:
             if secure_aggregate is not None:
-                new_state = {k: np.asarray(v, dtype=np.float32) for k, v in secure_aggregate.items()}
+                new_state = {
+                    k: np.asarray(v, dtype=np.float32) for k, v in secure_aggregate.items()
+                }
             elif self.cfg.client_dp is not None:
                 seed = derive_seed(self.payload.secret, "server", server_round)
                 new_state = dp_average(
-                    updates, self.global_state, self.cfg.client_dp, len(sampled),
+                    updates,
+                    self.global_state,
+                    self.cfg.client_dp,
+                    len(sampled),
                     np.random.default_rng(seed),
                 )
                 self.server_releases += 1
@@ -343,7 +348,7 @@ class ServerRun:
             self._append_line(line)
             raise ComputeError(
                 f"round {server_round}: {len(trained)} site(s) trained, fewer than "
-                f"federated.min_sites ({self.cfg.min_sites})",
+                f"federated.min_sites ({self.cfg.quorum})",
                 retryable=True,
             )
         if server_round == self.cfg.rounds:

@@ -84,7 +84,12 @@ def _setup_of(msg: Message, sites: tuple[str, ...]) -> SiteSetup | None:
         status = SiteStatus(str(rec.get("status")))
     except ValueError:
         return SiteSetup(site, SiteStatus.FAILED, None, True, f"site {site!r}: malformed setup")
-    plan = SitePlan.from_record(rec) if status is SiteStatus.READY else None
+    plan = None
+    if status is SiteStatus.READY:
+        try:
+            plan = SitePlan.from_record(rec)
+        except (KeyError, TypeError, ValueError):
+            return SiteSetup(site, SiteStatus.FAILED, None, True, f"site {site!r}: malformed plan")
     return SiteSetup(site, status, plan, bool(rec.get("touched", True)), str(rec.get("reason", "")))
 
 
@@ -206,7 +211,9 @@ class _ZoneRounds:
                 RecordDict(
                     {
                         "arrays": arrays,
-                        "config": ConfigRecord({**base, **self.run.message_config(s, server_round)}),
+                        "config": ConfigRecord(
+                            {**base, **self.run.message_config(s, server_round)}
+                        ),
                     }
                 ),
                 dst_node_id=self.run.sites[s].node_id,
@@ -239,11 +246,11 @@ class _ZoneRounds:
 
 def _strategy_args(run: ServerRun) -> dict[str, Any]:
     return {
-        "fraction_train": min(1.0, int(run.cfg.clients_per_round) / max(len(run.sites), 1)),
+        "fraction_train": min(1.0, run.cfg.per_round / max(len(run.sites), 1)),
         "fraction_evaluate": 0.0,
-        "min_train_nodes": int(run.cfg.min_sites),
+        "min_train_nodes": run.cfg.quorum,
         "min_evaluate_nodes": 0,
-        "min_available_nodes": int(run.cfg.min_sites),
+        "min_available_nodes": run.cfg.quorum,
     }
 
 
@@ -295,9 +302,9 @@ def _run_secagg(run: ServerRun, grid: Grid, context: Context) -> None:
             super().__init__(
                 fraction_fit=1.0,
                 fraction_evaluate=0.0,
-                min_fit_clients=int(run.cfg.min_sites),
+                min_fit_clients=run.cfg.quorum,
                 min_evaluate_clients=0,
-                min_available_clients=int(run.cfg.min_sites),
+                min_available_clients=run.cfg.quorum,
                 initial_parameters=ndarrays_to_parameters([run.global_state[k] for k in names]),
             )
             self.sampled: dict[int, list[str]] = {}
@@ -312,7 +319,10 @@ def _run_secagg(run: ServerRun, grid: Grid, context: Context) -> None:
             self.sampled[server_round] = sites
             proxies = {p.node_id: p for p in client_manager.all().values()}
             return [
-                (proxies[run.sites[s].node_id], FitIns(parameters, run.message_config(s, server_round)))
+                (
+                    proxies[run.sites[s].node_id],
+                    FitIns(parameters, run.message_config(s, server_round)),
+                )
                 for s in sites
                 if run.sites[s].node_id in proxies
             ]
@@ -341,7 +351,8 @@ def _run_secagg(run: ServerRun, grid: Grid, context: Context) -> None:
                     # SecAgg+ gives every result the same (aggregated) parameters
                     arrays = parameters_to_ndarrays(fitres.parameters)
                     aggregate = {
-                        k: np.asarray(a, dtype=np.float32) for k, a in zip(names, arrays, strict=True)
+                        k: np.asarray(a, dtype=np.float32)
+                        for k, a in zip(names, arrays, strict=True)
                     }
             if aggregate is None or not all(np.isfinite(v).all() for v in aggregate.values()):
                 aggregate = dict(run.global_state)  # every site had weight 0: no average
@@ -362,11 +373,11 @@ def _run_secagg(run: ServerRun, grid: Grid, context: Context) -> None:
         config=ServerConfig(num_rounds=run.cfg.rounds, round_timeout=run.cfg.round_timeout_s),
         strategy=strategy,
     )
-    per_round = min(int(run.cfg.clients_per_round), len(run.sites))
+    per_round = min(run.cfg.per_round, len(run.sites))
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=1.0,
-            reconstruction_threshold=secagg_threshold(per_round, int(run.cfg.min_sites)),
+            reconstruction_threshold=secagg_threshold(per_round, run.cfg.quorum),
             max_weight=float(max(s.plan.n_train for s in run.sites.values())),
             timeout=run.cfg.round_timeout_s,
         )

@@ -31,6 +31,7 @@ discarded: the zone's code never logs a row value, but a third-party message cou
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -214,7 +215,11 @@ def run_federated_simulation(
     payload_path = Path(payload_path).resolve()
     payload = load_payload(payload_path)
     cfg = payload.config
-    zone = Path(zone_dir) if zone_dir is not None else Path(tempfile.gettempdir()) / "safe-zone-federated"
+    zone = (
+        Path(zone_dir)
+        if zone_dir is not None
+        else Path(tempfile.gettempdir()) / "safe-zone-federated"
+    )
     from sandbox.engine_env import configure_engine_env, ray_temp_dir
 
     configure_engine_env(zone)
@@ -338,14 +343,24 @@ def _child(spec_path: str) -> int:
         runtime_env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}}
         t0 = time.perf_counter()
         if spec["ray_address"] is not None:
-            ray.init(address=spec["ray_address"], log_to_driver=False, logging_level="ERROR",
-                     runtime_env=runtime_env)
+            ray.init(
+                address=spec["ray_address"],
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                runtime_env=runtime_env,
+            )
         else:
             tmp = Path(spec["ray_temp_dir"])
             tmp.mkdir(parents=True, exist_ok=True)
-            ray.init(address="local", num_cpus=int(spec["num_cpus_total"]), include_dashboard=False,
-                     _temp_dir=str(tmp), log_to_driver=False, logging_level="ERROR",
-                     runtime_env=runtime_env)
+            ray.init(
+                address="local",
+                num_cpus=int(spec["num_cpus_total"]),
+                include_dashboard=False,
+                _temp_dir=str(tmp),
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                runtime_env=runtime_env,
+            )
         result["ray_init_s"] = time.perf_counter() - t0
         result["engine_ready_at"] = time.time()
         payload = spec["payload"]

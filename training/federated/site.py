@@ -373,10 +373,13 @@ def initial_state(payload: FederatedPayload) -> dict[str, np.ndarray]:
     return model_state(build_model(cfg.model, n_inputs, seed=cfg.seed))
 
 
-def _device(payload: FederatedPayload) -> str:
+def _device(payload: FederatedPayload) -> Any:
     import torch
 
-    return "cuda" if payload.config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    from training.trainer import Device
+
+    use_gpu = payload.config.num_gpus > 0 and torch.cuda.is_available()
+    return Device.CUDA if use_gpu else Device.CPU
 
 
 def _local_training(
@@ -407,8 +410,11 @@ def _local_training(
         )
 
     if cfg.mu == 0:
-        run(plan.steps_per_round, derive_seed(payload.secret, "train", plan.site, server_round),
-            plan.steps_per_epoch)
+        run(
+            plan.steps_per_round,
+            derive_seed(payload.secret, "train", plan.site, server_round),
+            plan.steps_per_epoch,
+        )
         return
     # FedProx: after each DP-SGD step, the proximal operator of mu/2 ||w - w_global||^2,
     # w <- w_global + (w - w_global) / (1 + lr mu). It uses only the public global model and
@@ -467,8 +473,9 @@ def train_round(
     except Exception as exc:
         touched = reader.touched if reader is not None else False
         # opened its rows, then failed: charged as planned (touching data spends)
-        return TrainOutcome(site, SiteStatus.FAILED, after if touched else ledger, touched,
-                            reason=_reason(exc))
+        return TrainOutcome(
+            site, SiteStatus.FAILED, after if touched else ledger, touched, reason=_reason(exc)
+        )
 
 
 def evaluate_site(
@@ -509,14 +516,13 @@ def evaluate_site(
         )
     except Exception as exc:
         touched = reader.touched if reader is not None else False
-        return EvalOutcome(site, SiteStatus.FAILED, after if touched else ledger, touched,
-                           reason=_reason(exc))
+        return EvalOutcome(
+            site, SiteStatus.FAILED, after if touched else ledger, touched, reason=_reason(exc)
+        )
 
 
 def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """JSON-safe DP metrics (nan -> None)."""
     if metrics is None:
         return None
-    return {
-        k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
-    }
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

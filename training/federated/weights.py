@@ -49,7 +49,9 @@ def load_state(model: object, state: Mapping[str, np.ndarray]) -> None:
     """Copy ``state`` into a torch module (strict: the same keys and shapes)."""
     import torch
 
-    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in state.items()}
+    tensors = {
+        k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in state.items()
+    }
     model.load_state_dict(tensors, strict=True)  # type: ignore[attr-defined]
 
 
@@ -102,7 +104,9 @@ def _unflat(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> State:
     return out
 
 
-def clipped_delta(state: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], norm: float) -> np.ndarray:
+def clipped_delta(
+    state: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], norm: float
+) -> np.ndarray:
     """The update ``state - base`` as one float64 vector, scaled to L2 norm <= ``norm``."""
     delta = _flat(state) - _flat(base)
     length = float(np.linalg.norm(delta))

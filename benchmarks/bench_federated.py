@@ -1,0 +1,403 @@
+"""Federated training: Flower's Simulation Engine on Ray vs the in-process reference loop.
+
+One run, side by side, on one machine (figures in benchmarks/results/federated.md/.json):
+
+1. **10 sites x 10 rounds, 1 local epoch**: the reference loop (``reference.run_reference``:
+   the same site code, no Flower, no Ray) and Flower on Ray, total and per round, and the
+   ratio. Both check each other: the global weights must be bit-identical.
+2. **Cold start** as its own figure: launch until the setup phase is done, split into the
+   engine (child process, imports, Ray start or attach), the DP planning every site does
+   (``plan_dpsgd``; the reference loop pays it too) and the rest (actors, first-call
+   imports). Measured twice: with a Ray the zone already runs (attach), and from nothing
+   (the job starts its own Ray).
+3. **100 rounds**: resident memory of every process of the run (the simulation's driver,
+   Ray's processes and the ClientApp actors) at round 10 and at round 100.
+4. **SecAgg+** (Flower's legacy path) round time vs the plain round, same 10 sites.
+
+The cohort: ``generate_cohort`` with its hospital column re-split into 10 sites (the
+eight hospitals, with the two largest each split in two), ingested with the steward's
+contract widened to declare the 10 sites. Every site has >= 200 training persons.
+
+Targets (from the issue): Flower <= 1.5x the reference loop per round; cold start
+<= 10 s; memory at round 100 within 5% of round 10.
+
+Run: ``.venv/bin/python benchmarks/bench_federated.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from connectors.cohort import cohort_contract, generate_cohort  # noqa: E402
+from connectors.ingest import ingest_table  # noqa: E402
+from connectors.schema import SchemaContract  # noqa: E402
+from sandbox.engine_env import configure_engine_env  # noqa: E402
+from training.federated.config import FederatedConfig, FederatedPayload  # noqa: E402
+from training.models import ModelConfig  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+FEATURES = ("age", "sex", "diabetes", "hba1c", "creatinine", "prior_admissions", "length_of_stay")
+# the two largest hospitals split in two: 10 sites from ~3% to ~15% of the patients
+SPLITS = {"hospital-a": "hospital-i", "hospital-b": "hospital-j"}
+
+
+def ten_site_cohort(root: Path, patients: int) -> tuple[Path, SchemaContract, tuple[str, ...]]:
+    table = generate_cohort(patients, seed=5)
+    hospital = table["hospital"]
+    rng = np.random.default_rng(5)
+    coin = pa.array(rng.random(table.num_rows) < 0.5)
+    for site, other in SPLITS.items():
+        hospital = pc.if_else(pc.and_(pc.equal(hospital, site), coin), other, hospital)
+    table = table.set_column(table.schema.get_field_index("hospital"), "hospital", hospital)
+    data = cohort_contract().to_dict()
+    sites = tuple(sorted({*data["columns"]["hospital"]["categories"], *SPLITS.values()}))
+    data["columns"]["hospital"]["categories"] = list(sites)
+    contract = SchemaContract.from_dict(data)
+    ingest_table(table, contract, root / "ds", secrets.token_bytes(32))
+    return root / "ds", contract, sites
+
+
+def payload_for(
+    root: Path,
+    name: str,
+    ds: Path,
+    contract: SchemaContract,
+    sites: tuple[str, ...],
+    secret: str,
+    **overrides: Any,
+) -> Path:
+    values: dict[str, Any] = {
+        "rounds": 10,
+        "sites": sites,
+        "label": "readmitted_30d",
+        "features": FEATURES,
+        "model": ModelConfig("mlp", (32,)),
+        "epsilon": 3.0,
+        "delta": 1e-6,
+        "max_grad_norm": 1.0,
+        "batch_size": 64,
+        "lr": 0.5,
+        "seed": 1,
+        "local_epochs": 1,
+    }
+    values.update(overrides)
+    payload = FederatedPayload(
+        job_id=f"bench-{name}",
+        dataset="cohort10",
+        dataset_path=ds,
+        contract=contract,
+        config=FederatedConfig(**values),
+        out_dir=root / name / "out",
+        noise_secret_hex=secret,
+    )
+    return payload.write(root / name / "payload.json")
+
+
+def tree_memory() -> dict[str, float]:
+    """RSS and PSS (MiB) of every process below this one: the simulation's driver, Ray's
+    own processes and the actors (PSS splits shared pages, so it does not double count)."""
+    import psutil
+
+    rss = pss = actors = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            full = proc.memory_full_info()
+            name = " ".join(proc.cmdline()[:1])
+        except psutil.Error:
+            continue
+        rss += full.rss
+        pss += getattr(full, "pss", full.rss)
+        if "ClientAppActor" in name:
+            actors += full.rss
+    mib = 1024.0 * 1024.0
+    return {"rss_mib": rss / mib, "pss_mib": pss / mib, "actors_rss_mib": actors / mib}
+
+
+def timed_reference(path: Path) -> dict[str, Any]:
+    from training.federated.reference import run_reference
+
+    marks: list[float] = []  # round 0 = the setup's end
+    t0 = time.perf_counter()
+    weights = run_reference(path, on_round=lambda r, info: marks.append(time.perf_counter()))
+    total = time.perf_counter() - t0
+    rounds = [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
+    return {"setup_s": marks[0] - t0, "total_s": total, "rounds_s": rounds, "weights": weights}
+
+
+def timed_flower(path: Path, *, memory_at: tuple[int, ...] = ()) -> dict[str, Any]:
+    from training.federated.simulation import run_federated_simulation
+
+    memory: dict[int, dict[str, float]] = {}
+
+    def on_round(line: dict[str, Any]) -> None:
+        if line["round"] in memory_at:
+            memory[line["round"]] = tree_memory()
+
+    result = run_federated_simulation(
+        path,
+        timeout_s=1800,
+        zone_dir=path.parent / "zone",
+        on_round=on_round,
+        log_path=path.parent / "engine.log",
+    )
+    return {"result": result, "memory": memory}
+
+
+def planning_seconds(path: Path) -> float:
+    """CPU time of every site's DP planning (the same calls the sites make at setup)."""
+    from training.federated.config import load_payload
+    from training.federated.site import make_plan
+
+    payload = load_payload(path)
+    summary = json.loads((payload.out_dir / "summary.json").read_text())
+    t0 = time.perf_counter()
+    for site, fig in summary["sites"].items():
+        make_plan(payload, site, int(fig["n"]))
+    return time.perf_counter() - t0
+
+
+def per_round(rounds: list[float]) -> dict[str, float]:
+    # the last round of a Flower run also holds the DP evaluation: judge rounds 1..R-1
+    body = rounds[:-1] if len(rounds) > 1 else rounds
+    return {
+        "median_s": statistics.median(body),
+        "mean_s": statistics.fmean(body),
+        "last_s": rounds[-1],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller cohort, 30 long rounds")
+    args = parser.parse_args()
+    patients = 12_000 if args.quick else 20_000
+    long_rounds = 30 if args.quick else 100
+
+    work = Path(tempfile.mkdtemp(prefix="bench-fed-"))
+    configure_engine_env(work / "zone")
+    secret = secrets.token_hex(32)
+    load_before = os.getloadavg()
+    ds, contract, sites = ten_site_cohort(work, patients)
+    common = {"ds": ds, "contract": contract, "sites": sites, "secret": secret}
+    out: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_start": [round(x, 2) for x in load_before],
+        },
+        "setup": {
+            "sites": len(sites),
+            "patients": patients,
+            "model": "mlp (32,)",
+            "local_epochs": 1,
+            "batch_size": 64,
+            "num_cpus_per_client": 1,
+        },
+    }
+
+    # 1. cold: no Ray in this process, the job starts its own
+    cold_path = payload_for(work, "cold", **common)
+    cold = timed_flower(cold_path)["result"]
+    plan_cold = planning_seconds(cold_path)
+
+    # the zone's Ray: started once
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="szr-"),
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
+    zone_ray_init = time.perf_counter() - t0
+
+    # 2. ten rounds: Flower on the zone's Ray vs the reference loop
+    warm_path = payload_for(work, "warm", **common)
+    warm = timed_flower(warm_path)["result"]
+    ref = timed_reference(warm_path)
+    from training.federated.weights import load_weights
+
+    flower_w = load_weights(warm.weights_path)
+    identical = all(np.array_equal(flower_w[k], ref["weights"][k]) for k in ref["weights"])
+    plan_warm = planning_seconds(warm_path)
+
+    # 3. a hundred rounds: memory at round 10 and at the end
+    long_path = payload_for(work, "long", rounds=long_rounds, **common)
+    long = timed_flower(long_path, memory_at=(10, long_rounds))
+
+    # 4. SecAgg+ vs plain, same sites
+    sec_path = payload_for(work, "secagg", rounds=5, secure_aggregation=True, **common)
+    sec = timed_flower(sec_path)["result"]
+    ray.shutdown()
+
+    fl_rounds = per_round(list(warm.round_seconds))
+    ref_rounds = per_round(ref["rounds_s"])
+    sec_rounds = per_round(list(sec.round_seconds))
+    actors = min(len(sites), int(os.cpu_count() or 1))
+    mem = long["memory"]
+    out["ten_rounds"] = {
+        "reference": {
+            "setup_s": ref["setup_s"],
+            "rounds_total_s": sum(ref["rounds_s"]),
+            "total_s": ref["total_s"],
+            **ref_rounds,
+        },
+        "flower": {
+            "total_s": warm.seconds,
+            "cold_start_s": warm.cold_start_s,
+            "rounds_total_s": sum(warm.round_seconds),
+            **fl_rounds,
+        },
+        "ratio_per_round_median": fl_rounds["median_s"] / ref_rounds["median_s"],
+        "ratio_rounds_total": sum(warm.round_seconds) / sum(ref["rounds_s"]),
+        "ratio_total": warm.seconds / ref["total_s"],
+        "weights_bit_identical": identical,
+        "flower_parallel_actors": actors,
+    }
+    out["cold_start"] = {
+        "attach_to_zone_ray": {
+            "cold_start_s": warm.cold_start_s,
+            "engine_start_s": warm.engine_start_s,
+            "ray_init_or_attach_s": warm.ray_init_s,
+            "dp_planning_cpu_s": plan_warm,
+            "dp_planning_wall_est_s": plan_warm / actors,
+            "actors_and_first_call_s": warm.cold_start_s - warm.engine_start_s - plan_warm / actors,
+        },
+        "own_ray": {
+            "cold_start_s": cold.cold_start_s,
+            "engine_start_s": cold.engine_start_s,
+            "ray_init_or_attach_s": cold.ray_init_s,
+            "dp_planning_cpu_s": plan_cold,
+            "actors_and_first_call_s": cold.cold_start_s - cold.engine_start_s - plan_cold / actors,
+            "total_10_rounds_s": cold.seconds,
+        },
+        "zone_ray_init_once_s": zone_ray_init,
+    }
+    out["long_run"] = {
+        "rounds": long_rounds,
+        "total_s": long["result"].seconds,
+        "memory_round_10": mem.get(10),
+        f"memory_round_{long_rounds}": mem.get(long_rounds),
+        "rss_ratio": (mem[long_rounds]["rss_mib"] / mem[10]["rss_mib"]) if len(mem) == 2 else None,
+        "pss_ratio": (mem[long_rounds]["pss_mib"] / mem[10]["pss_mib"]) if len(mem) == 2 else None,
+        **per_round(list(long["result"].round_seconds)),
+    }
+    out["secagg"] = {
+        "rounds": 5,
+        "secagg_round": sec_rounds,
+        "plain_round": fl_rounds,
+        "ratio_median": sec_rounds["median_s"] / fl_rounds["median_s"],
+        "cold_start_s": sec.cold_start_s,
+    }
+    out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "federated.json").write_text(json.dumps(out, indent=2, sort_keys=True))
+    (RESULTS / "federated.md").write_text(render(out))
+    print(render(out))
+
+
+def render(o: dict[str, Any]) -> str:
+    t, c, lr, s = o["ten_rounds"], o["cold_start"], o["long_run"], o["secagg"]
+    m = o["machine"]
+    r = lr["rounds"]
+    mem10, memr = lr["memory_round_10"] or {}, lr[f"memory_round_{r}"] or {}
+
+    def f(x: float | None, p: int = 2) -> str:
+        return "n/a" if x is None else f"{x:.{p}f}"
+
+    lines = [
+        "# Federated training: Flower (Simulation Engine on Ray) vs the in-process loop",
+        "",
+        f"Machine: {m['cpus']} CPUs, Python {m['python']}; load average at start "
+        f"{m['load_average_at_start']}, at end {o['load_average_at_end']} (shared machine: "
+        "other work ran alongside; compare figures within this run only).",
+        f"Job: {o['setup']['sites']} sites, {o['setup']['patients']} patients, "
+        f"{o['setup']['model']}, 1 local epoch, batch 64, 1 CPU per simulated client "
+        f"({t['flower_parallel_actors']} actors in parallel; the reference runs the sites one "
+        "after another, one torch thread each, so both produce bit-identical weights).",
+        "Produced by `benchmarks/bench_federated.py` in one run.",
+        "",
+        "## 10 rounds",
+        "",
+        "| | reference loop | Flower on Ray | ratio |",
+        "|---|---|---|---|",
+        f"| per round (median of rounds 1-9) | {f(t['reference']['median_s'], 3)} s | "
+        f"{f(t['flower']['median_s'], 3)} s | **{f(t['ratio_per_round_median'])}x** |",
+        f"| per round (mean of rounds 1-9) | {f(t['reference']['mean_s'], 3)} s | "
+        f"{f(t['flower']['mean_s'], 3)} s | |",
+        f"| round 10 (+ DP evaluation in Flower) | {f(t['reference']['last_s'], 3)} s | "
+        f"{f(t['flower']['last_s'], 3)} s | |",
+        f"| 10 rounds | {f(t['reference']['rounds_total_s'])} s | {f(t['flower']['rounds_total_s'])} s "
+        f"| {f(t['ratio_rounds_total'])}x |",
+        f"| setup (reference) / cold start (Flower) | {f(t['reference']['setup_s'])} s | "
+        f"{f(t['flower']['cold_start_s'])} s | |",
+        f"| total wall | {f(t['reference']['total_s'])} s | {f(t['flower']['total_s'])} s | "
+        f"{f(t['ratio_total'])}x |",
+        "",
+        f"Global weights bit-identical between the two: **{t['weights_bit_identical']}**.",
+        "",
+        "## Cold start (launch until every site has answered the setup)",
+        "",
+        "| | zone's Ray already running (attach) | job starts its own Ray |",
+        "|---|---|---|",
+        f"| cold start | **{f(c['attach_to_zone_ray']['cold_start_s'])} s** | "
+        f"{f(c['own_ray']['cold_start_s'])} s |",
+        f"| of which: child process, imports, Ray start/attach | "
+        f"{f(c['attach_to_zone_ray']['engine_start_s'])} s | {f(c['own_ray']['engine_start_s'])} s |",
+        f"| of which: Ray start / attach alone | {f(c['attach_to_zone_ray']['ray_init_or_attach_s'])} s | "
+        f"{f(c['own_ray']['ray_init_or_attach_s'])} s |",
+        f"| of which: DP planning of 10 sites (CPU s, spread over the actors) | "
+        f"{f(c['attach_to_zone_ray']['dp_planning_cpu_s'])} | {f(c['own_ray']['dp_planning_cpu_s'])} |",
+        f"| of which: actors + first-call imports (rest) | "
+        f"{f(c['attach_to_zone_ray']['actors_and_first_call_s'])} s | "
+        f"{f(c['own_ray']['actors_and_first_call_s'])} s |",
+        "",
+        f"The zone's own Ray start, paid once per zone: {f(c['zone_ray_init_once_s'])} s.",
+        "",
+        f"## {r} rounds: memory (all processes of the run: driver, Ray, actors)",
+        "",
+        "| | round 10 | round " + str(r) + " | ratio |",
+        "|---|---|---|---|",
+        f"| RSS sum | {f(mem10.get('rss_mib'), 0)} MiB | {f(memr.get('rss_mib'), 0)} MiB | "
+        f"**{f(lr['rss_ratio'], 3)}** |",
+        f"| PSS sum | {f(mem10.get('pss_mib'), 0)} MiB | {f(memr.get('pss_mib'), 0)} MiB | "
+        f"{f(lr['pss_ratio'], 3)} |",
+        f"| actors' RSS | {f(mem10.get('actors_rss_mib'), 0)} MiB | "
+        f"{f(memr.get('actors_rss_mib'), 0)} MiB | |",
+        "",
+        f"Per round over the {r} rounds: median {f(lr['median_s'], 3)} s, mean {f(lr['mean_s'], 3)} s; "
+        f"total {f(lr['total_s'])} s.",
+        "",
+        "## SecAgg+ (legacy path) vs plain rounds, 10 sites",
+        "",
+        "| | plain | SecAgg+ | ratio |",
+        "|---|---|---|---|",
+        f"| per round (median) | {f(s['plain_round']['median_s'], 3)} s | "
+        f"{f(s['secagg_round']['median_s'], 3)} s | **{f(s['ratio_median'])}x** |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
