@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,12 +59,13 @@ SPLITS = {"hospital-a": "hospital-i", "hospital-b": "hospital-j"}
 
 def ten_site_cohort(root: Path, patients: int) -> tuple[Path, SchemaContract, tuple[str, ...]]:
     table = generate_cohort(patients, seed=5)
-    hospital = table["hospital"]
-    rng = np.random.default_rng(5)
-    coin = pa.array(rng.random(table.num_rows) < 0.5)
+    hospital = np.asarray(table["hospital"].to_pylist(), dtype=object)
+    # not seed 5: generate_cohort draws the hospitals from the same stream
+    coin = np.random.default_rng([5, 1]).random(table.num_rows) < 0.5
     for site, other in SPLITS.items():
-        hospital = pc.if_else(pc.and_(pc.equal(hospital, site), coin), other, hospital)
-    table = table.set_column(table.schema.get_field_index("hospital"), "hospital", hospital)
+        hospital[(hospital == site) & coin] = other
+    column = pa.array(hospital.tolist(), pa.string())
+    table = table.set_column(table.schema.get_field_index("hospital"), "hospital", column)
     data = cohort_contract().to_dict()
     sites = tuple(sorted({*data["columns"]["hospital"]["categories"], *SPLITS.values()}))
     data["columns"]["hospital"]["categories"] = list(sites)

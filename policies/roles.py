@@ -70,6 +70,10 @@ class Action(StrEnum):
     AUDIT_VERIFY = "audit.verify"
     SYNTH_DUMMY = "synth.dummy"
     QUERY_RUN = "query.run"
+    SYNTH_FIT = "synth.fit"
+    SYNTH_REPORT = "synth.report"
+    SYNTH_RELEASE = "synth.release"
+    JOB_QUOTE = "job.quote"
 
 
 _A = Action
@@ -88,6 +92,8 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.AUDIT_LIST, _A.AUDIT_VERIFY,
         _A.BUDGET_SHOW,
         _A.USER_LIST, _A.PROJECT_LIST, _A.PROJECT_SHOW, _A.JOB_LIST, _A.JOB_STATUS,
+        # non-DP synthesizers fit inside the zone for stewards; their output is held
+        _A.SYNTH_FIT, _A.SYNTH_REPORT, _A.SYNTH_RELEASE,
     }),
     Role.RESEARCHER: frozenset({
         _A.DATASET_LIST, _A.DATASET_SHOW,
@@ -95,7 +101,7 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.ACCESS_REQUEST, _A.ACCESS_LIST,
         _A.JOB_SUBMIT, _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT, _A.JOB_CANCEL,
         _A.BUDGET_SHOW,
-        _A.SYNTH_DUMMY, _A.QUERY_RUN,
+        _A.SYNTH_DUMMY, _A.QUERY_RUN, _A.SYNTH_FIT, _A.SYNTH_REPORT, _A.JOB_QUOTE,
     }),
     Role.ANALYST: frozenset({
         _A.DATASET_LIST, _A.DATASET_SHOW,
@@ -103,7 +109,7 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.ACCESS_LIST,
         _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT,
         _A.BUDGET_SHOW,
-        _A.SYNTH_DUMMY, _A.QUERY_RUN,
+        _A.SYNTH_DUMMY, _A.QUERY_RUN, _A.SYNTH_REPORT, _A.JOB_QUOTE,
     }),
 })
 # fmt: on

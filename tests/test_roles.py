@@ -36,6 +36,10 @@ audit.list      x        x       .          .
 audit.verify    x        x       .          .
 synth.dummy     .        .       x          x
 query.run       .        .       x          x
+synth.fit       .        x       x          .
+synth.report    .        x       x          x
+synth.release   .        x       .          .
+job.quote       .        .       x          x
 """
 
 
@@ -86,6 +90,7 @@ def test_action_values_are_the_service_calls() -> None:
         "access.request", "access.list", "access.approve", "access.deny",
         "job.submit", "job.list", "job.status", "job.result", "job.cancel",
         "budget.show", "audit.list", "audit.verify", "synth.dummy", "query.run",
+        "synth.fit", "synth.report", "synth.release", "job.quote",
     ]  # fmt: skip
 
 

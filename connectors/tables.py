@@ -1,0 +1,69 @@
+"""Governed rows as an Arrow table, for mechanisms that need columns rather than tensors.
+
+DP synthesis fits on a table of governed columns; like ``reader.load_split`` this keeps one
+row per person (the first in storage order) and splits by person with the same hash, so the
+train part here is the train part everywhere. The handle's ``on_open`` fires before the first
+row is read. Direct identifiers never exist in governed storage; the pseudonym is read only
+to split and deduplicate and is dropped unless asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from connectors.errors import SpecError
+from connectors.ingest import DATA_FILE
+from connectors.reader import DatasetHandle, Split, _hex_prefix, _splitmix64
+from connectors.schema import Role
+
+
+def load_table(
+    handle: DatasetHandle,
+    columns: Sequence[str],
+    *,
+    part: Split | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    keep_identifier: bool = False,
+) -> pa.Table:
+    contract = handle.contract
+    known = {c.name: c for c in contract.columns}
+    for name in columns:
+        spec = known.get(name)
+        if spec is None:
+            raise SpecError("columns", f"{name!r} is not a column of {handle.name!r}", "see `sandbox dataset show`")
+        if spec.role is Role.DIRECT_IDENTIFIER:
+            raise SpecError("columns", f"{name!r} is a direct identifier, dropped at ingest", "leave it out")
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise SpecError("test_fraction", "must lie strictly between 0 and 1", "pass e.g. 0.2")
+    id_name = contract.identifier
+    wanted = [c for c in columns if c != id_name]
+    read_cols = [*wanted, id_name] if id_name else wanted
+    path = handle.path / DATA_FILE if handle.path.is_dir() else handle.path
+    handle._latch.fire(handle.on_open)
+    table = pq.read_table(path, columns=read_cols)
+    if id_name is None:
+        persons = np.arange(table.num_rows, dtype=np.uint64)
+        keep = np.ones(table.num_rows, dtype=bool)
+    else:
+        ids = table.column(id_name).combine_chunks()
+        persons = _hex_prefix(ids)
+        # first row of each person in storage order: one row per person bounds contributions
+        codes = np.asarray(pc.dictionary_encode(ids).indices)
+        _, first = np.unique(codes, return_index=True)
+        keep = np.zeros(table.num_rows, dtype=bool)
+        keep[first] = True
+    if part is not None:
+        salt = _splitmix64(np.array([seed], dtype=np.uint64))[0]
+        u = (_splitmix64(persons ^ salt) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        in_test = u < float(test_fraction)
+        keep &= in_test if Split(part) is Split.TEST else ~in_test
+    table = table.filter(pa.array(keep))
+    if id_name and not keep_identifier:
+        table = table.drop_columns([id_name])
+    return table
