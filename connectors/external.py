@@ -51,6 +51,7 @@ def read_user_table(path: Path, columns: Sequence[str]) -> pa.Table:
     )
 
 
-def write_scores(path: Path, scores: pa.Table) -> None:
+def write_table(path: Path, table: pa.Table) -> None:
+    """Write a table that may leave the zone (scores, DP synthetic rows) as Parquet."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(scores, path)
+    pq.write_table(table, path)

@@ -221,6 +221,16 @@ class JobStore:
             conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
         return self.get(job_id)
 
+    def update_result(self, job_id: str, result: dict[str, Any]) -> JobRecord:
+        """Amend a finished job's result (a steward's release flags); the state is unchanged."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs_table)
+                .where(jobs_table.c.id == job_id)
+                .values(result_json=json.dumps(result, sort_keys=True))
+            )
+        return self.get(job_id)
+
     def mark_data_opened(self, job_id: str) -> None:
         """Durably record that the job touched real rows (before the first byte is read)."""
         with self.engine.begin() as conn:

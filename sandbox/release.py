@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 RELEASED_FILES = ("model.safetensors", "preprocessing.json", "model_card.json")
+#: a synthetic-data job releases its rows and its card; the report and plots stay in the zone
+#: (the aggregate scores reach the researcher through ``synth report`` once a steward releases them)
+SYNTH_FILES = ("synthetic.parquet", "synth_card.json")
 
 
 def write_model_card(
@@ -59,10 +62,42 @@ def write_model_card(
     return path
 
 
-def release_artefacts(job_dir: Path, out: Path) -> list[Path]:
+def write_synth_card(job_dir: Path, job: Any, result: dict[str, Any]) -> Path:
+    spec = job.spec
+    card = {
+        "job": job.id,
+        "project": job.project,
+        "dataset": job.dataset,
+        "mechanism": "synthetic",
+        "method": result["method"],
+        "differentially_private": result["dp"],
+        "columns": result["columns"],
+        "rows": result["rows"],
+        "privacy": {
+            "epsilon": result["epsilon"],
+            "delta": result["delta"],
+            "epsilon_requested": spec.get("epsilon"),
+            "unit": "person (pseudonymous identifier); one row per person",
+            "neighbouring_relation": "add/remove one person",
+            "accountant": "rdp",
+            "releases": result["steps"],
+        },
+        "fitted_on": "the train part of the person split; the test part is held out for the report",
+        "spec_hash": job.spec_hash,
+        "ledger_event": result.get("ledger_event"),
+        "audit_event": {"seq": result.get("audit_seq"), "hash": result.get("audit_hash")},
+    }
+    path = job_dir / "synth_card.json"
+    path.write_text(json.dumps(card, indent=2, sort_keys=True))
+    return path
+
+
+def release_artefacts(
+    job_dir: Path, out: Path, names: tuple[str, ...] = RELEASED_FILES
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     copied = []
-    for name in RELEASED_FILES:
+    for name in names:
         src = job_dir / name
         if src.exists():
             shutil.copy2(src, out / name)

@@ -32,7 +32,8 @@ from privacy.sql import make_engine
 from sandbox.backend import InProcessBackend, JobBackend, Resources
 from sandbox.jobs import JobRecord, JobState, JobStore
 from sandbox.jobspec import JobSpec, Mode
-from sandbox.release import write_model_card
+from sandbox.release import RELEASED_FILES, SYNTH_FILES, write_model_card, write_synth_card
+from sandbox.service_synth import SyntheticDataCalls
 from sandbox.zone import Zone
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -42,7 +43,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class Service:
+class Service(SyntheticDataCalls):
     def __init__(
         self,
         zone: Zone,
@@ -445,7 +446,20 @@ class Service:
 
     def _finish(self, actor: Any, job_id: str, result: dict[str, Any]) -> JobRecord:
         rec = self.jobs.get(job_id)
-        assert rec.reservation_id is not None  # every job is created with one
+        if rec.reservation_id is None:
+            # a dry run (dummy or already-released synthetic data) or a steward's non-DP
+            # synthesizer: nothing was charged; the latter's output is held for a steward
+            self.audit.append(
+                actor.name,
+                "job.uncharged",
+                "ok",
+                job_id,
+                {
+                    "dry_run": bool(result.get("dry_run")),
+                    "kind": str(result.get("kind", "dp-sgd")),
+                },
+            )
+            return self.jobs.move(job_id, JobState.SUCCEEDED, result=result)
         # chokepoint 3: commit the accountant's figure before anything can be released
         event = self.ledger.commit(
             rec.reservation_id, float(result["epsilon"]), float(result["delta"]), actor=actor.name
@@ -465,8 +479,13 @@ class Service:
         result["ledger_event"] = event.event_id
         result["audit_seq"] = audit.seq
         result["audit_hash"] = audit.hash
-        dataset = self.store.get_dataset(rec.dataset)
-        write_model_card(self.zone.job_dir(job_id), rec, dataset, result, backend=self.backend.name)
+        if result.get("kind") == "synthetic":
+            write_synth_card(self.zone.job_dir(job_id), rec, result)
+        else:
+            dataset = self.store.get_dataset(rec.dataset)
+            write_model_card(
+                self.zone.job_dir(job_id), rec, dataset, result, backend=self.backend.name
+            )
         return self.jobs.move(job_id, JobState.SUCCEEDED, result=result)
 
     def list_jobs(self, actor: Any) -> list[JobRecord]:
@@ -494,11 +513,20 @@ class Service:
                     f"job {job_id} is {rec.state}, not succeeded",
                     "only succeeded jobs have a release",
                 )
-            if not self._charged(rec):
+            result = rec.result or {}
+            if result.get("kind") == "synthetic" and not result.get("dp"):
+                if not result.get("steward_release"):
+                    raise PolicyDenied(
+                        f"job {job_id} made non-DP synthetic data; it leaves only with a steward's release",
+                        missing=("steward release",),
+                        grantor="data steward",
+                    )
+            elif not result.get("dry_run") and not self._charged(rec):
                 raise IntegrityError(
                     f"job {job_id} has no committed ledger charge; nothing is released"
                 )
-            files = release_artefacts(self.zone.job_dir(job_id), out)
+            names = SYNTH_FILES if result.get("kind") == "synthetic" else RELEASED_FILES
+            files = release_artefacts(self.zone.job_dir(job_id), out, names)
             extra.update(files=len(files))
             return {"job": job_id, "out": str(out), "files": [str(f) for f in files]}
 

@@ -138,6 +138,9 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     )
     (out / "preprocessing.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
     return {
+        "kind": "dp-sgd",
+        # a dry run (dummy or released synthetic data) touched no real row and charges nothing
+        "dry_run": payload.get("dry_run"),
         "epsilon": epsilon_spent,
         "delta": spec.privacy.delta,
         "plan": dp.to_dict(),

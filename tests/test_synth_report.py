@@ -176,6 +176,20 @@ def test_synthetic_label_with_one_class_scores_chance_with_a_note(split, contrac
     assert any("one class" in note for note in r.notes)
 
 
+def test_jittered_copies_pass_the_copy_check_but_not_dcr(split, contract):
+    """Nudging one number makes every row "new"; DCR still sees them sitting on real rows."""
+    train, test = split
+    small = train.slice(0, 2_000)
+    age = pc.add(small.column("age"), 0.01)
+    jittered = small.set_column(small.schema.get_field_index("age"), "age", age)
+    r = build_report(
+        small, test, jittered, contract, label=LABEL, features=("age", "sex", "primary_dx", "chf")
+    )
+    assert r.new_row_share == 1.0
+    assert r.dcr_p05 < 1e-3 and r.dcr_median < 1e-3  # 0.01 years over an 87-year domain
+    assert r.dcr_holdout_median > 100 * r.dcr_median
+
+
 # --- the two views -----------------------------------------------------------------------------
 
 

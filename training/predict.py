@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from connectors.errors import SpecError
-from connectors.external import read_user_table, write_scores
+from connectors.external import read_user_table, write_table
 from connectors.preprocess import FeaturePlan
 from training.models import ModelConfig, ModelKind, build_model
 
@@ -67,5 +67,5 @@ def predict_file(folder: Path, source: Path, out: Path) -> int:
     released = ReleasedModel.load(folder)
     table = read_user_table(source, released.features)
     scores = released.predict(table)
-    write_scores(out, pa.table({"score": pa.array(scores, type=pa.float32())}))
+    write_table(out, pa.table({"score": pa.array(scores, type=pa.float32())}))
     return len(scores)

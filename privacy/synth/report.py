@@ -77,7 +77,8 @@ DEFAULT_DCR_ROWS = 5_000
 DEFAULT_MARGINALS = 6
 #: histogram bins across a numeric column's declared domain
 _HIST_BINS = 30
-#: an integer column whose declared domain spans at most this many values gets one bar each
+#: an integer column whose declared domain spans at most this many values gets one bar per
+#: value (0/1 flags, counts such as prior admissions) instead of a histogram
 _MAX_INTEGER_BARS = 31
 
 
@@ -786,10 +787,11 @@ def _plot_shapes(report: SynthReport, path: Path) -> Path:
     scores = [report.column_shape_scores[n] for n in names]
     fig = _figure(8.0, 0.3 * len(names) + 1.5)
     ax = fig.add_subplot()
-    ax.barh(range(len(names)), scores, color="#4c72b0")
+    bars = ax.barh(range(len(names)), scores, color="#4c72b0")
+    ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set_xlim(0.0, 1.0)
+    ax.set_xlim(0.0, 1.12)  # room for the labels
     ax.set_xlabel("sdmetrics column shape score (1 = same distribution)")
     ax.set_title(f"Column shapes: {report.column_shapes:.3f}  quality: {report.quality:.3f}")
     return _save(fig, path)
@@ -830,21 +832,24 @@ def _plot_marginals(
         real_col = _contract_frame(real, [name], contract)[name]
         synth_col = _contract_frame(synth, [name], contract)[name]
         title = f"{name} (shape {report.column_shape_scores[name]:.3f})"
-        if spec.is_numeric and spec.role is not Role.LABEL and spec.min is not None:
+        narrow = (
+            spec.is_integer
+            and spec.min is not None
+            and spec.max is not None
+            and spec.max - spec.min + 1 <= _MAX_INTEGER_BARS
+        )
+        if spec.is_numeric and spec.role is not Role.LABEL and spec.min is not None and not narrow:
             _numeric_panel(ax, spec, real_col.to_numpy(), synth_col.to_numpy())
         else:
             _category_panel(ax, spec, real_col, synth_col)
         ax.set_title(title, fontsize=9)
-    axes.flat[0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def _numeric_panel(ax: Any, spec: ColumnSpec, real: np.ndarray, synth: np.ndarray) -> None:
     lo, hi = float(spec.min), float(spec.max)  # type: ignore[arg-type]
-    if spec.is_integer and hi - lo + 1 <= _MAX_INTEGER_BARS:
-        edges = np.arange(lo - 0.5, hi + 1.0, 1.0)
-    else:
-        edges = np.linspace(lo, hi, _HIST_BINS + 1)
+    edges = _nice_edges(lo, hi)
     for values, colour, name in ((real, "#55a868", "real"), (synth, "#4c72b0", "synthetic")):
         known = values[~np.isnan(values)]
         missing = 1.0 - known.size / max(values.size, 1)
@@ -861,13 +866,29 @@ def _numeric_panel(ax: Any, spec: ColumnSpec, real: np.ndarray, synth: np.ndarra
     ax.tick_params(labelsize=7)
 
 
+def _nice_edges(lo: float, hi: float) -> np.ndarray:
+    """About ``_HIST_BINS`` bins over [lo, hi] with a 1-2-5 width on multiples of the width.
+
+    Bins of a round width keep values recorded to whole units (ages in years, pressures in
+    mmHg) from piling up unevenly, as they do in bins of 2.9 units.
+    """
+    raw = (hi - lo) / _HIST_BINS
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1.0, 2.0, 5.0, 10.0) if m * magnitude >= raw)
+    start = math.floor(lo / step) * step
+    return np.arange(start, hi + step, step)
+
+
 def _category_panel(ax: Any, spec: ColumnSpec, real: pd.Series, synth: pd.Series) -> None:
     if spec.type == "bool":
         levels: list[Any] = [False, True]
         names = ["false", "true"]
-    elif spec.role is Role.LABEL or spec.is_numeric:
-        levels = [0.0, 1.0]
-        names = ["0", "1"]
+    elif spec.is_numeric:
+        # a narrow integer domain (a 0/1 flag, a label): one bar per declared value
+        lo = math.ceil(spec.min) if spec.min is not None else 0
+        hi = math.floor(spec.max) if spec.max is not None else 1
+        levels = [float(v) for v in range(lo, hi + 1)]
+        names = [str(v) for v in range(lo, hi + 1)]
     else:
         cats = list(spec.categories or ())
         levels = cats if OTHER in cats else [*cats, OTHER]
