@@ -180,8 +180,7 @@ def _strings(values: np.ndarray, missing: np.ndarray) -> pa.Array:
 def _numbers(spec: ColumnSpec, n: int, rng: np.random.Generator) -> np.ndarray:
     if spec.type == "bool":
         return (rng.random(n) < 0.5).astype(np.float64)
-    lo, hi = (spec.min, spec.max) if spec.min is not None else UNDECLARED_NUMERIC_RANGE
-    assert lo is not None and hi is not None  # for mypy: min and max come in pairs
+    lo, hi = _domain(spec, UNDECLARED_NUMERIC_RANGE)
     if spec.is_integer:
         low, high = math.ceil(lo), math.floor(hi)
         return rng.integers(low, high + 1, size=n).astype(np.float64)
@@ -190,13 +189,19 @@ def _numbers(spec: ColumnSpec, n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(lo, hi, size=n)
 
 
+def _domain(spec: ColumnSpec, default: tuple[float, float]) -> tuple[float, float]:
+    """The declared [min, max] (the contract declares both or neither), else ``default``."""
+    if spec.min is None or spec.max is None:
+        return default
+    return spec.min, spec.max
+
+
 def _label(spec: ColumnSpec, rows: int, rng: np.random.Generator) -> pa.Array:
     rate = 0.5 if spec.positive_rate is None else spec.positive_rate
     positive = rng.random(rows) < rate
     if spec.type == "bool":
         return pa.array(positive, pa.bool_())
-    lo, hi = (0.0, 1.0) if spec.min is None else (spec.min, spec.max)
-    assert hi is not None
+    lo, hi = _domain(spec, (0.0, 1.0))
     if not (lo <= 0.0 and hi >= 1.0):
         # a label whose declared domain excludes 0 or 1 is not binary: draw its integers
         return to_arrow_within_domain(rng.integers(math.ceil(lo), math.floor(hi) + 1, rows), spec)

@@ -126,14 +126,14 @@ def run_demo(
         step('sandbox project create readmission --purpose "30-day readmission risk"   # as rita')
         svc.create_project(rita, "readmission", "30-day readmission risk model")
         step(
-            "sandbox access request readmission --dataset cohort --columns ... --mechanism dp-sgd,federated --epsilon 3 --delta 1e-5"
+            "sandbox access request readmission --dataset cohort --columns ... --mechanism dp-sgd,federated,synthetic --epsilon 3 --delta 1e-5"
         )
         req = svc.request_access(
             rita,
             "readmission",
             "cohort",
-            [*DEMO_FEATURES, DEMO_LABEL],
-            ["dp-sgd", "federated"],
+            [*DEMO_FEATURES, DEMO_LABEL, "hospital"],
+            ["dp-sgd", "federated", "synthetic"],
             3.0,
             1e-5,
         )
@@ -194,6 +194,60 @@ def run_demo(
                 f"  left out (too few patients for a useful DP guarantee): {len(fed['excluded'])} site(s)"
             )
 
+        dummy_out = root.parent / "dummy.parquet"
+        step(
+            f"sandbox synth dummy cohort --rows 1000 --out {dummy_out}   # free: from the contract alone"
+        )
+        dummy = svc.synth_dummy(rita, "cohort", 1000, dummy_out)
+        console.print(f"  {dummy['rows']} dummy rows, epsilon charged: {dummy['charged_epsilon']}")
+
+        synth_cols = [*DEMO_FEATURES, DEMO_LABEL, "hospital"]
+        step("sandbox synth fit cohort --project readmission --epsilon 1 --method mst --rows 20000")
+        synth_job = svc.synth_fit(
+            rita,
+            "readmission",
+            "cohort",
+            epsilon=1.0,
+            delta=1e-6,
+            method="mst",
+            rows=20_000,
+            columns=synth_cols,
+            label=DEMO_LABEL,
+        )
+        sr = synth_job.result or {}
+        console.print(
+            f"  synthetic job {synth_job.id}: {sr.get('rows')} rows, epsilon {sr.get('epsilon', 0):.3f} charged"
+        )
+        step(f"sandbox synth release {synth_job.id}   # as sam, after reading the full report")
+        svc.synth_report(steward, synth_job.id)
+        svc.synth_release(steward, synth_job.id)
+        step(f"sandbox synth report {synth_job.id}   # as rita: aggregate scores")
+        agg = svc.synth_report(rita, synth_job.id)["report"]
+        for key in ("quality", "tstr_auroc", "trtr_auroc", "new_row_share"):
+            if key in agg and agg[key] is not None:
+                console.print(f"  {key}: {agg[key]:.3f}")
+
+        step(f"sandbox quote job.toml --curve --on synthetic:{synth_job.id}   # no charge")
+        quote = svc.quote(rita, spec)
+        curve = svc.quote_curve(
+            rita,
+            spec,
+            f"synthetic:{synth_job.id}",
+            root.parent / "quote",
+            epsilons=(0.25, 1.0, 4.0),
+        )
+        console.print(
+            f"  the job would spend epsilon {quote['epsilon']:.3f} (delta {quote['delta']:g})"
+        )
+        for pt in curve["points"]:
+            auroc = pt["auroc"]
+            console.print(
+                f"  epsilon {pt['epsilon']:>4g}: AUROC on synthetic {auroc:.3f}"
+                if auroc is not None
+                else f"  epsilon {pt['epsilon']:>4g}: -"
+            )
+        console.print(f"  curve: {curve['png']}")
+
         step("sandbox budget readmission")
         bal = next(b for b in svc.budget(rita, "readmission") if not b.key.site)
         step("sandbox audit verify   # as sam")
@@ -211,6 +265,14 @@ def run_demo(
             "budget": {
                 "spent_epsilon": bal.spent_epsilon,
                 "remaining_epsilon": bal.remaining_epsilon,
+            },
+            "synthetic": {
+                "dummy_rows": dummy["rows"],
+                "job": synth_job.id,
+                "epsilon": sr.get("epsilon"),
+                "report": agg,
+                "quote_epsilon": quote["epsilon"],
+                "curve": curve["points"],
             },
             "federated": {
                 "job": fed_job.id,

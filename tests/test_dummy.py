@@ -69,7 +69,9 @@ positive_rate = 0.3
 
 
 def _counts(column: pa.ChunkedArray) -> dict[str, int]:
-    values, counts = np.unique(np.asarray(column.drop_null().to_pylist(), dtype=object), return_counts=True)
+    values, counts = np.unique(
+        np.asarray(column.drop_null().to_pylist(), dtype=object), return_counts=True
+    )
     return dict(zip(values.tolist(), counts.tolist(), strict=True))
 
 

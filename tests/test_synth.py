@@ -72,7 +72,13 @@ def governed(tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
 def results(governed: pa.Table) -> dict[SynthMethod, SynthResult]:
     return {
         m: fit_and_sample(
-            m, governed, cohort_contract(), epsilon=3.0, delta=DELTA, rows=2_000, seed=1,
+            m,
+            governed,
+            cohort_contract(),
+            epsilon=3.0,
+            delta=DELTA,
+            rows=2_000,
+            seed=1,
             noise_seed=2,
         )
         for m in DP_METHODS
@@ -161,7 +167,13 @@ def test_deterministic_for_seed_and_noise_seed(method: SynthMethod, governed: pa
 
     def run(seed: int, noise_seed: int) -> pa.Table:
         return fit_and_sample(
-            method, small, cohort_contract(), epsilon=2.0, delta=DELTA, rows=300, seed=seed,
+            method,
+            small,
+            cohort_contract(),
+            epsilon=2.0,
+            delta=DELTA,
+            rows=300,
+            seed=seed,
             noise_seed=noise_seed,
         ).table
 
@@ -172,10 +184,18 @@ def test_deterministic_for_seed_and_noise_seed(method: SynthMethod, governed: pa
 
 @pytest.mark.parametrize("method", DP_METHODS)
 @pytest.mark.parametrize("epsilon", [0, -1.0, math.nan, math.inf, None, True, "3", 1e-9])
-def test_bad_epsilon_names_epsilon(method: SynthMethod, epsilon: object, governed: pa.Table) -> None:
+def test_bad_epsilon_names_epsilon(
+    method: SynthMethod, epsilon: object, governed: pa.Table
+) -> None:
     with pytest.raises(SpecError) as info:
         fit_and_sample(
-            method, governed, cohort_contract(), epsilon=epsilon, delta=DELTA, rows=10, seed=0,
+            method,
+            governed,
+            cohort_contract(),
+            epsilon=epsilon,
+            delta=DELTA,
+            rows=10,
+            seed=0,
             noise_seed=0,
         )
     assert "epsilon" in info.value.field
@@ -195,8 +215,15 @@ def test_bad_epsilon_names_epsilon(method: SynthMethod, epsilon: object, governe
 )
 def test_bad_arguments_name_the_field(kwargs: dict, field: str, governed: pa.Table) -> None:
     args = {
-        "method": "mst", "table": governed, "contract": cohort_contract(), "epsilon": 1.0,
-        "delta": DELTA, "rows": 10, "seed": 0, "noise_seed": 0, **kwargs,
+        "method": "mst",
+        "table": governed,
+        "contract": cohort_contract(),
+        "epsilon": 1.0,
+        "delta": DELTA,
+        "rows": 10,
+        "seed": 0,
+        "noise_seed": 0,
+        **kwargs,
     }
     method = args.pop("method")
     with pytest.raises(SpecError) as info:
@@ -207,8 +234,14 @@ def test_bad_arguments_name_the_field(kwargs: dict, field: str, governed: pa.Tab
 def test_a_missing_column_names_the_column(governed: pa.Table) -> None:
     with pytest.raises(SchemaError) as info:
         fit_and_sample(
-            "mst", governed.drop_columns(["age"]), cohort_contract(), epsilon=1.0, delta=DELTA,
-            rows=10, seed=0, noise_seed=0,
+            "mst",
+            governed.drop_columns(["age"]),
+            cohort_contract(),
+            epsilon=1.0,
+            delta=DELTA,
+            rows=10,
+            seed=0,
+            noise_seed=0,
         )
     assert info.value.column == "age"
 
@@ -225,7 +258,9 @@ def _auroc_train_synthetic_test_real(synthetic: pa.Table, real: pa.Table) -> flo
     return float(roc_auc_score(np.asarray(real["readmitted_30d"]), scores))
 
 
-@pytest.mark.parametrize(("method", "floor"), [(SynthMethod.MST, 0.65), (SynthMethod.DP_COPULA, 0.57)])
+@pytest.mark.parametrize(
+    ("method", "floor"), [(SynthMethod.MST, 0.65), (SynthMethod.DP_COPULA, 0.57)]
+)
 def test_label_feature_link_survives(
     method: SynthMethod, floor: float, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -234,7 +269,13 @@ def test_label_feature_link_survives(
     train = _governed(5_000, 3, tmp_path_factory.mktemp("tstr") / "d")
     real = generate_cohort(10_000, seed=4)
     result = fit_and_sample(
-        method, train, cohort_contract(), epsilon=3.0, delta=DELTA, rows=5_000, seed=0,
+        method,
+        train,
+        cohort_contract(),
+        epsilon=3.0,
+        delta=DELTA,
+        rows=5_000,
+        seed=0,
         noise_seed=0,
     )
     assert _auroc_train_synthetic_test_real(result.table, real) > floor
@@ -296,12 +337,16 @@ def test_a_contract_without_label_or_site_vocabulary(method: SynthMethod) -> Non
     counts=st.lists(st.integers(0, 40), min_size=1, max_size=3),
     shares=st.lists(st.floats(0.05, 1.0), min_size=3, max_size=3),
 )
-def test_planned_noise_never_overshoots(epsilon: float, counts: list[int], shares: list[float]) -> None:
+def test_planned_noise_never_overshoots(
+    epsilon: float, counts: list[int], shares: list[float]
+) -> None:
     if not any(counts):
         counts = [1]
     groups = list(zip(shares, counts, strict=False))
     sigmas = plan_sigmas(epsilon, DELTA, groups)
-    history = [GaussianStep(s, 1.0, 1) for s, (_, c) in zip(sigmas, groups, strict=True) for _ in range(c)]
+    history = [
+        GaussianStep(s, 1.0, 1) for s, (_, c) in zip(sigmas, groups, strict=True) for _ in range(c)
+    ]
     spent = epsilon_for(history, DELTA)
     assert spent <= epsilon
     assert spent >= 0.99 * epsilon or min(sigmas) <= 0.1 * math.sqrt(sum(counts))
@@ -343,24 +388,42 @@ def test_baselines_refuse_to_log_outside_the_zone(
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     with pytest.raises(BackendError, match="XDG_DATA_HOME"):
         fit_and_sample(
-            "gaussian-copula", governed, cohort_contract(), epsilon=None, delta=None, rows=10,
-            seed=0, noise_seed=None,
+            "gaussian-copula",
+            governed,
+            cohort_contract(),
+            epsilon=None,
+            delta=None,
+            rows=10,
+            seed=0,
+            noise_seed=None,
         )
 
 
 def test_baselines_have_no_epsilon(governed: pa.Table) -> None:
     with pytest.raises(SpecError) as info:
         fit_and_sample(
-            "gaussian-copula", governed, cohort_contract(), epsilon=3.0, delta=None, rows=10,
-            seed=0, noise_seed=None,
+            "gaussian-copula",
+            governed,
+            cohort_contract(),
+            epsilon=3.0,
+            delta=None,
+            rows=10,
+            seed=0,
+            noise_seed=None,
         )
     assert info.value.field == "epsilon"
 
 
 def test_gaussian_copula_baseline_runs(governed: pa.Table) -> None:
     result = fit_and_sample(
-        "gaussian-copula", governed, cohort_contract(), epsilon=None, delta=None, rows=500,
-        seed=0, noise_seed=None,
+        "gaussian-copula",
+        governed,
+        cohort_contract(),
+        epsilon=None,
+        delta=None,
+        rows=500,
+        seed=0,
+        noise_seed=None,
     )
     assert not result.is_dp and result.epsilon is None and result.steps == ()
     assert any("NOT differentially private" in note for note in result.notes)

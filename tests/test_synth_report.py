@@ -183,7 +183,12 @@ def test_jittered_copies_pass_the_copy_check_but_not_dcr(split, contract):
     age = pc.add(small.column("age"), 0.01)
     jittered = small.set_column(small.schema.get_field_index("age"), "age", age)
     r = build_report(
-        small, test, jittered, contract, label=LABEL, features=("age", "sex", "primary_dx", "chf")
+        small,
+        test,
+        jittered,
+        contract,
+        label=LABEL,
+        features=("age", "sex", "length_of_stay", "sbp", "primary_dx"),
     )
     assert r.new_row_share == 1.0
     assert r.dcr_p05 < 1e-3 and r.dcr_median < 1e-3  # 0.01 years over an 87-year domain

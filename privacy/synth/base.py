@@ -508,9 +508,7 @@ def plan_sigmas(
             "epsilon", f"cannot be met ({exc.problem})", "raise epsilon (e.g. 0.5 to 10)"
         ) from None
     # rho_group_release = (share / total) * rho_total / count  =>  sigma = sigma_one*sqrt(...)
-    sigmas = [
-        sigma_one * math.sqrt(c * total / s) if c > 0 else math.inf for s, c in groups
-    ]
+    sigmas = [sigma_one * math.sqrt(c * total / s) if c > 0 else math.inf for s, c in groups]
 
     def history(scale: float) -> list[GaussianStep]:
         return [
@@ -544,6 +542,9 @@ def project_to_simplex(values: np.ndarray, totals: np.ndarray | float) -> np.nda
     ranks = np.arange(1, k + 1)
     positive = u - css / ranks > 0
     last = k - 1 - np.argmax(positive[:, ::-1], axis=1)
+    # index 0 always qualifies in exact arithmetic (t > 0); rounding can lose it for a total
+    # far below the values' spacing, and then the answer is "all mass on the largest value"
+    last = np.where(positive.any(axis=1), last, 0)
     theta = css[np.arange(flat.shape[0]), last] / (last + 1)
     out = np.maximum(flat - theta[:, None], 0.0)
     out[t <= 0] = 0.0

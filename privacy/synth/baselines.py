@@ -183,12 +183,12 @@ def from_frame(frame: pd.DataFrame, contract: SchemaContract, rng: np.random.Gen
         series = frame[spec.name]
         if spec.type == "string":
             allowed = {*(spec.categories or ()), OTHER}
-            values = [
+            words = [
                 None if _is_null(v) else (str(v) if str(v) in allowed else OTHER) for v in series
             ]
             if not spec.is_nullable:
-                values = [OTHER if v is None else v for v in values]
-            arrays[spec.name] = pa.array(values, pa.string())
+                words = [OTHER if v is None else v for v in words]
+            arrays[spec.name] = pa.array(words, pa.string())
         elif spec.is_temporal:
             stamps = pd.to_datetime(series, errors="coerce")
             seconds = pa.array(stamps.astype("datetime64[s]"), pa.timestamp("s"))

@@ -157,7 +157,7 @@ def _nearest_correlation(a: np.ndarray) -> np.ndarray:
         correction = x - r
         y_next = x.copy()
         np.fill_diagonal(y_next, 1.0)
-        if np.linalg.norm(y_next - y) <= 1e-9 * max(np.linalg.norm(y), 1.0):
+        if float(np.linalg.norm(y_next - y)) <= 1e-9 * max(float(np.linalg.norm(y)), 1.0):
             y = y_next
             break
         y = y_next

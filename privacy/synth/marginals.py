@@ -230,9 +230,7 @@ def _counts(y: np.ndarray, ky: int, x: np.ndarray, kx: int) -> np.ndarray:
     return np.bincount(y * kx + x, minlength=ky * kx).reshape(ky, kx).astype(np.float64)
 
 
-def _counts3(
-    y: np.ndarray, ky: int, a: np.ndarray, ka: int, b: np.ndarray, kb: int
-) -> np.ndarray:
+def _counts3(y: np.ndarray, ky: int, a: np.ndarray, ka: int, b: np.ndarray, kb: int) -> np.ndarray:
     flat = (y * ka + a) * kb + b
     return np.bincount(flat, minlength=ky * ka * kb).reshape(ky, ka, kb).astype(np.float64)
 
@@ -280,9 +278,8 @@ def _coarsen(column: ColumnCodec, mass: np.ndarray, threshold: float) -> _Coarse
 
 def _merge(table: np.ndarray, coarse: _Coarse) -> np.ndarray:
     """Sum a (label, fine) table into (label, coarse)."""
-    out = np.zeros((table.shape[0], coarse.size))
-    np.add.at(out, (slice(None), coarse.group), table)
-    return out
+    onehot = (coarse.group[:, None] == np.arange(coarse.size)[None, :]).astype(np.float64)
+    return np.asarray(table @ onehot)
 
 
 def _refinement(anchor: np.ndarray, coarse: _Coarse) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -23,6 +25,10 @@ def request(
     ] = "dp-sgd",
     epsilon: Annotated[float, typer.Option("--epsilon")] = 1.0,
     delta: Annotated[float, typer.Option("--delta")] = 1e-6,
+    quote: Annotated[
+        Path | None,
+        typer.Option("--quote", help="a quote.json from `sandbox quote` for the steward"),
+    ] = None,
     zone: ZoneOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
@@ -39,6 +45,7 @@ def request(
             [m.strip() for m in mechanism.split(",")],
             epsilon,
             delta,
+            quote=json.loads(quote.read_text()) if quote else None,
         )
     finally:
         s.close()

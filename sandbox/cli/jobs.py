@@ -49,6 +49,10 @@ def register(app_root: typer.Typer) -> None:
     @app_root.command("submit")
     def submit(
         spec_path: Annotated[Path, typer.Argument(metavar="JOB.toml")],
+        on: Annotated[
+            str | None,
+            typer.Option("--on", help="dry run on dummy or synthetic:JOB data (no charge)"),
+        ] = None,
         ray_address: RayOpt = None,
         zone: ZoneOpt = None,
         token: TokenOpt = None,
@@ -68,7 +72,9 @@ def register(app_root: typer.Typer) -> None:
         spec = load_job_spec(spec_path)
         s = open_session(zone, token, ray_address)
         try:
-            if as_json:
+            if on is not None:
+                rec = s.service.dry_run(s.user, spec, on)
+            elif as_json:
                 rec = s.service.submit(s.user, spec)
             else:
                 federated = spec.federated is not None
@@ -100,6 +106,71 @@ def register(app_root: typer.Typer) -> None:
         finally:
             s.close()
         emit(rec, as_json, _summary)
+
+
+def register_quote(app_root: typer.Typer) -> None:
+    @app_root.command("quote")
+    def quote(
+        spec_path: Annotated[Path, typer.Argument(metavar="JOB.toml")],
+        curve: Annotated[
+            bool, typer.Option("--curve", help="utility vs epsilon from dry runs (PNG + table)")
+        ] = False,
+        on: Annotated[
+            str, typer.Option("--on", help="data for the curve's dry runs: dummy or synthetic:JOB")
+        ] = "dummy",
+        out: Annotated[Path, typer.Option("--out", help="folder for the curve")] = Path("quote"),
+        ray_address: RayOpt = None,
+        zone: ZoneOpt = None,
+        token: TokenOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """What a job will spend (epsilon, delta) from the accountant, before anything runs."""
+        import json as _json
+
+        from sandbox.jobspec import load_job_spec
+
+        spec = load_job_spec(spec_path)
+        s = open_session(zone, token, ray_address)
+        try:
+            q = s.service.quote(s.user, spec)
+            if curve:
+                q["curve"] = s.service.quote_curve(s.user, spec, on, out)
+        finally:
+            s.close()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quote.json").write_text(_json.dumps(q, indent=2, default=str))
+
+        def human(q: dict[str, Any]) -> None:
+            if q["mode"] == "dp-sgd":
+                p = q["plan"]
+                console.print(
+                    f"this job spends epsilon {q['epsilon']:.3f}, delta {q['delta']:g} (per person, RDP accountant)"
+                )
+                console.print(
+                    f"  noise multiplier {p['noise_multiplier']:.3f}, sample rate {p['sample_rate']:.4g}, {p['steps']} steps, eval sigma {p['eval_sigma']:.2f}"
+                )
+            else:
+                console.print(
+                    f"this job spends up to epsilon {q['epsilon_per_site']:g}, delta {q['delta']:g} on each site's budget"
+                )
+                for site, p in q["sites"].items():
+                    console.print(
+                        f"  {site}: "
+                        + (
+                            p["left_out"]
+                            if "left_out" in p
+                            else f"noise {p['noise_multiplier']:.3f}, epsilon {p['epsilon']:.3f}"
+                        )
+                    )
+            if "curve" in q:
+                for pt in q["curve"]["points"]:
+                    console.print(f"  epsilon {pt['epsilon']:>5g}: AUROC {pt['auroc']}")
+                console.print(f"  curve: {q['curve']['png']}")
+            console.print(
+                f"quote saved to {out / 'quote.json'} (attach it with `access request --quote`)"
+            )
+
+        emit(q, as_json, human)
 
 
 @app.command("list")

@@ -22,6 +22,7 @@ from sandbox.cli import (
     jobs,
     models,
     projects,
+    synth,
     users,
     zone_cmds,
 )
@@ -39,10 +40,12 @@ app.add_typer(datasets.app, name="dataset")
 app.add_typer(projects.app, name="project")
 app.add_typer(access.app, name="access")
 jobs.register(app)
+jobs.register_quote(app)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(models.app, name="model")
 budget.register(app)
 app.add_typer(audit.app, name="audit")
+app.add_typer(synth.app, name="synth")
 demo.register(app)
 
 

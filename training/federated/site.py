@@ -44,11 +44,6 @@ import numpy as np
 from connectors.errors import SpecError, ZoneError
 from training.federated.config import EVAL_SHARE, FederatedPayload, derive_seed
 
-#: relative slack on the budget check: the plan's own epsilon is <= target by construction,
-#: recomputing it can differ in the last bits
-_BUDGET_SLACK = 1e-9
-
-
 @functools.lru_cache(maxsize=1024)
 def _step_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """The RDP curve of one sampled-Gaussian step (read-only; a pure function, memoised)."""
@@ -124,7 +119,9 @@ class SitePlan:
         return accountant._epsilon_from_curve(total, self.delta)
 
     def fits(self, train_steps: int, evals: int) -> bool:
-        return self.epsilon(train_steps, evals) <= self.target_epsilon * (1 + _BUDGET_SLACK)
+        """Whether these releases stay within the target. No slack: the plan's noise was
+        checked against the same RDP arithmetic, so the planned total is <= target exactly."""
+        return self.epsilon(train_steps, evals) <= self.target_epsilon
 
     def to_record(self) -> dict[str, Any]:
         return {
