@@ -259,13 +259,14 @@ def _auroc_train_synthetic_test_real(synthetic: pa.Table, real: pa.Table) -> flo
 
 
 @pytest.mark.parametrize(
-    ("method", "floor"), [(SynthMethod.MST, 0.65), (SynthMethod.DP_COPULA, 0.57)]
+    ("method", "floor"), [(SynthMethod.MST, 0.65), (SynthMethod.DP_COPULA, 0.55)]
 )
 def test_label_feature_link_survives(
     method: SynthMethod, floor: float, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     # 5k persons at epsilon 3; the true model's AUROC is ~0.74, train-on-real LR ~0.71, an
-    # unlinked label gives 0.5. Measured: mst ~0.70, dp-copula ~0.63 (its noise-free ceiling).
+    # unlinked label gives 0.5. Measured with these seeds: mst 0.708, dp-copula 0.579 (0.60-0.64
+    # on other seeds; the copula's noise-free ceiling at this size is about 0.63).
     train = _governed(5_000, 3, tmp_path_factory.mktemp("tstr") / "d")
     real = generate_cohort(10_000, seed=4)
     result = fit_and_sample(
