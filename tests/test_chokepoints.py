@@ -188,3 +188,18 @@ def test_resources_refused_up_front(tmp_path: Path) -> None:
         w.svc.submit(w.researcher, job_spec(**{"resources.gpus": 1}))
     assert w.svc.ledger.balance(KEY).reserved_epsilon == 0
     assert w.svc.jobs.list() == []
+
+
+def test_dp_noise_is_not_derived_from_the_researchers_seed(tmp_path: Path) -> None:
+    """Same data, same spec (same seed): the weights replay exactly inside the zone, and change
+    when only the zone's secret changes, so the noise cannot be predicted from the spec."""
+    w = _world(tmp_path, InProcessBackend(), patients=800)
+    spec = job_spec(**{"training.epochs": 1})
+    weights = []
+    for rotate in (False, False, True):
+        if rotate:
+            (w.svc.zone.root / "secret.key").write_bytes(b"\x01" * 32)
+        job = w.svc.submit(w.researcher, spec)
+        weights.append((w.svc.zone.job_dir(job.id) / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+    assert weights[0] != weights[2]

@@ -347,7 +347,7 @@ def _child(spec_path: str) -> int:
                 address=spec["ray_address"],
                 log_to_driver=False,
                 logging_level=logging.ERROR,
-                runtime_env=runtime_env,
+                **({} if os.environ.get("SZ_EXP_NO_RTENV") else {"runtime_env": runtime_env}),
             )
         else:
             tmp = Path(spec["ray_temp_dir"])
