@@ -14,7 +14,7 @@ from typing import Any
 
 from connectors.errors import ComputeError, SpecError, ZoneError
 from sandbox.backend import JobBackend, Payload, Resources, WorkerFn
-from sandbox.engine_env import configure_engine_env, ray_temp_dir
+from connectors.engine_env import configure_engine_env, ray_temp_dir
 
 
 class RayBackend(JobBackend):

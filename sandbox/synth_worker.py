@@ -43,7 +43,7 @@ def run_synth_job(payload: dict[str, Any]) -> dict[str, Any]:
     from privacy.sql import make_engine
     from privacy.synth.base import fit_and_sample, is_dp
     from privacy.synth.report import build_report, save_plots
-    from sandbox.engine_env import configure_engine_env
+    from connectors.engine_env import configure_engine_env
     from sandbox.jobs import JobState, JobStore
     from sandbox.worker import derive_noise_seed
 

@@ -46,7 +46,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     from privacy.accountant import GaussianStep, epsilon_for, plan_dpsgd
     from privacy.dp_metrics import dp_binary_metrics
     from privacy.sql import make_engine
-    from sandbox.engine_env import configure_engine_env
+    from connectors.engine_env import configure_engine_env
     from sandbox.jobs import JobState, JobStore
     from sandbox.jobspec import parse_job_spec
     from training.models import build_model

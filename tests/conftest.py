@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.engine_env import configure_engine_env
+from connectors.engine_env import configure_engine_env
 
 
 @pytest.fixture(scope="session")

@@ -203,3 +203,31 @@ def test_dp_noise_is_not_derived_from_the_researchers_seed(tmp_path: Path) -> No
         weights.append((w.svc.zone.job_dir(job.id) / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
     assert weights[0] != weights[2]
+
+
+# which of our packages each package may import (ARCHITECTURE.md: sandbox -> training,
+# policies -> privacy -> connectors; nothing imports sandbox)
+ALLOWED_IMPORTS = {
+    "connectors": {"connectors"},
+    "privacy": {"privacy", "connectors"},
+    "policies": {"policies", "privacy", "connectors"},
+    "training": {"training", "privacy", "connectors"},
+    "sandbox": {"sandbox", "training", "policies", "privacy", "connectors"},
+}
+
+
+def test_imports_run_one_way() -> None:
+    bad = []
+    for pkg, allowed in ALLOWED_IMPORTS.items():
+        for f in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                for n in names:
+                    top = n.split(".")[0]
+                    if top in ALLOWED_IMPORTS and top not in allowed:
+                        bad.append(f"{f.relative_to(ROOT)} imports {n}")
+    assert bad == []

@@ -37,7 +37,7 @@ from connectors.schema import SchemaContract
 from privacy.accountant import GaussianStep, epsilon_for
 from privacy.synth import SynthMethod, SynthResult, fit_and_sample, is_dp
 from privacy.synth.base import OTHER, Codec, plan_sigmas, project_to_simplex
-from sandbox.engine_env import configure_engine_env
+from connectors.engine_env import configure_engine_env
 
 PERSONS = 3_000
 DELTA = 1e-6

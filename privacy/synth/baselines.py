@@ -220,7 +220,7 @@ def _sdv() -> _SDV:
     if not os.environ.get("XDG_DATA_HOME"):
         raise BackendError(
             "SDV would write its usage log under the home directory: call "
-            "sandbox.engine_env.configure_engine_env(zone_dir) (or set XDG_DATA_HOME) before "
+            "connectors.engine_env.configure_engine_env(zone_dir) (or set XDG_DATA_HOME) before "
             "running an SDV baseline",
             retryable=False,
         )

@@ -46,7 +46,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +117,9 @@ def no_reply(site: str, reason: str = "no reply") -> Reply:
     return Reply(site, None, None, reason)
 
 
-@dataclass
-class _Site:
-    """The server's record of one site (mutable book-keeping inside one run)."""
+@dataclass(frozen=True)
+class SiteRecord:
+    """The server's record of one site; ``ServerRun`` replaces it as the job goes on."""
 
     name: str
     node_id: int
@@ -141,7 +141,7 @@ class ServerRun:
         self.payload = payload
         self.cfg = payload.config
         self.out = out
-        self.sites: dict[str, _Site] = {}
+        self.sites: dict[str, SiteRecord] = {}
         self.excluded: dict[str, str] = {}
         self.global_state: State = dict(initial)
         self.rounds_done = 0
@@ -186,7 +186,7 @@ class ServerRun:
                 )
                 continue
             if setup.status is SiteStatus.READY and setup.plan is not None:
-                self.sites[name] = _Site(name, node_id, setup.plan)
+                self.sites[name] = SiteRecord(name, node_id, setup.plan)
             else:
                 self.excluded[name] = setup.reason or f"site {name!r} failed at setup"
         for name in self.cfg.sites:
@@ -236,18 +236,20 @@ class ServerRun:
                 return s.name
         return None
 
+    def _update(self, site: str, **changes: Any) -> None:
+        self.sites[site] = replace(self.sites[site], **changes)
+
     def _charge(self, reply: Reply, *, evaluation: bool) -> None:
         s = self.sites[reply.site]
-        if reply.ledger is not None:
-            s.ledger = s.ledger.merged(reply.ledger)
+        led = s.ledger if reply.ledger is None else s.ledger.merged(reply.ledger)
         if reply.status is None:
             # no word from the site: assume it did the whole step it was asked for
-            led = s.ledger
-            s.ledger = (
+            led = (
                 SiteLedger(led.train_steps, led.evals + 1, led.rounds)
                 if evaluation
                 else SiteLedger(led.train_steps + s.plan.steps_per_round, led.evals, led.rounds + 1)
             )
+        self._update(reply.site, ledger=led)
 
     def _site_figures(self, statuses: Mapping[str, str]) -> dict[str, Any]:
         out = {}
@@ -304,15 +306,14 @@ class ServerRun:
                 if reply.state is not None:
                     updates.append(SiteUpdate(site, reply.weight, reply.state))
                 continue
-            s = self.sites[site]
-            s.active = False  # out of budget or failed: it takes no further part
+            # out of budget or failed: it takes no further part
             if reply.status is SiteStatus.REFUSED:
+                self._update(site, active=False)
                 statuses[site] = "refused"
                 refused.append(site)
                 continue
+            self._update(site, active=False, dropped_in=server_round, touched=reply.touched)
             statuses[site] = "dropped"
-            s.dropped_in = server_round
-            s.touched = reply.touched
             dropped[site] = {"touched": reply.touched, "reason": reply.reason}
         trained = sorted(s for s, st in statuses.items() if st == "trained")
         enough = len(trained) >= self.cfg.quorum
@@ -367,7 +368,7 @@ class ServerRun:
             reply = replies.get(site) or no_reply(site)
             self._charge(reply, evaluation=True)
             if reply.status is SiteStatus.EVALUATED and reply.histogram is not None:
-                self.sites[site].dp_metrics = clean_metrics(reply.metrics)
+                self._update(site, dp_metrics=clean_metrics(reply.metrics))
                 pooled.append((reply.histogram, self.sites[site].plan.eval_sigma))
         metrics = pooled_metrics(pooled)
         self.global_metrics = None if metrics is None else clean_metrics(metrics.to_dict())

@@ -14,7 +14,7 @@ Why a child process:
   child *attaches* to it by address, so that shutdown only disconnects the child and the
   zone's Ray, with its warm workers, stays up; Ray's own start (~4 s) is not paid again.
   Without one, the child starts a local, loopback-only Ray (``address="local"``, temp dir
-  from ``sandbox.engine_env.ray_temp_dir``) and Flower stops it at the end.
+  from ``connectors.engine_env.ray_temp_dir``) and Flower stops it at the end.
 
 Each simulated client gets ``num_cpus``/``num_gpus`` from the job's config as Ray
 resources (default 1 CPU: Flower's default of 2 runs one client at a time on two cores).
@@ -220,7 +220,7 @@ def run_federated_simulation(
         if zone_dir is not None
         else Path(tempfile.gettempdir()) / "safe-zone-federated"
     )
-    from sandbox.engine_env import configure_engine_env, ray_temp_dir
+    from connectors.engine_env import configure_engine_env, ray_temp_dir
 
     configure_engine_env(zone)
     address = _current_ray()
@@ -331,7 +331,7 @@ def _load_factory(ref: str) -> Callable[[str], Any]:
 def _child(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     result: dict[str, Any] = {"ray_reused": spec["ray_address"] is not None}
-    from sandbox.engine_env import configure_engine_env
+    from connectors.engine_env import configure_engine_env
 
     configure_engine_env(Path(spec["zone_dir"]))
     try:
@@ -347,7 +347,7 @@ def _child(spec_path: str) -> int:
                 address=spec["ray_address"],
                 log_to_driver=False,
                 logging_level=logging.ERROR,
-                **({} if os.environ.get("SZ_EXP_NO_RTENV") else {"runtime_env": runtime_env}),
+                runtime_env=runtime_env,
             )
         else:
             tmp = Path(spec["ray_temp_dir"])

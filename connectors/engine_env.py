@@ -1,5 +1,8 @@
 """Keep the engines (Ray, Flower, SDV) off the network and inside the zone.
 
+It lives in ``connectors`` (the bottom of the import graph) because every package starts an
+engine: privacy (SDV), training (Flower, Ray) and sandbox (Ray).
+
 Called by every code path that starts an engine (the service, the Ray worker, the demo,
 the tests), not only by the Makefile, so no entry point can forget it. Values already set by
 the operator win (``setdefault``), except the ones that would open the zone to the network.
