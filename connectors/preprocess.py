@@ -99,8 +99,9 @@ class FeatureStep:
             object.__setattr__(self, "max", hi)
         if self.fill is not None:
             fill = _finite(self.fill, f"{field}.fill")
-            lo, hi = (self.min, self.max) if self.kind is StepKind.NUMERIC else (0.0, 1.0)
-            if self.kind is StepKind.CATEGORY or not (lo <= fill <= hi):  # type: ignore[operator]
+            bounds = (self.min, self.max) if self.kind is StepKind.NUMERIC else (0.0, 1.0)
+            lo_b, hi_b = bounds
+            if self.kind is StepKind.CATEGORY or not (lo_b <= fill <= hi_b):  # type: ignore[operator]
                 raise SpecError(
                     f"{field}.fill", "is outside the domain", "rebuild from the contract"
                 )

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from connectors.engine_env import configure_engine_env, ray_temp_dir
 from connectors.errors import ComputeError, SpecError, ZoneError
 from sandbox.backend import JobBackend, Payload, Resources, WorkerFn
-from connectors.engine_env import configure_engine_env, ray_temp_dir
 
 
 class RayBackend(JobBackend):

@@ -35,6 +35,7 @@ def restricted_contract(contract_dict: dict[str, Any], columns: list[str]) -> di
 
 
 def run_synth_job(payload: dict[str, Any]) -> dict[str, Any]:
+    from connectors.engine_env import configure_engine_env
     from connectors.external import write_table
     from connectors.reader import DatasetHandle, Split
     from connectors.schema import SchemaContract
@@ -43,7 +44,6 @@ def run_synth_job(payload: dict[str, Any]) -> dict[str, Any]:
     from privacy.sql import make_engine
     from privacy.synth.base import fit_and_sample, is_dp
     from privacy.synth.report import build_report, save_plots
-    from connectors.engine_env import configure_engine_env
     from sandbox.jobs import JobState, JobStore
     from sandbox.worker import derive_noise_seed
 

@@ -40,13 +40,13 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
+    from connectors.engine_env import configure_engine_env
     from connectors.preprocess import FeaturePlan
     from connectors.reader import DatasetHandle, Split, load_split
     from connectors.schema import SchemaContract
     from privacy.accountant import GaussianStep, epsilon_for, plan_dpsgd
     from privacy.dp_metrics import dp_binary_metrics
     from privacy.sql import make_engine
-    from connectors.engine_env import configure_engine_env
     from sandbox.jobs import JobState, JobStore
     from sandbox.jobspec import parse_job_spec
     from training.models import build_model

@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.cohort import Canaries, cohort_contract, generate_cohort
+from connectors.engine_env import configure_engine_env
 from connectors.errors import BackendError, SchemaError, SpecError
 from connectors.ingest import ingest_table
 from connectors.preprocess import FeaturePlan
@@ -37,7 +38,6 @@ from connectors.schema import SchemaContract
 from privacy.accountant import GaussianStep, epsilon_for
 from privacy.synth import SynthMethod, SynthResult, fit_and_sample, is_dp
 from privacy.synth.base import OTHER, Codec, plan_sigmas, project_to_simplex
-from connectors.engine_env import configure_engine_env
 
 PERSONS = 3_000
 DELTA = 1e-6

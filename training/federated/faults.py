@@ -6,10 +6,13 @@ reads the fault plan, from the sidecar file ``<payload>.faults.json``::
 
     {"crash": [{"site": "hospital-b", "round": 2}]}
 
-The crash comes *after* the site's handler ran: the site read its rows, trained and spent
-its round, then the reply is lost as an error (what a node dying before it answers looks
-like to the server). The server can then not know whether the site touched its data, and
-must charge the round as planned.
+The crash comes *after* the site's handler trained: the site read its rows, trained and
+spent its round, then the reply is lost as an error (what a node dying before it answers
+looks like to the server). The server can then not know whether the site touched its data,
+and must charge the round as planned. Under SecAgg+ that is the stage that carries the
+model (stage 2, "collect masked vectors"), where SecAgg+ is built to survive a dropout; a
+site lost in the key stages before it breaks Flower 1.42's unmasking (a KeyError in
+``secaggplus_mod._unmask``), so the round is lost (the server then fails the job).
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ def faulty_client_app(payload_path: str) -> ClientApp:
 
     def crash_mod(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
         reply = call_next(msg, context)
-        if msg.metadata.message_type != MessageType.TRAIN:
+        arrays = msg.content.array_records if msg.has_content() else {}
+        trained = "arrays" in arrays or "fitins.parameters" in arrays
+        if msg.metadata.message_type != MessageType.TRAIN or not trained:
             return reply
         payload = payload_of(context, payload_path)
         site, _ = site_of(context, payload)

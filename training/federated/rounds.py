@@ -168,10 +168,10 @@ class ServerRun:
         if self.out is None:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        # one write of one whole line: a reader polling the file sees complete lines only
+        # (it parses up to the last newline); no fsync, the summary is the durable record
         with open(self.out / ROUNDS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
 
     # -- setup -------------------------------------------------------------------------
     def register(self, entries: Sequence[tuple[int, SiteSetup]]) -> None:
