@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from connectors.errors import SpecError
-from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, open_session, show_table
+from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, session, show_table
 
 app = typer.Typer(help="Access requests and grants.", no_args_is_help=True)
 
@@ -35,8 +35,7 @@ def request(
 ) -> None:
     """Ask a data steward for access to columns of a dataset, with a privacy budget."""
     cols = [c.strip() for c in columns.split(",") if c.strip()]
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         r = s.service.request_access(
             s.user,
             project,
@@ -47,8 +46,6 @@ def request(
             delta,
             quote=json.loads(quote.read_text()) if quote else None,
         )
-    finally:
-        s.close()
     emit(r, as_json, lambda r: console.print(f"request {r.id} is pending; a data steward decides"))
 
 
@@ -60,11 +57,8 @@ def list_(
     as_json: JsonOpt = False,
 ) -> None:
     """List access requests with their decision and reason."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         rs = s.service.list_requests(s.user, pending_only=pending)
-    finally:
-        s.close()
     emit(
         {"requests": rs},
         as_json,
@@ -98,13 +92,10 @@ def approve(
     as_json: JsonOpt = False,
 ) -> None:
     """Approve a request: grants the project a budget on those columns and mechanisms."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         g = s.service.approve(
             s.user, request_id, epsilon=epsilon, delta=delta, expires_at=_date(expires)
         )
-    finally:
-        s.close()
     emit(
         g,
         as_json,
@@ -123,9 +114,6 @@ def deny(
     as_json: JsonOpt = False,
 ) -> None:
     """Deny a request with a reason the researcher will see."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         r = s.service.deny(s.user, request_id, reason)
-    finally:
-        s.close()
     emit(r, as_json, lambda r: console.print(f"request {r.id} denied"))

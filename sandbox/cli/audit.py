@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, open_session, show_table
+from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, session, show_table
 
 app = typer.Typer(help="The audit log.", no_args_is_help=True)
 
@@ -19,11 +19,8 @@ def list_(
     as_json: JsonOpt = False,
 ) -> None:
     """The latest audit events."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         evs = s.service.audit_list(s.user, limit=limit)
-    finally:
-        s.close()
     emit(
         {"events": evs},
         as_json,
@@ -36,11 +33,8 @@ def list_(
 @app.command("verify")
 def verify(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Check the hash chain; names the first line edited, dropped or reordered."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         rep = s.service.audit_verify(s.user)
-    finally:
-        s.close()
 
     def human(r: object) -> None:
         d = r.to_dict()  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ from sandbox.cli.common import (
     TokenOpt,
     ZoneOpt,
     emit,
-    open_session,
+    session,
     show_table,
     to_jsonable,
 )
@@ -21,11 +21,8 @@ def register(app: typer.Typer) -> None:
         project: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
     ) -> None:
         """Granted, reserved, spent and remaining epsilon and delta, per dataset."""
-        s = open_session(zone, token)
-        try:
+        with session(zone, token) as s:
             bs = s.service.budget(s.user, project)
-        finally:
-            s.close()
         emit(
             {"project": project, "budgets": bs},
             as_json,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -58,6 +59,18 @@ def open_session(zone: Path | None, token: str | None, ray_address: str | None =
     svc = Service(z, RayBackend(z.root, s.ray_address))
     user = svc.authenticate(s.token)
     return Session(svc, user)
+
+
+@contextmanager
+def session(
+    zone: Path | None, token: str | None, ray_address: str | None = None
+) -> Iterator[Session]:
+    """An authenticated session for one command; the service is closed whatever happens."""
+    s = open_session(zone, token, ray_address)
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from connectors.errors import SpecError
-from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, open_session, show_table
+from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, session, show_table
 
 app = typer.Typer(help="Governed datasets.", no_args_is_help=True)
 
@@ -32,8 +32,7 @@ def ingest(
     """Ingest a file (or the demo cohort) into governed, pseudonymised Parquet."""
     from connectors.schema import SchemaContract
 
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         if demo:
             rec = s.service.ingest_demo(s.user, name, patients, seed)
         else:
@@ -45,8 +44,6 @@ def ingest(
                 )
             contract = SchemaContract.from_toml_file(schema)
             rec = s.service.ingest_dataset(s.user, name, source, contract)
-    finally:
-        s.close()
     emit(
         rec,
         as_json,
@@ -59,11 +56,8 @@ def ingest(
 @app.command("list")
 def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """List datasets: name, rows, persons, sites."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         ds = s.service.list_datasets(s.user)
-    finally:
-        s.close()
     emit(
         {"datasets": ds},
         as_json,
@@ -80,11 +74,8 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 @app.command("show")
 def show(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Show a dataset's schema contract, row count and sites (never values)."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         d = s.service.show_dataset(s.user, name)
-    finally:
-        s.close()
 
     def human(d: object) -> None:
         rec = d.to_dict()  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ from sandbox.cli.common import (
     ZoneOpt,
     console,
     emit,
-    open_session,
+    session,
     show_table,
 )
 
@@ -70,8 +70,7 @@ def register(app_root: typer.Typer) -> None:
         from sandbox.jobspec import load_job_spec
 
         spec = load_job_spec(spec_path)
-        s = open_session(zone, token, ray_address)
-        try:
+        with session(zone, token, ray_address) as s:
             if on is not None:
                 rec = s.service.dry_run(s.user, spec, on)
             elif as_json:
@@ -103,8 +102,6 @@ def register(app_root: typer.Typer) -> None:
 
                     rec = s.service.submit(s.user, spec, on_progress=on_progress)
                     progress.update(task, completed=total)
-        finally:
-            s.close()
         emit(rec, as_json, _summary)
 
 
@@ -130,13 +127,10 @@ def register_quote(app_root: typer.Typer) -> None:
         from sandbox.jobspec import load_job_spec
 
         spec = load_job_spec(spec_path)
-        s = open_session(zone, token, ray_address)
-        try:
+        with session(zone, token, ray_address) as s:
             q = s.service.quote(s.user, spec)
             if curve:
                 q["curve"] = s.service.quote_curve(s.user, spec, on, out)
-        finally:
-            s.close()
         out.mkdir(parents=True, exist_ok=True)
         (out / "quote.json").write_text(_json.dumps(q, indent=2, default=str))
 
@@ -176,11 +170,8 @@ def register_quote(app_root: typer.Typer) -> None:
 @app.command("list")
 def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """List your jobs (all jobs for stewards and operators)."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         js = s.service.list_jobs(s.user)
-    finally:
-        s.close()
     emit(
         {"jobs": js},
         as_json,
@@ -196,11 +187,8 @@ def status(
     job_id: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
     """One job's state, progress and released figures."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         rec = s.service.job_status(s.user, job_id)
-    finally:
-        s.close()
     emit(rec, as_json, _summary)
 
 
@@ -213,9 +201,6 @@ def result(
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch a succeeded job's release: weights (safetensors), preprocessing, model card."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         r = s.service.job_result(s.user, job_id, out)
-    finally:
-        s.close()
     emit(r, as_json, lambda r: console.print(f"released {len(r['files'])} files into {r['out']}"))

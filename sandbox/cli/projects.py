@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, open_session, show_table
+from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, session, show_table
 
 app = typer.Typer(help="Research projects.", no_args_is_help=True)
 
@@ -20,22 +20,16 @@ def create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a project; you become its owner."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         p = s.service.create_project(s.user, name, purpose)
-    finally:
-        s.close()
     emit(p, as_json, lambda p: console.print(f"project {p.name} created"))
 
 
 @app.command("list")
 def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """List projects (yours, or all for stewards)."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         ps = s.service.list_projects(s.user)
-    finally:
-        s.close()
     emit(
         {"projects": ps},
         as_json,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sandbox.cli.common import JsonOpt, RayOpt, TokenOpt, ZoneOpt, console, emit, open_session
+from sandbox.cli.common import JsonOpt, RayOpt, TokenOpt, ZoneOpt, console, emit, session
 
 app = typer.Typer(
     help="Synthetic data: dummy (free) and DP synthetic (charged).", no_args_is_help=True
@@ -27,11 +27,8 @@ def dummy(
     as_json: JsonOpt = False,
 ) -> None:
     """Dummy rows from the schema contract alone: exact schema, declared missingness, rare categories. Free."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         r = s.service.synth_dummy(s.user, dataset, rows, out, seed)
-    finally:
-        s.close()
     emit(
         r,
         as_json,
@@ -71,8 +68,7 @@ def fit(
 ) -> None:
     """Fit a synthesizer inside the zone on the real rows; a DP method's release is charged."""
     cols = [c.strip() for c in columns.split(",")] if columns else None
-    s = open_session(zone, token, ray_address)
-    try:
+    with session(zone, token, ray_address) as s:
         job = s.service.synth_fit(
             s.user,
             project,
@@ -85,8 +81,6 @@ def fit(
             columns=cols,
             label=label,
         )
-    finally:
-        s.close()
 
     def human(j: object) -> None:
         r = job.result or {}
@@ -102,11 +96,8 @@ def report(
     job_id: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
     """A synthetic release's report: full for stewards; aggregate scores for researchers once released."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         r = s.service.synth_report(s.user, job_id)
-    finally:
-        s.close()
 
     def human(r: dict) -> None:
         rep = r["report"] or {}
@@ -131,11 +122,8 @@ def release(
     as_json: JsonOpt = False,
 ) -> None:
     """(steward) Release a synthetic job's aggregate report to the project."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         rec = s.service.synth_release(s.user, job_id, rows=rows)
-    finally:
-        s.close()
     emit(
         rec,
         as_json,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, open_session, show_table
+from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, session, show_table
 
 app = typer.Typer(help="Users and tokens.", no_args_is_help=True)
 
@@ -20,11 +20,8 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a user; prints their token once (only a hash is stored)."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         user, new_token = s.service.add_user(s.user, name, role)
-    finally:
-        s.close()
     out = {"user": user.to_dict(), "token": new_token}
     emit(
         out,
@@ -38,11 +35,8 @@ def add(
 @app.command("list")
 def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """List users (never their tokens)."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         users = s.service.list_users(s.user)
-    finally:
-        s.close()
     emit(
         {"users": users},
         as_json,
@@ -57,9 +51,6 @@ def revoke(
     name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Revoke a user's token."""
-    s = open_session(zone, token)
-    try:
+    with session(zone, token) as s:
         s.service.revoke_user(s.user, name)
-    finally:
-        s.close()
     emit({"revoked": name}, as_json, lambda o: console.print(f"user {name} revoked"))
