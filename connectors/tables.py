@@ -36,9 +36,15 @@ def load_table(
     for name in columns:
         spec = known.get(name)
         if spec is None:
-            raise SpecError("columns", f"{name!r} is not a column of {handle.name!r}", "see `sandbox dataset show`")
+            raise SpecError(
+                "columns",
+                f"{name!r} is not a column of {handle.name!r}",
+                "see `sandbox dataset show`",
+            )
         if spec.role is Role.DIRECT_IDENTIFIER:
-            raise SpecError("columns", f"{name!r} is a direct identifier, dropped at ingest", "leave it out")
+            raise SpecError(
+                "columns", f"{name!r} is a direct identifier, dropped at ingest", "leave it out"
+            )
     if not 0.0 < float(test_fraction) < 1.0:
         raise SpecError("test_fraction", "must lie strictly between 0 and 1", "pass e.g. 0.2")
     id_name = contract.identifier

@@ -154,13 +154,25 @@ def test_cli_first_slice_with_canaries(tmp_path: Path, capsys, ray_local) -> Non
     budget = cli("budget", "readmission", token=rita)["budgets"][0]
     assert budget["spent_epsilon"] == pytest.approx(job["result"]["epsilon"])
     assert budget["reserved_epsilon"] == 0
-    dummy = cli("synth", "dummy", "cohort", "--rows", "200", "--out", str(tmp_path / "dummy.parquet"), token=rita)
+    dummy = cli(
+        "synth",
+        "dummy",
+        "cohort",
+        "--rows",
+        "200",
+        "--out",
+        str(tmp_path / "dummy.parquet"),
+        token=rita,
+    )
     assert dummy["charged_epsilon"] == 0
     q = cli("quote", str(job_toml), "--out", str(tmp_path / "quote"), token=rita)
     assert 0 < q["epsilon"] <= 1.0 and q["plan"]["steps"] > 0
     dry = cli("submit", str(job_toml), "--on", "dummy", token=rita)
     assert dry["result"]["dry_run"] == "dummy"
-    assert cli("budget", "readmission", token=rita)["budgets"][0]["spent_epsilon"] == budget["spent_epsilon"]
+    assert (
+        cli("budget", "readmission", token=rita)["budgets"][0]["spent_epsilon"]
+        == budget["spent_epsilon"]
+    )
     cli("audit", "list", token=sam)
     assert cli("audit", "verify", token=sam)["ok"] is True
     assert cli("budget", "readmission", token="sz_bogus", code=2)["error"] == "auth_error"

@@ -75,8 +75,8 @@ from typing import IO, Any
 
 import tomli_w  # ships with flwr; tomllib only reads
 
-from connectors.errors import ComputeError, SpecError
 from connectors.engine_env import configure_engine_env
+from connectors.errors import ComputeError, SpecError
 
 #: the Flower App folder that runs the zone's federated trainer (``flwr run`` builds it)
 FLOWER_APP_DIR = Path(__file__).resolve().parent / "flwr_app"

@@ -34,7 +34,6 @@ be clipped). Metrics (each site's epsilon) are not masked: they are public figur
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -402,8 +401,6 @@ def run_job(grid: Grid, context: Context, default_payload: str | None) -> None:
     payload.out_dir.mkdir(parents=True, exist_ok=True)
     (payload.out_dir / ROUNDS_FILE).unlink(missing_ok=True)
     run = ServerRun(payload, payload.out_dir, initial_state(payload))
-    if os.environ.get("SZ_EXP_PULL"):
-        grid.pull_interval = float(os.environ["SZ_EXP_PULL"])  # EXPERIMENT
     try:
         run.status("setup")
         _setup(run, grid)

@@ -44,6 +44,7 @@ import numpy as np
 from connectors.errors import SpecError, ZoneError
 from training.federated.config import EVAL_SHARE, FederatedPayload, derive_seed
 
+
 @functools.lru_cache(maxsize=1024)
 def _step_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """The RDP curve of one sampled-Gaussian step (read-only; a pure function, memoised)."""
