@@ -224,7 +224,6 @@ def run_federated(
         "dropped": list(result.dropped),
         "excluded": list(result.excluded),
         "server_epsilon": result.server_epsilon,
-        "seconds": result.seconds,
         "audit_seq": audit.seq,
         "audit_hash": audit.hash,
         "metrics": summary.get("global_dp_metrics") or {},

@@ -13,7 +13,6 @@ It never prints or logs a row value: its result holds only DP outputs and plan f
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,6 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     job_id: str = payload["job_id"]
     jobs = JobStore(make_engine(payload["db_url"]))
     jobs.move(job_id, JobState.RUNNING)
-    t0 = time.perf_counter()
 
     spec = parse_job_spec(payload["spec"])
     contract = SchemaContract.from_dict(payload["contract"])
@@ -139,6 +137,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         },
     )
     (out / "preprocessing.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+    # no timings in the result: how long training took depends on the data (PRIVACY.md)
     return {
         "kind": "dp-sgd",
         # a dry run (dummy or released synthetic data) touched no real row and charges nothing
@@ -153,6 +152,4 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         "metrics": metrics.to_dict(),
         "n_features": plan.n_outputs,
         "feature_names": list(plan.output_names),
-        "train_seconds": result.seconds,
-        "worker_seconds": time.perf_counter() - t0,
     }
