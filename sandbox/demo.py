@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sandbox.cli.common import metric
 from sandbox.jobspec import parse_job_toml
 
 DEMO_FEATURES = [
@@ -158,7 +159,7 @@ def run_demo(
         result = job.result or {}
         metrics = result.get("metrics", {})
         console.print(
-            f"  job {job.id}: {job.state}; epsilon {result.get('epsilon', 0):.3f}; DP AUROC {metrics.get('auroc', float('nan')):.3f}"
+            f"  job {job.id}: {job.state}; epsilon {result.get('epsilon', 0):.3f}; DP AUROC {metric(metrics.get('auroc')):.3f}"
         )
 
         out = root.parent / "release"
@@ -297,7 +298,7 @@ def run_demo(
             f"epsilon spent {summary['budget']['spent_epsilon']:.3f} of {grant.epsilon:g}, left {summary['budget']['remaining_epsilon']:.3f} (delta {grant.delta:g}, per person)"
         )
         console.print(
-            f"DP AUROC {metrics.get('auroc', float('nan')):.3f}, DP accuracy {metrics.get('accuracy', float('nan')):.3f}"
+            f"DP AUROC {metric(metrics.get('auroc')):.3f}, DP accuracy {metric(metrics.get('accuracy')):.3f}"
         )
         console.print(
             "federated per-site epsilon: "

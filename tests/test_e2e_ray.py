@@ -26,7 +26,9 @@ def test_dp_job_on_ray_is_charged_released_and_usable(tmp_path: Path, ray_local)
     r = job.result
     assert 0 < r["epsilon"] <= 1.0
     assert r["clipping"] == "book-keeping"
-    assert 0.0 <= r["metrics"]["auroc"] <= 1.0
+    # a small noisy test split can leave the AUROC undefined (no noisy positives): None then
+    auroc = r["metrics"]["auroc"]
+    assert auroc is None or 0.0 <= auroc <= 1.0
 
     bal = w.svc.ledger.balance(BudgetKey("readmission", "cohort"))
     assert bal.spent_epsilon == pytest.approx(r["epsilon"])

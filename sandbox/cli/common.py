@@ -73,6 +73,11 @@ def session(
         s.close()
 
 
+def metric(value: object) -> float:
+    """A DP metric for display: None (undefined under noise) shows as nan."""
+    return float("nan") if value is None else float(value)  # type: ignore[arg-type]
+
+
 def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, "to_dict"):
         return to_jsonable(obj.to_dict())

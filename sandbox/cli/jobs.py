@@ -14,6 +14,7 @@ from sandbox.cli.common import (
     ZoneOpt,
     console,
     emit,
+    metric,
     session,
     show_table,
 )
@@ -39,7 +40,7 @@ def _summary(rec: Any) -> None:
             f"  epsilon spent {r['epsilon']:.3f} (delta {r['delta']:g}), {r['steps_taken']} steps, clipping {r['clipping']}"
         )
         console.print(
-            f"  DP metrics: AUROC {m.get('auroc', float('nan')):.3f}, accuracy {m.get('accuracy', float('nan')):.3f}, ECE {m.get('ece', float('nan')):.3f}"
+            f"  DP metrics: AUROC {metric(m.get('auroc')):.3f}, accuracy {metric(m.get('accuracy')):.3f}, ECE {metric(m.get('ece')):.3f}"
         )
     if rec.error:
         console.print(f"  error: {rec.error}")
