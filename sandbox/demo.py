@@ -91,6 +91,25 @@ seed = 7
 """
 
 
+def _submit_with_bar(
+    svc: Any, user: Any, spec: Any, console: Console, label: str, total: int, key: str
+) -> Any:
+    """Submit ``spec`` with a live bar over ``total`` epochs or rounds (``key`` in the progress)."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(label, total=total)
+        job = svc.submit(
+            user, spec, on_progress=lambda p: progress.update(task, completed=p.get(key, 0))
+        )
+        progress.update(task, completed=total)
+    return job
+
+
 def run_demo(
     patients: int = 50_000, keep: Path | None = None, as_json: bool = False
 ) -> dict[str, Any]:
@@ -144,18 +163,9 @@ def run_demo(
 
         spec = parse_job_toml(demo_job_toml())
         step("sandbox submit job.toml   # as rita: runs on a local Ray")
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("DP-SGD epochs", total=spec.training.epochs)
-            job = svc.submit(
-                rita, spec, on_progress=lambda p: progress.update(task, completed=p.get("epoch", 0))
-            )
-            progress.update(task, completed=spec.training.epochs)
+        job = _submit_with_bar(
+            svc, rita, spec, console, "DP-SGD epochs", spec.training.epochs, "epoch"
+        )
         result = job.result or {}
         metrics = result.get("metrics", {})
         console.print(
@@ -174,19 +184,10 @@ def run_demo(
 
         fed_spec = parse_job_toml(demo_federated_toml())
         step("sandbox submit federated.toml   # as rita: Flower on Ray, one client per hospital")
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("federated rounds", total=fed_spec.federated.rounds)
-            fed_job = svc.submit(
-                rita,
-                fed_spec,
-                on_progress=lambda p: progress.update(task, completed=p.get("round", 0)),
-            )
+        assert fed_spec.federated is not None
+        fed_job = _submit_with_bar(
+            svc, rita, fed_spec, console, "federated rounds", fed_spec.federated.rounds, "round"
+        )
         fed = fed_job.result or {}
         for site, c in sorted(fed.get("sites", {}).items()):
             console.print(f"  {site}: epsilon {c['epsilon']:.3f}")

@@ -10,13 +10,10 @@ of the raw events written here, never against the ledger's own ``fold_balance``.
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import FrozenInstanceError
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,9 +48,7 @@ from privacy.ledger import (
     ReservationState,
     check_transition,
     ledger_events,
-    metadata,
 )
-from privacy.sql import make_engine
 
 PG_ENV = "SANDBOX_TEST_PG_URL"
 KEY = BudgetKey("proj-a", "icu-cohort")
@@ -62,34 +57,6 @@ EngineFactory = Callable[[], Engine]
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineFactory]:
-    """Makes a fresh, empty ledger database per call, on the parametrised backend."""
-    made: list[Engine] = []
-    counter = itertools.count()
-    if request.param == "sqlite":
-
-        def make() -> Engine:
-            engine = make_engine(f"sqlite:///{tmp_path / f'ledger-{next(counter)}.db'}")
-            made.append(engine)
-            return engine
-
-    else:
-        url = os.environ.get(PG_ENV)
-        if not url:
-            pytest.skip(f"set {PG_ENV} to run the ledger contract against PostgreSQL")
-
-        def make() -> Engine:
-            engine = make_engine(url)
-            metadata.drop_all(engine)  # test setup only: the ledger itself never drops
-            made.append(engine)
-            return engine
-
-    yield make
-    for engine in made:
-        engine.dispose()
 
 
 class FrozenClock:

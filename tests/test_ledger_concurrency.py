@@ -24,15 +24,13 @@ CPU); about 17 s on an idle 2-core box, up to ~40 s when the cores are shared.
 
 from __future__ import annotations
 
-import itertools
 import math
 import multiprocessing
-import os
 import queue
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ import pytest
 from sqlalchemy import Engine
 
 from connectors.errors import BudgetExceeded, IntegrityError
-from privacy.ledger import BudgetKey, EventKind, Ledger, ReservationState, metadata
+from privacy.ledger import BudgetKey, EventKind, Ledger, ReservationState
 from privacy.sql import make_engine
 
 PG_ENV = "SANDBOX_TEST_PG_URL"
@@ -55,35 +53,6 @@ BARRIER_TIMEOUT_S = 240
 
 #: (submitter index, reservation id or None, "commit" / "release" / "", epsilon spent)
 Outcome = tuple[int, str | None, str, float]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine_factory(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Callable[[], Engine]]:
-    made: list[Engine] = []
-    counter = itertools.count()
-    if request.param == "sqlite":
-
-        def make() -> Engine:
-            engine = make_engine(f"sqlite:///{tmp_path / f'ledger-{next(counter)}.db'}")
-            made.append(engine)
-            return engine
-
-    else:
-        url = os.environ.get(PG_ENV)
-        if not url:
-            pytest.skip(f"set {PG_ENV} to run the ledger races against PostgreSQL")
-
-        def make() -> Engine:
-            engine = make_engine(url)
-            metadata.drop_all(engine)  # test setup only: the ledger itself never drops
-            made.append(engine)
-            return engine
-
-    yield make
-    for engine in made:
-        engine.dispose()
 
 
 def _submit(ledger: Ledger, index: int, start: Any, closing: Any) -> Outcome:
