@@ -23,7 +23,8 @@ data):
   there is one; values always lie inside the domain after rounding to the column's type;
 * numeric columns without a domain: :data:`UNDECLARED_NUMERIC_RANGE`;
 * bool columns: fair coin flips;
-* labels: 1 (``True``) with the declared ``positive_rate`` (else one half), else 0;
+* labels: 1 (``True``) with the declared ``positive_rate`` (else one half), else 0; an integer
+  label without a declared domain is binary 0/1 (:data:`LABEL_DEFAULT_DOMAIN`);
 * dates and timestamps: uniformly within the declared domain when one is declared (days since
   1970-01-01 for dates, seconds for timestamps), else within :data:`DEFAULT_DATE_RANGE`;
 * nulls: exactly ``round(missing_rate * rows)`` of them in each nullable column that declares
@@ -50,6 +51,9 @@ DEFAULT_SITES = ("site-1", "site-2", "site-3")
 DEFAULT_DATE_RANGE = (dt.date(2019, 1, 1), dt.date(2023, 12, 31))
 #: Range for numeric columns that declare no domain (only non-feature columns can lack one).
 UNDECLARED_NUMERIC_RANGE = (0.0, 100.0)
+#: The domain of an integer label that declares no ``min``/``max``: binary 0/1 (see
+#: ``connectors.schema``).
+LABEL_DEFAULT_DOMAIN = (0.0, 1.0)
 #: Share of rows of a vocabulary column that get an undeclared value (exercises "other").
 UNDECLARED_SHARE = 0.02
 #: The undeclared value itself; a suffix is added if a contract happens to declare it.
@@ -103,11 +107,24 @@ def to_arrow_within_domain(values: np.ndarray, spec: ColumnSpec) -> pa.Array:
     if spec.min is not None and spec.max is not None:
         lo, hi = spec.min, spec.max
         values = np.clip(values, lo, hi)
+    elif spec.role is Role.LABEL:
+        # an integer label without a declared domain is binary 0/1 (see connectors.schema)
+        lo, hi = LABEL_DEFAULT_DOMAIN
+        values = np.clip(values, lo, hi)
     else:
         lo, hi = -math.inf, math.inf
     if spec.is_integer:
-        ints = np.clip(np.round(np.where(missing, 0.0, values)), math.ceil(lo), math.floor(hi))
         arrow_type = spec.arrow_type
+        # no declared domain: the integer type's own range bounds the values (math.ceil of an
+        # infinite bound would raise OverflowError)
+        info = np.iinfo(arrow_type.to_pandas_dtype())
+        low = math.ceil(lo) if math.isfinite(lo) else int(info.min)
+        high = math.floor(hi) if math.isfinite(hi) else int(info.max)
+        # float64 cannot hold every int64: keep the bounds where float64 rounding cannot step
+        # past them
+        low = max(low, -(2**53)) if info.bits > 53 else low
+        high = min(high, 2**53) if info.bits > 53 else high
+        ints = np.clip(np.round(np.where(missing, 0.0, values)), low, high)
         return pa.array(ints.astype(arrow_type.to_pandas_dtype()), arrow_type, mask=missing)
     if spec.type == "float32":
         out = np.where(missing, 0.0, values).astype(np.float32)
@@ -201,7 +218,7 @@ def _label(spec: ColumnSpec, rows: int, rng: np.random.Generator) -> pa.Array:
     positive = rng.random(rows) < rate
     if spec.type == "bool":
         return pa.array(positive, pa.bool_())
-    lo, hi = _domain(spec, (0.0, 1.0))
+    lo, hi = _domain(spec, LABEL_DEFAULT_DOMAIN)
     if not (lo <= 0.0 and hi >= 1.0):
         # a label whose declared domain excludes 0 or 1 is not binary: draw its integers
         return to_arrow_within_domain(rng.integers(math.ceil(lo), math.floor(hi) + 1, rows), spec)

@@ -20,9 +20,27 @@ that every package raises from the same tree::
 
 Messages must never contain a raw value from a sensitive dataset: name columns, fields and
 row numbers only.
+
+Every error pickles whole (``pickle.loads(pickle.dumps(e))`` has the same type, message and
+attributes), so one raised in a Ray worker reaches the caller as itself. Pickle's default
+for exceptions calls ``cls(*e.args)``, which breaks for classes whose ``__init__`` takes
+other arguments (``SpecError(field, problem, fix)``, keyword-only ``retryable``); so
+``ZoneError.__reduce__`` rebuilds the object without calling ``__init__`` at all: it restores
+``args`` (the message) and the instance's attributes as they were. A subclass with any
+``__init__`` signature therefore pickles correctly without code of its own.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+
+def _rebuild(cls: type[ZoneError], args: tuple[Any, ...], state: dict[str, Any]) -> ZoneError:
+    """Unpickle a ``ZoneError`` (see the module docstring): no ``__init__`` call."""
+    err = cls.__new__(cls, *args)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class ZoneError(Exception):
@@ -30,6 +48,12 @@ class ZoneError(Exception):
 
     #: short machine-readable kind for ``--json`` output
     kind = "zone_error"
+    #: whether a retry can help; only a ``BackendError`` can say yes (a user error never)
+    retryable = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the traceback, __cause__ and __context__ are not pickled (as for any exception)
+        return (_rebuild, (type(self), tuple(self.args), dict(self.__dict__)))
 
 
 class UserError(ZoneError):

@@ -84,12 +84,16 @@ class IngestReport:
     path: Path
     #: the governed columns, in order
     columns: tuple[str, ...]
+    #: persons with rows at more than one site (a count, never who): federated training's
+    #: per-site budgets assume each person is at one site, so such a dataset is refused
+    cross_site_persons: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {
             "rows": self.rows,
             "persons": self.persons,
             "sites": dict(self.sites),
+            "cross_site_persons": self.cross_site_persons,
             "path": str(self.path),
             "columns": list(self.columns),
         }
@@ -463,12 +467,14 @@ def _ingest(table: pa.Table, contract: SchemaContract, dest: Path, secret: bytes
         )
     else:
         sites = {}
+    cross_site = _cross_site_persons(governed, id_name, site_name)
     metadata = {
         "layout": LAYOUT_VERSION,
         "contract": contract.to_dict(),
         "rows": n,
         "persons": persons,
         "sites": sites,
+        "cross_site_persons": cross_site,
     }
     # one slice per site, in storage order (the whole table when there is no site column)
     slices = list(sites.values()) if sites else [n]
@@ -479,7 +485,17 @@ def _ingest(table: pa.Table, contract: SchemaContract, dest: Path, secret: bytes
         sites=sites,
         path=path,
         columns=tuple(governed_schema.names),
+        cross_site_persons=cross_site,
     )
+
+
+def _cross_site_persons(table: pa.Table, id_name: str | None, site_name: str | None) -> int:
+    """How many persons have rows at more than one site (0 without both columns)."""
+    if id_name is None or site_name is None or table.num_rows == 0:
+        return 0
+    per_person = table.group_by(id_name).aggregate([(site_name, "count_distinct")])
+    sites_each = per_person.column(f"{site_name}_count_distinct")
+    return int(pc.sum(pc.greater(sites_each, 1)).as_py() or 0)
 
 
 def _write_atomically(

@@ -11,6 +11,8 @@ A contract looks like::
     [dataset]                       # optional
     description = "..."
     rows_per_person = "one"         # "one" | "many"; without an identifier it must be "one"
+    counts = "private"              # "private" | "public": may researchers see exact row,
+                                    # person and per-site counts? (default private)
 
     [columns.subject_id]
     type = "string"                 # an Arrow type name, see ARROW_TYPES
@@ -33,6 +35,8 @@ A contract looks like::
     type = "int8"
     role = "label"                  # labels are integer or bool and never null
     positive_rate = 0.15            # optional, declared (for dummy data)
+    # min/max are optional on a label: an integer label without them is a binary 0/1
+    # outcome (what training and synthesis assume); declare min and max for any other range
 
 Other optional column keys: ``nullable`` (bool; identifier, site and label columns are
 always non-null) and ``description``.
@@ -123,7 +127,7 @@ _COLUMN_KEYS = (
     "nullable",
     "description",
 )
-_DATASET_KEYS = ("description", "rows_per_person")
+_DATASET_KEYS = ("description", "rows_per_person", "counts")
 _TOP_KEYS = ("dataset", "columns")
 
 # "__" and "=" are reserved by preprocessing's output names (``age__missing``, ``sex=F``),
@@ -456,6 +460,11 @@ class SchemaContract:
     columns: tuple[ColumnSpec, ...]
     rows_per_person: RowsPerPerson = RowsPerPerson.ONE
     description: str = ""
+    #: the steward declares the dataset's exact sizes (rows, persons, rows per site) public,
+    #: as a registry publishes its cohort's size. Otherwise no exact count reaches a
+    #: researcher: not in the dataset card, not through a plan's sample rate, not through a
+    #: site left out for being small.
+    counts_public: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.columns, tuple) or not self.columns:
@@ -477,6 +486,8 @@ class SchemaContract:
                 ) from None
         if not isinstance(self.description, str):
             raise _fail("dataset.description", "must be a string", 'write "..."')
+        if not isinstance(self.counts_public, bool):
+            raise _fail("dataset.counts", "must be private or public", 'write "private" or "public"')
         for role in (Role.IDENTIFIER, Role.SITE):
             holders = [c.name for c in self.columns if c.role is role]
             if len(holders) > 1:
@@ -548,6 +559,9 @@ class SchemaContract:
             r.value for r in RowsPerPerson
         }:
             raise _fail("dataset.rows_per_person", "must be one or many", 'write "one" or "many"')
+        counts = dataset.get("counts", "private")
+        if counts not in ("private", "public"):
+            raise _fail("dataset.counts", "must be private or public", 'write "private" or "public"')
         columns = data.get("columns")
         if not isinstance(columns, Mapping) or not columns:
             raise _fail("columns", "no columns are declared", "add at least one [columns.NAME]")
@@ -559,6 +573,7 @@ class SchemaContract:
             columns=tuple(specs),
             rows_per_person=RowsPerPerson(rows_per_person),
             description=dataset.get("description", ""),
+            counts_public=counts == "public",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -566,6 +581,8 @@ class SchemaContract:
         dataset: dict[str, Any] = {"rows_per_person": self.rows_per_person.value}
         if self.description:
             dataset["description"] = self.description
+        if self.counts_public:
+            dataset["counts"] = "public"
         return {
             "dataset": dataset,
             "columns": {c.name: c.to_dict() for c in self.columns},

@@ -45,7 +45,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, select
+from sqlalchemy import Connection, Engine, Row, Text, select, type_coerce
 
 from connectors.errors import SpecError
 from policies.db import audit_events, create_schema
@@ -204,12 +204,33 @@ def _event(row: Row[Any]) -> AuditEvent:
     )
 
 
+def _stored_at(value: Any) -> datetime:
+    """``at`` as the verifier reads it: raw (text on SQLite), so that a time edited into
+    something unreadable makes its line bad instead of crashing ``verify`` (``ValueError``)."""
+    if not isinstance(value, datetime):
+        value = datetime.fromisoformat(str(value))
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+#: every column of the audit table, with ``at`` read raw (see ``_stored_at``)
+_RAW_COLUMNS = tuple(
+    type_coerce(c, Text).label(c.key) if c.key == "at" else c for c in audit_events.c
+)
+
+
 def _row_hash(row: Row[Any]) -> str | None:
     """Recompute a stored row's hash; ``None`` when the row cannot even be parsed."""
     try:
         details = json.loads(row.details_json)
         return event_hash(
-            row.seq, row.at, row.actor, row.action, row.outcome, row.target, details, row.prev_hash
+            row.seq,
+            _stored_at(row.at),
+            row.actor,
+            row.action,
+            row.outcome,
+            row.target,
+            details,
+            row.prev_hash,
         )
     except (ValueError, TypeError):
         return None
@@ -325,7 +346,7 @@ class AuditLog:
         prev_hash, prev_seq = GENESIS_HASH, 0
         with self._engine.connect() as conn:
             result = conn.execution_options(yield_per=VERIFY_BATCH).execute(
-                select(audit_events).order_by(audit_events.c.seq)
+                select(*_RAW_COLUMNS).order_by(audit_events.c.seq)
             )
             bad: Row[Any] | None = None
             for row in result:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Engine,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
@@ -91,6 +92,8 @@ datasets = Table(
     Column("rows", BigInteger, nullable=False),
     Column("persons", BigInteger, nullable=False),
     Column("sites_json", Text, nullable=False),
+    # persons with rows at more than one site (federated per-site budgets refuse such data)
+    Column("cross_site_persons", BigInteger, nullable=False, server_default="0"),
     Column("registered_by", String(NAME_LEN), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
 )
@@ -155,6 +158,21 @@ grants = Table(
     Index("ix_grants_project_dataset", "project", "dataset"),
 )
 
+#: every zone-wide cap a steward set on a dataset (one person's epsilon, and optionally delta,
+#: summed over the live grants of every project); rows are only ever inserted and the latest
+#: (highest ``seq``) is the dataset's cap
+dataset_caps = Table(
+    "dataset_caps",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("dataset", String(NAME_LEN), ForeignKey("datasets.name"), nullable=False),
+    Column("epsilon", Double, nullable=False),
+    Column("delta", Double, nullable=True),
+    Column("set_by", String(NAME_LEN), nullable=False),
+    Column("set_at", UTCDateTime, nullable=False),
+    Index("ix_dataset_caps_dataset", "dataset"),
+)
+
 #: the hash-chained audit log (``policies.audit``); rows are only ever inserted
 audit_events = Table(
     "audit_events",
@@ -176,3 +194,13 @@ audit_events = Table(
 def create_schema(engine: Engine) -> None:
     """Create every policy table that does not exist yet; safe to call any number of times."""
     metadata.create_all(engine, checkfirst=True)
+
+
+#: which zone this database belongs to (``zone_id``, written at ``sandbox init``); a zone whose
+#: zone.toml names another id refuses to open it (``sandbox.zone``)
+zone_meta = Table(
+    "zone_meta",
+    metadata,
+    Column("key", String(NAME_LEN), primary_key=True),
+    Column("value", Text, nullable=False),
+)

@@ -376,3 +376,316 @@ def parse_mechanisms(values: Iterable[str]) -> frozenset[Mechanism]:
                 f"use one of {', '.join(m.value for m in Mechanism)}",
             ) from None
     return frozenset(out)
+
+
+# -- the zone-wide cap per dataset -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetCap:
+    """A steward's ceiling on what one person of ``dataset`` may be charged, summed over every
+    live grant in every project (``delta`` ``None``: no delta cap)."""
+
+    dataset: str
+    epsilon: float
+    delta: float | None
+    set_by: str
+    set_at: datetime
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "dataset": self.dataset,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "set_by": self.set_by,
+            "set_at": self.set_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class NewGrant:
+    """The grant an approval would create: what ``decide_dataset_cap`` checks."""
+
+    project: str
+    dataset: str
+    mechanisms: frozenset[Mechanism]
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    """The most one person of a dataset can be charged across the live grants on it.
+
+    ``epsilon`` = ``dataset_wide_epsilon`` + ``per_site_epsilon`` (summed exactly); ``delta``
+    likewise. ``grant_ids`` are the live grants counted, sorted.
+    """
+
+    epsilon: float
+    delta: float
+    dataset_wide_epsilon: float
+    per_site_epsilon: float
+    grant_ids: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "dataset_wide_epsilon": self.dataset_wide_epsilon,
+            "per_site_epsilon": self.per_site_epsilon,
+            "grants": list(self.grant_ids),
+        }
+
+
+def _terms(mechanisms: frozenset[Mechanism], value: float) -> tuple[list[float], list[float]]:
+    """A grant's (dataset-wide, per-site) charges on one person, the way ``Service.approve``
+    turns a grant into ledger budgets: ``federated`` gives every site a budget of the grant's
+    full figure; every other mechanism shares one dataset-wide budget of it. A grant with
+    both kinds gets both budgets, so it counts twice."""
+    wide = [value] if mechanisms - {Mechanism.FEDERATED} else []
+    per_site = [value] if Mechanism.FEDERATED in mechanisms else []
+    return wide, per_site
+
+
+@dataclass(frozen=True)
+class _Charges:
+    """The individual charges behind a worst case (summed with ``math.fsum``: exactly, so
+    the order of the grants does not matter)."""
+
+    live: tuple[GrantView, ...]
+    wide_epsilon: tuple[float, ...]
+    site_epsilon: tuple[float, ...]
+    delta: tuple[float, ...]
+
+    @classmethod
+    def of(cls, grants: Sequence[GrantView], dataset: str, now: datetime) -> _Charges:
+        live = tuple(
+            sorted(
+                (g for g in grants if g.dataset == dataset and g.live_at(now)),
+                key=lambda g: g.grant_id,
+            )
+        )
+        wide: list[float] = []
+        site: list[float] = []
+        delta: list[float] = []
+        for g in live:
+            w, s = _terms(g.mechanisms, float(g.epsilon))
+            dw, ds = _terms(g.mechanisms, float(g.delta))
+            wide += w
+            site += s
+            delta += dw + ds
+        return cls(live, tuple(wide), tuple(site), tuple(delta))
+
+    def plus(self, new: NewGrant) -> _Charges:
+        w, s = _terms(new.mechanisms, float(new.epsilon))
+        dw, ds = _terms(new.mechanisms, float(new.delta))
+        return _Charges(
+            self.live, (*self.wide_epsilon, *w), (*self.site_epsilon, *s), (*self.delta, *dw, *ds)
+        )
+
+    def worst(self) -> WorstCase:
+        return WorstCase(
+            epsilon=math.fsum(self.wide_epsilon + self.site_epsilon),
+            delta=math.fsum(self.delta),
+            dataset_wide_epsilon=math.fsum(self.wide_epsilon),
+            per_site_epsilon=math.fsum(self.site_epsilon),
+            grant_ids=tuple(g.grant_id for g in self.live),
+        )
+
+
+def person_worst_case(grants: Sequence[GrantView], dataset: str, now: datetime) -> WorstCase:
+    """What one person of ``dataset`` can be charged across every live grant on it, in every
+    project (grants on other datasets, revoked ones and ones expired at ``now`` don't count).
+
+    Every person is in every dataset-wide budget, so those add up. A federated grant gives
+    each site a budget and a person is at one site, so the per-site part is the largest total
+    at any one site; every federated grant covers every site of the dataset, so that is the
+    sum of the federated grants' figures. A person's worst case is the two parts added.
+    """
+    return _Charges.of(grants, dataset, now).worst()
+
+
+@dataclass(frozen=True)
+class CapDecision:
+    """May a new grant be created under its dataset's cap?
+
+    ``before`` is one person's worst case over the live grants already there, ``after`` with
+    the new grant added. ``epsilon_left``/``delta_left`` are the room under the cap before
+    the new grant; ``max_epsilon``/``max_delta`` the largest figure the new grant could get
+    (0: no room at all); all four ``None`` when there is no such cap. When ``allowed`` is
+    false, ``reason`` is one line naming ``--epsilon`` (or ``--delta``), the room left and
+    the fixes, which ``fixes`` also lists.
+    """
+
+    allowed: bool
+    dataset: str
+    reason: str
+    cap: DatasetCap | None
+    before: WorstCase
+    after: WorstCase
+    epsilon_left: float | None = None
+    delta_left: float | None = None
+    max_epsilon: float | None = None
+    max_delta: float | None = None
+    fixes: tuple[str, ...] = ()
+
+    def raise_if_denied(self) -> None:
+        """Raise ``PolicyDenied`` with the one-line reason (it already names the fixes)."""
+        if not self.allowed:
+            raise PolicyDenied(self.reason)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "allowed": self.allowed,
+            "dataset": self.dataset,
+            "reason": self.reason,
+            "cap": None if self.cap is None else self.cap.to_dict(),
+            "worst_case_before": self.before.to_dict(),
+            "worst_case_after": self.after.to_dict(),
+            "epsilon_left": self.epsilon_left,
+            "delta_left": self.delta_left,
+            "max_epsilon": self.max_epsilon,
+            "max_delta": self.max_delta,
+            "fixes": list(self.fixes),
+        }
+
+
+#: significant digits of the figures a cap decision suggests
+_SHOWN_DIGITS = 6
+#: the float rounding of decimal figures a cap forgives, as a fraction of the cap (so that
+#: 0.1 + 0.1 + 0.1 fits a cap of 0.3): far below any epsilon or delta that means anything
+CAP_SLACK = 1e-9
+
+
+def within_cap(total: float, cap: float) -> bool:
+    """``total`` is at most ``cap`` (give or take ``CAP_SLACK`` of it for float rounding)."""
+    return total <= cap + abs(cap) * CAP_SLACK
+
+
+def _shown(x: float) -> float:
+    """``x`` rounded to ``_SHOWN_DIGITS`` significant digits (to nearest)."""
+    return float(f"{x:.{_SHOWN_DIGITS}g}")
+
+
+def _nudged(x: float, steps: int) -> float:
+    """``x`` (> 0) moved by ``steps`` units in its last shown digit, then shown."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - _SHOWN_DIGITS + 1)
+    return _shown(x + steps * unit)
+
+
+def _cap_for(x: float) -> float:
+    """The smallest cap of ``_SHOWN_DIGITS`` significant digits that ``x`` fits."""
+    if not x > 0:
+        return x
+    up = _shown(x)
+    return up if within_cap(x, up) else _nudged(up, 1)
+
+
+def _largest_fitting(used: Sequence[float], times: int, limit: float) -> float:
+    """The largest x of ``_SHOWN_DIGITS`` significant digits for which
+    ``fsum(used + [x] * times)`` is ``within_cap`` of ``limit``; 0 when no x above 0 fits."""
+
+    def fits(x: float) -> bool:
+        return x > 0 and within_cap(math.fsum([*used, *([x] * times)]), limit)
+
+    room = (limit - math.fsum(used)) / times
+    if not room > 0:
+        return 0.0
+    x = _shown(room)
+    for _ in range(3):  # rounding error is at most a step or so
+        if fits(x):
+            return x
+        x = _nudged(x, -1)
+    return 0.0
+
+
+def decide_dataset_cap(
+    cap: DatasetCap | None, existing: Sequence[GrantView], new: NewGrant, now: datetime
+) -> CapDecision:
+    """May ``new`` be granted under the zone-wide cap on ``new.dataset``?
+
+    One person's worst case (``person_worst_case``) over every live grant on the dataset in
+    every project, plus ``new``, must stay within ``cap.epsilon`` and, if set, ``cap.delta``
+    (``within_cap``: float rounding of decimal figures is forgiven). This is the defence against differencing one person across projects: two projects each
+    granted epsilon 3 on the same dataset let a researcher in both spend 6 on one person.
+    No cap: allowed. A cap already below the existing grants refuses every new grant.
+    A cap on another dataset than ``new.dataset`` is a caller's bug (``SpecError``).
+    """
+    if cap is not None and cap.dataset != new.dataset:
+        raise SpecError(
+            "cap",
+            f"is for dataset {cap.dataset} but the grant is on {new.dataset}",
+            "pass the cap of the dataset the grant is on",
+        )
+    now_charges = _Charges.of(existing, new.dataset, now)
+    then_charges = now_charges.plus(new)
+    before, after = now_charges.worst(), then_charges.worst()
+    where = f"dataset {new.dataset}"
+    if cap is None:
+        return CapDecision(True, new.dataset, f"{where} has no cap", None, before, after)
+
+    wide, per_site = _terms(new.mechanisms, 1.0)
+    times = len(wide) + len(per_site)  # how many budgets the new grant would create
+    used_e = now_charges.wide_epsilon + now_charges.site_epsilon
+    eps_left = max(cap.epsilon - before.epsilon, 0.0)
+    max_eps = _largest_fitting(used_e, times, cap.epsilon) if times else None
+    over_e = not within_cap(after.epsilon, cap.epsilon)
+    cap_delta = cap.delta
+    delta_left = max_delta = None
+    over_d = False
+    if cap_delta is not None:
+        delta_left = max(cap_delta - before.delta, 0.0)
+        max_delta = _largest_fitting(now_charges.delta, times, cap_delta) if times else None
+        over_d = not within_cap(after.delta, cap_delta)
+    if not (over_e or over_d):
+        return CapDecision(
+            True,
+            new.dataset,
+            f"one person's worst case on {where} would be epsilon {after.epsilon:g}"
+            f" of the cap {cap.epsilon:g}",
+            cap,
+            before,
+            after,
+            epsilon_left=eps_left,
+            delta_left=delta_left,
+            max_epsilon=max_eps,
+            max_delta=max_delta,
+        )
+
+    twice = " (the grant counts twice: a dataset-wide and a per-site budget)" if times == 2 else ""
+    parts: list[str] = []
+    fixes: list[str] = []
+    if over_e:
+        parts.append(
+            f"--epsilon {float(new.epsilon):g} would let one person of {where} be charged"
+            f" epsilon {after.epsilon:g} across all projects, over the dataset's cap of"
+            f" {cap.epsilon:g} ({eps_left:g} left under the cap){twice}"
+        )
+        if max_eps:
+            fixes.append(f"lower --epsilon to at most {max_eps:g}")
+    raise_cmd = f"sandbox dataset cap {new.dataset} --epsilon " + (
+        f"{_cap_for(max(after.epsilon, cap.epsilon)):g}"
+    )
+    if cap_delta is not None:
+        if over_d:
+            parts.append(
+                f"--delta {float(new.delta):g} would take one person's delta to"
+                f" {after.delta:g}, over the cap of {cap_delta:g} ({delta_left:g} left)"
+            )
+            if max_delta:
+                fixes.append(f"lower --delta to at most {max_delta:g}")
+        raise_cmd += f" --delta {_cap_for(max(after.delta, cap_delta)):g}"
+    fixes.append(f"have a data steward raise the cap ({raise_cmd})")
+    return CapDecision(
+        False,
+        new.dataset,
+        "; ".join(parts) + ": " + ", or ".join(fixes),
+        cap,
+        before,
+        after,
+        epsilon_left=eps_left,
+        delta_left=delta_left,
+        max_epsilon=max_eps,
+        max_delta=max_delta,
+        fixes=tuple(fixes),
+    )

@@ -10,9 +10,10 @@ The roles (the Five Safes' "safe people"):
 
 - **operator** runs the zone: adds and revokes users, reads and verifies the audit log,
   lists what exists. Never touches data, never decides access.
-- **steward** governs data: registers datasets, approves or denies access requests, reads
-  budgets and the audit log. Never submits jobs or queries (separation of duties: the person
-  who grants access does not also spend it).
+- **steward** governs data: registers datasets, caps what one person of a dataset may be
+  charged across all projects, approves or denies access requests, reads budgets and the
+  audit log. Never submits jobs or queries (separation of duties: the person who grants
+  access does not also spend it).
 - **researcher** owns projects: creates them, requests access, develops on dummy data,
   submits training jobs, fetches released results, runs DP queries.
 - **analyst** explores approved data from the notebook kernel: DP queries and dummy data,
@@ -74,6 +75,7 @@ class Action(StrEnum):
     SYNTH_REPORT = "synth.report"
     SYNTH_RELEASE = "synth.release"
     JOB_QUOTE = "job.quote"
+    DATASET_CAP = "dataset.cap"
 
 
 _A = Action
@@ -87,7 +89,7 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.DATASET_LIST, _A.PROJECT_LIST, _A.ACCESS_LIST, _A.JOB_LIST, _A.JOB_STATUS,
     }),
     Role.STEWARD: frozenset({
-        _A.DATASET_INGEST, _A.DATASET_LIST, _A.DATASET_SHOW,
+        _A.DATASET_INGEST, _A.DATASET_LIST, _A.DATASET_SHOW, _A.DATASET_CAP,
         _A.ACCESS_LIST, _A.ACCESS_APPROVE, _A.ACCESS_DENY,
         _A.AUDIT_LIST, _A.AUDIT_VERIFY,
         _A.BUDGET_SHOW,

@@ -31,6 +31,7 @@ here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +46,7 @@ from connectors.errors import AuthError, NotFoundError, PolicyDenied, SpecError
 from policies.db import (
     access_requests,
     create_schema,
+    dataset_caps,
     datasets,
     grants,
     project_members,
@@ -53,9 +55,12 @@ from policies.db import (
 )
 from policies.decisions import (
     STEWARD,
+    CapDecision,
+    DatasetCap,
     GrantView,
     Mechanism,
     NewAccessRequest,
+    NewGrant,
     ProjectStatus,
     ProjectView,
     RequestState,
@@ -63,10 +68,12 @@ from policies.decisions import (
     check_project_transition,
     check_request_transition,
     decide_access_request,
+    decide_dataset_cap,
     parse_mechanisms,
 )
 from policies.identity import hash_token, looks_like_token, new_token, token_matches
 from policies.roles import ROLE_GRANTOR, Role
+from privacy.sql import lock_key
 
 AUTH_FAILED = "unknown or revoked token; ask an operator for a new one"
 #: names people type (users, datasets, projects): safe in ids, paths and URLs
@@ -189,10 +196,18 @@ class DatasetRecord:
     sites: dict[str, int]
     registered_by: str
     created_at: datetime
+    #: persons with rows at more than one site (ingest counts them; never who)
+    cross_site_persons: int = 0
 
     @property
     def columns(self) -> frozenset[str]:
         return contract_columns(self.contract)
+
+    @property
+    def counts_public(self) -> bool:
+        """The contract declares the exact sizes public (``[dataset] counts = "public"``)."""
+        dataset = self.contract.get("dataset") or {}
+        return isinstance(dataset, Mapping) and dataset.get("counts") == "public"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -201,13 +216,23 @@ class DatasetRecord:
             "rows": self.rows,
             "persons": self.persons,
             "sites": dict(self.sites),
+            "cross_site_persons": self.cross_site_persons,
             "registered_by": self.registered_by,
             "created_at": _iso(self.created_at),
         }
 
     def to_public_dict(self) -> dict[str, Any]:
-        """The schema contract only: nothing computed from the data's rows."""
-        return {"name": self.name, "contract": json.loads(_dumps(self.contract))}
+        """What researchers and analysts see: the contract and the site names; the exact
+        counts only when the contract declares them public (``counts = "public"``)."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "contract": json.loads(_dumps(self.contract)),
+            "site_names": sorted(self.sites),
+            "counts": "public" if self.counts_public else "private",
+        }
+        if self.counts_public:
+            out.update(rows=self.rows, persons=self.persons, sites=dict(self.sites))
+        return out
 
 
 @dataclass(frozen=True)
@@ -335,6 +360,7 @@ def _dataset(row: Row[Any]) -> DatasetRecord:
         sites=json.loads(row.sites_json),
         registered_by=row.registered_by,
         created_at=row.created_at,
+        cross_site_persons=int(row.cross_site_persons or 0),
     )
 
 
@@ -373,6 +399,15 @@ def _grant(row: Row[Any]) -> GrantRecord:
         created_at=row.created_at,
         revoked_at=row.revoked_at,
     )
+
+
+def _dataset_cap(row: Row[Any]) -> DatasetCap:
+    return DatasetCap(row.dataset, row.epsilon, row.delta, row.set_by, row.set_at)
+
+
+def _cap_lock(dataset: str) -> str:
+    """The lock key serialising cap settings and approvals on ``dataset`` (PostgreSQL)."""
+    return f"dataset-cap:{dataset}"
 
 
 _REQUEST_WITH_GRANT = select(access_requests, grants.c.id.label("grant_id")).outerjoin(
@@ -519,6 +554,7 @@ class StateStore:
         persons: int,
         sites: Mapping[str, int],
         by: str,
+        cross_site_persons: int = 0,
     ) -> DatasetRecord:
         """Record an ingested dataset: its contract, where connectors find it, its counts."""
         _check_name("name", name)
@@ -554,6 +590,7 @@ class StateStore:
                         rows=rows,
                         persons=persons,
                         sites_json=_dumps(dict(sites)),
+                        cross_site_persons=_check_count("cross_site_persons", cross_site_persons),
                         registered_by=by,
                         created_at=self._now(),
                     )
@@ -806,7 +843,9 @@ class StateStore:
         the grant gets, and the request's ``reason`` records both. ``expires_at`` (aware) ends
         the grant; ``None`` never expires (a past ``expires_at`` is stored as given: such a
         grant is never live; the service refuses it against its own clock). Nobody approves
-        their own request.
+        their own request. The grant must fit its dataset's zone-wide cap
+        (``decide_dataset_cap``, checked in the transaction that writes the grant, so two
+        approvals on one dataset cannot both squeeze under it): ``PolicyDenied`` otherwise.
         """
         expires = _check_aware("expires_at", expires_at)
         with self.engine.begin() as conn:
@@ -830,6 +869,9 @@ class StateStore:
                 if float(got) != asked
             ]
             reason = "approved with " + ", ".join(changed) if changed else "approved as requested"
+            # the dataset's zone-wide cap, checked in the transaction that writes the grant
+            lock_key(conn, _cap_lock(req.dataset))
+            self._cap_decision(conn, req, eps, dlt, self._now()).raise_if_denied()
             self._decide(conn, request_id, RequestState.APPROVED, by, reason)
             grant_id = self._new_id(conn, "grant", grants.c.id)
             conn.execute(
@@ -897,3 +939,117 @@ class StateStore:
         """Every grant for ``project`` on ``dataset`` (expired and revoked ones included: the
         decision says which are live at its ``now``)."""
         return [g.view() for g in self.list_grants(project, dataset)]
+
+    # -- zone-wide caps per dataset -------------------------------------------------------------
+
+    def set_dataset_cap(
+        self, dataset: str, epsilon: float, delta: float | None = None, *, by: str
+    ) -> DatasetCap:
+        """Set ``dataset``'s zone-wide cap: the most one person may be charged, summed over
+        the live grants on it in every project (``decisions.person_worst_case``). ``delta``
+        ``None`` caps epsilon only. The latest setting wins; earlier ones stay in
+        ``dataset_cap_history``.
+
+        A cap below what live grants already allow is accepted, not refused: those grants and
+        their ledger budgets stay (taking them back is a revocation, a separate decision), and
+        every new grant on the dataset is refused until the worst case is back under the cap.
+        The caller reports the overshoot (``person_worst_case``).
+        """
+        if isinstance(epsilon, bool) or not (
+            isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0
+        ):
+            raise SpecError("epsilon", "must be a finite number above 0", "e.g. --epsilon 5")
+        if delta is not None and (
+            isinstance(delta, bool)
+            or not (isinstance(delta, int | float) and math.isfinite(delta) and 0 < delta < 1)
+        ):
+            raise SpecError(
+                "delta", "must be above 0 and below 1", "e.g. --delta 1e-5, or leave it out"
+            )
+        with self.engine.begin() as conn:
+            self._dataset_row(conn, dataset)
+            self._active_user(conn, by, "by")
+            lock_key(conn, _cap_lock(dataset))
+            cap = DatasetCap(
+                dataset, float(epsilon), None if delta is None else float(delta), by, self._now()
+            )
+            conn.execute(
+                dataset_caps.insert().values(
+                    dataset=cap.dataset,
+                    epsilon=cap.epsilon,
+                    delta=cap.delta,
+                    set_by=cap.set_by,
+                    set_at=cap.set_at,
+                )
+            )
+        return cap
+
+    def _cap(self, conn: Connection, dataset: str) -> DatasetCap | None:
+        row = conn.execute(
+            select(dataset_caps)
+            .where(dataset_caps.c.dataset == dataset)
+            .order_by(dataset_caps.c.seq.desc())
+            .limit(1)
+        ).first()
+        return None if row is None else _dataset_cap(row)
+
+    def dataset_cap(self, dataset: str) -> DatasetCap | None:
+        """``dataset``'s current cap (the latest set), or ``None`` if none was ever set."""
+        with self.engine.connect() as conn:
+            self._dataset_row(conn, dataset)
+            return self._cap(conn, dataset)
+
+    def dataset_cap_history(self, dataset: str) -> list[DatasetCap]:
+        """Every cap set on ``dataset``, oldest first (the last one is in force)."""
+        with self.engine.connect() as conn:
+            self._dataset_row(conn, dataset)
+            rows = conn.execute(
+                select(dataset_caps)
+                .where(dataset_caps.c.dataset == dataset)
+                .order_by(dataset_caps.c.seq)
+            ).all()
+        return [_dataset_cap(r) for r in rows]
+
+    def dataset_grants(self, dataset: str) -> list[GrantView]:
+        """Every grant on ``dataset`` in every project (expired and revoked ones included:
+        ``decisions.person_worst_case`` says which are live at its ``now``)."""
+        return [g.view() for g in self.list_grants(dataset=dataset)]
+
+    def _cap_decision(
+        self,
+        conn: Connection,
+        req: AccessRequestRecord,
+        epsilon: float,
+        delta: float,
+        now: datetime,
+    ) -> CapDecision:
+        rows = conn.execute(select(grants).where(grants.c.dataset == req.dataset)).all()
+        return decide_dataset_cap(
+            self._cap(conn, req.dataset),
+            [_grant(r).view() for r in rows],
+            NewGrant(req.project, req.dataset, req.mechanisms, float(epsilon), float(delta)),
+            now,
+        )
+
+    def cap_decision(
+        self,
+        request_id: str,
+        epsilon: float | None = None,
+        delta: float | None = None,
+        now: datetime | None = None,
+    ) -> CapDecision:
+        """Would approving ``request_id`` (with these overrides, as ``approve`` takes them) fit
+        its dataset's cap at ``now`` (default: the store's clock)? Reads only; ``approve``
+        checks again in its own transaction. A request that is not pending, or overrides that
+        are no budget, raise as ``approve`` would."""
+        checked = _check_aware("now", now)
+        when = self._now() if checked is None else checked
+        with self.engine.connect() as conn:
+            req = self._request(conn, request_id)
+            check_request_transition(request_id, req.state, RequestState.APPROVED)
+            eps = req.epsilon if epsilon is None else epsilon
+            dlt = req.delta if delta is None else delta
+            problems = check_budget(eps, dlt)
+            if problems:
+                raise problems[0].to_error()
+            return self._cap_decision(conn, req, eps, dlt, when)

@@ -28,9 +28,12 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dataclasses import dataclass
+
 from connectors.errors import BudgetExceeded, SpecError, ZoneError
 from privacy.ledger import BudgetKey
 from sandbox.jobs import JobRecord, JobState
+from training.federated.config import FederatedConfig
 
 if TYPE_CHECKING:
     from sandbox.jobspec import JobSpec
@@ -41,7 +44,8 @@ FEDERATED_TIMEOUT_S = 3600.0
 
 
 def resolve_sites(spec: JobSpec, dataset_sites: dict[str, int]) -> tuple[str, ...]:
-    assert spec.federated is not None
+    if spec.federated is None:
+        raise SpecError("mode", "is not federated", 'set mode = "federated" with a [federated] table')
     known = sorted(dataset_sites)
     if not spec.federated.sites:
         return tuple(known)
@@ -53,6 +57,61 @@ def resolve_sites(spec: JobSpec, dataset_sites: dict[str, int]) -> tuple[str, ..
             f"sites: {', '.join(known)}",
         )
     return spec.federated.sites
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """Which sites take part, decided before any row is read, and the validated config."""
+
+    sites: tuple[str, ...]
+    #: site -> why it is left out (only from public, declared sizes)
+    left_out: dict[str, str]
+    config: FederatedConfig
+
+
+def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
+    """Refuse what per-site budgets cannot charge honestly, pick the sites, validate the config.
+
+    - A person with rows at two sites would be charged once per site while each budget
+      shows one charge: such a dataset is refused (train with ``mode = "dp-sgd"`` on the
+      whole dataset instead: one budget).
+    - Participation is decided here, from the dataset card, before any row is read: a site
+      too small for ``min_site_rows`` is left out only when the contract declares the counts
+      public (deciding on private counts would be a free threshold oracle on an exact
+      count). With private counts every asked site takes part and is charged.
+    - The config is built (and so checked) before the ledger reserves anything.
+    """
+    from sandbox.service_synth import TRAIN_FRACTION
+
+    f = spec.federated
+    if f is None:
+        raise SpecError("mode", "is not federated", 'set mode = "federated" with a [federated] table')
+    if dataset.cross_site_persons > 0:
+        raise SpecError(
+            "mode",
+            f"dataset {spec.dataset!r} has persons with rows at more than one site, so "
+            "per-site budgets would charge such a person once per site",
+            'train with mode = "dp-sgd" on the whole dataset (one budget), or ask the data '
+            "steward to re-ingest it with each person at one site",
+        )
+    asked = resolve_sites(spec, dict(dataset.sites))
+    left_out: dict[str, str] = {}
+    if dataset.counts_public:
+        need = max(f.min_site_rows, spec.training.batch_size)
+        for site in asked:
+            if int(dataset.sites[site] * TRAIN_FRACTION) < need:
+                left_out[site] = (
+                    f"fewer training persons than federated.min_site_rows / "
+                    f"training.batch_size ({need})"
+                )
+    sites = tuple(s for s in asked if s not in left_out)
+    if not sites:
+        raise SpecError(
+            "federated.sites",
+            "no site is large enough for min_site_rows and batch_size",
+            "lower federated.min_site_rows or training.batch_size",
+        )
+    return SitePlan(sites, left_out, _config(spec, sites))
 
 
 def reserve_sites(
@@ -78,25 +137,13 @@ def reserve_sites(
     return done
 
 
-def build_payload(
-    svc: Service,
-    spec: JobSpec,
-    contract_dict: dict[str, Any],
-    dataset_path: str,
-    sites: tuple[str, ...],
-    job_id: str,
-) -> Path:
-    from connectors.schema import SchemaContract
-    from training.federated.config import (
-        ClientDPConfig,
-        FederatedConfig,
-        FederatedPayload,
-        Strategy,
-    )
+def _config(spec: JobSpec, sites: tuple[str, ...]) -> FederatedConfig:
+    from training.federated.config import ClientDPConfig, Strategy
 
     f = spec.federated
-    assert f is not None
-    cfg = FederatedConfig(
+    if f is None:
+        raise SpecError("mode", "is not federated", 'set mode = "federated" with a [federated] table')
+    return FederatedConfig(
         rounds=f.rounds,
         sites=sites,
         label=spec.label,
@@ -121,10 +168,25 @@ def build_payload(
             else None
         ),
         seed=spec.training.seed,
-        min_site_rows=f.min_site_rows,
+        # participation was decided by the service before any row was read (plan_sites);
+        # a site still too small for its batch is left out by the site and keeps its charge
+        min_site_rows=1,
         num_cpus=spec.resources.cpus,
         num_gpus=spec.resources.gpus,
     )
+
+
+def build_payload(
+    svc: Service,
+    spec: JobSpec,
+    contract_dict: dict[str, Any],
+    dataset_path: str,
+    plan: SitePlan,
+    job_id: str,
+) -> Path:
+    from connectors.schema import SchemaContract
+    from training.federated.config import FederatedPayload
+
     job_dir = svc.zone.job_dir(job_id)
     job_dir.mkdir(parents=True, exist_ok=True)
     payload = FederatedPayload(
@@ -132,14 +194,15 @@ def build_payload(
         dataset=spec.dataset,
         dataset_path=Path(dataset_path).resolve(),
         contract=SchemaContract.from_dict(contract_dict),
-        config=cfg,
+        config=plan.config,
         out_dir=(job_dir / "federated").resolve(),
-        # per-job noise secret: the researcher knows the seed, never this
+        # per-job noise secret from OS randomness: the researcher knows the seed, never this
         noise_secret_hex=secrets.token_hex(32),
     )
     path = job_dir / "payload.json"
     path.write_text(payload.to_json())
     path.chmod(0o600)
+    (job_dir / "left_out.json").write_text(json.dumps(plan.left_out, sort_keys=True))
     return path
 
 
@@ -154,8 +217,7 @@ def run_federated(
 ) -> JobRecord:
     from training.federated.simulation import run_federated_simulation
 
-    assert spec.federated is not None
-    rounds = spec.federated.rounds
+    rounds = spec.federated.rounds if spec.federated is not None else 0
     svc.jobs.move(job_id, JobState.RUNNING)
 
     def on_round(line: dict[str, Any]) -> None:
@@ -194,16 +256,27 @@ def run_federated(
         raise
     summary = dict(result.summary)
     charges = {}
+    excluded_at_site = {e.get("site") for e in summary.get("excluded") or [] if isinstance(e, dict)}
+    counts_public = svc.store.get_dataset(spec.dataset).counts_public
     for site, rid in reservations.items():
         info = summary.get("sites", {}).get(site)
         spent = float(info["epsilon"]) if info else 0.0
         if info and spent > 0:
+            # with private counts the accountant's figure (a function of the site's size)
+            # would tell the size through the budget: charge what was reserved instead
+            charge = spent if counts_public else svc.ledger.reservation(rid).epsilon
             ev = svc.ledger.commit(
-                rid, spent, float(info.get("delta", spec.privacy.delta)), actor=actor.name
+                rid, charge, float(info.get("delta", spec.privacy.delta)), actor=actor.name
             )
-            charges[site] = {"epsilon": spent, "ledger_event": ev.event_id}
+            charges[site] = {"epsilon": charge, "ledger_event": ev.event_id}
+        elif site in excluded_at_site or (info and info.get("touched") is not False):
+            # it read its rows, then was left out or trained nothing: that decision saw the
+            # data, so the site keeps its whole reservation (chokepoint 7)
+            r = svc.ledger.reservation(rid)
+            ev = svc.ledger.commit(rid, r.epsilon, r.delta, actor=actor.name)
+            charges[site] = {"epsilon": r.epsilon, "ledger_event": ev.event_id}
         else:
-            svc.ledger.release(rid, actor=actor.name, reason="site did not train")
+            svc.ledger.release(rid, actor=actor.name, reason="site never opened its rows")
             charges[site] = {"epsilon": 0.0, "ledger_event": None}
     audit = svc.audit.append(
         actor.name,
@@ -223,6 +296,8 @@ def run_federated(
         "rounds": result.rounds,
         "dropped": list(result.dropped),
         "excluded": list(result.excluded),
+        # decided by the service from public site sizes, before any row was read
+        "left_out": _left_out(svc.zone.job_dir(job_id)),
         "server_epsilon": result.server_epsilon,
         "audit_seq": audit.seq,
         "audit_hash": audit.hash,
@@ -230,8 +305,18 @@ def run_federated(
     }
     job_dir = svc.zone.job_dir(job_id)
     _write_preprocessing(job_dir, payload_path)
-    write_federated_card(job_dir, svc.jobs.get(job_id), summary, out)
+    card = write_federated_card(job_dir, svc.jobs.get(job_id), summary, out)
+    if not counts_public:
+        from sandbox.disclosure import redact_counts
+
+        # the card leaves the zone: no per-site figure that gives a site's size back
+        card.write_text(json.dumps(redact_counts(json.loads(card.read_text())), indent=2))
     return svc.jobs.move(job_id, JobState.SUCCEEDED, result=out)
+
+
+def _left_out(job_dir: Path) -> dict[str, str]:
+    path = job_dir / "left_out.json"
+    return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
 def _write_preprocessing(job_dir: Path, payload_path: Path) -> None:
@@ -258,11 +343,17 @@ def _settle_failed(
 
     summary_path = payload_path.parent / "federated" / SUMMARY_FILE
     sites: dict[str, Any] = {}
+    excluded: set[str] = set()
     if summary_path.exists():
-        sites = json.loads(summary_path.read_text()).get("sites", {})
+        summary = json.loads(summary_path.read_text())
+        sites = summary.get("sites", {})
+        # a site left out at setup had read its rows to decide: it keeps its charge
+        excluded = {e.get("site") for e in summary.get("excluded") or [] if isinstance(e, dict)}
     for site, rid in reservations.items():
         info = sites.get(site) or {}
-        touched = info.get("touched") is not False and float(info.get("epsilon") or 0) > 0
+        touched = site in excluded or (
+            info.get("touched") is not False and float(info.get("epsilon") or 0) > 0
+        )
         r = svc.ledger.reservation(rid)
         if touched:
             svc.ledger.commit(rid, r.epsilon, r.delta, actor=actor.name)

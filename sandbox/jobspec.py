@@ -30,6 +30,9 @@ class PrivacySpec:
     epsilon: float
     delta: float
     max_grad_norm: float
+    #: ``evaluate = false``: no DP evaluation release (no charge, no metrics); the whole
+    #: epsilon goes to training. Default true.
+    evaluate: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class JobSpec:
         d["features"] = list(self.features)
         d["mode"] = str(self.mode)
         d["model"] = {"kind": str(self.model.kind), "hidden": list(self.model.hidden)}
+        if self.privacy.evaluate:
+            # the default is left out, so a spec that does not mention it hashes as before
+            d["privacy"].pop("evaluate")
         if self.federated is None:
             d.pop("federated")
         else:
@@ -134,7 +140,7 @@ _TOP = {
 }
 _SECTIONS = {
     "model": {"kind", "hidden"},
-    "privacy": {"epsilon", "delta", "max_grad_norm"},
+    "privacy": {"epsilon", "delta", "max_grad_norm", "evaluate"},
     "training": {"epochs", "batch_size", "lr", "seed"},
     "resources": {"gpus", "cpus"},
     "federated": {
@@ -207,6 +213,13 @@ def _number(
     return v
 
 
+def _flag(d: Mapping[str, Any], section: str, key: str, *, default: bool) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise SpecError(f"{section}.{key}", "must be true or false", f"write {key} = false")
+    return v
+
+
 def _section(d: Mapping[str, Any], key: str, required: bool) -> Mapping[str, Any]:
     if key not in d:
         if required:
@@ -267,6 +280,7 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
         max_grad_norm=float(
             _number(p, "privacy", "max_grad_norm", default=1.0, lo=0, lo_open=True, hi=1e4)
         ),
+        evaluate=_flag(p, "privacy", "evaluate", default=True),
     )
     t = _section(data, "training", True)
     federated = _federated(data) if mode is Mode.FEDERATED else None
@@ -432,8 +446,19 @@ def parse_job_toml(text: str) -> JobSpec:
 
 
 def load_job_spec(path: Path) -> JobSpec:
+    """Read and parse a ``job.toml``; the file must be UTF-8 (TOML's only encoding)."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError:
         raise SpecError("job.toml", f"cannot read {path}", "check the path") from None
+    try:
+        # utf-8-sig: a byte-order mark some editors add is not an error
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        # the byte offset only, never the bytes themselves
+        raise SpecError(
+            "job.toml",
+            f"{path} is not UTF-8 text (byte {exc.start} is not valid UTF-8)",
+            "save the file as UTF-8 (TOML files must be UTF-8)",
+        ) from None
     return parse_job_toml(text)

@@ -17,6 +17,29 @@ from connectors.errors import ComputeError, SpecError, ZoneError
 from sandbox.backend import JobBackend, Payload, Resources, WorkerFn
 
 
+def _from_task_error(exc: BaseException) -> ZoneError:
+    """What the caller sees for a task that raised: our own error as itself, else a
+    ``ComputeError`` naming only the exception's type (its message may quote data)."""
+    cause: BaseException | None = exc
+    # a task that called another task: the failure is nested one RayTaskError per level
+    for _ in range(100):
+        if not isinstance(cause, _ray_task_error()):
+            break
+        cause = getattr(cause, "cause", None)
+    if isinstance(cause, ZoneError):
+        # the error as raised in the worker (ZoneError pickles whole: same type, message,
+        # attributes and retryable flag); drop any traceback it carries
+        return cause.with_traceback(None)
+    name = type(cause).__name__ if cause is not None else "unknown"
+    return ComputeError(f"the job failed in its worker ({name})", retryable=False)
+
+
+def _ray_task_error() -> type[BaseException]:
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError
+
+
 class RayBackend(JobBackend):
     name = "ray"
 
@@ -110,11 +133,14 @@ class RayBackend(JobBackend):
         try:
             return ray.get(handle)
         except rex.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, ZoneError):
-                raise cause from None
-            name = type(cause).__name__ if cause is not None else "unknown"
-            raise ComputeError(f"the job failed in its worker ({name})") from None
+            raise _from_task_error(exc) from None
+        except rex.UnserializableException:
+            # the worker raised something the driver cannot unpickle: its text (which may
+            # quote data) is never shown, and the same code would fail the same way again
+            raise ComputeError(
+                "the job failed in its worker (an error that could not be transported)",
+                retryable=False,
+            ) from None
         except (
             rex.WorkerCrashedError,
             rex.NodeDiedError,

@@ -21,8 +21,13 @@ SYNTH_FILES = ("synthetic.parquet", "synth_card.json")
 def write_model_card(
     job_dir: Path, job: Any, dataset: Any, result: dict[str, Any], *, backend: str
 ) -> Path:
+    from privacy.dp_metrics import INTERVAL_METHOD, describe_metrics
+
     plan = result["plan"]
     spec = job.spec
+    # privacy.evaluate = false: no evaluation histogram was released or charged
+    skipped = result.get("evaluation") == "skipped" or plan.get("eval_sigma") is None
+    metrics = None if skipped else result.get("metrics")
     card = {
         "job": job.id,
         "project": job.project,
@@ -44,13 +49,26 @@ def write_model_card(
             "sample_rate": plan["sample_rate"],
             "steps": result["steps_taken"],
             "max_grad_norm": spec["privacy"]["max_grad_norm"],
-            "eval_sigma": plan["eval_sigma"],
-            "composition": "DP-SGD steps and one DP evaluation histogram, composed by RDP",
+            "eval_sigma": plan.get("eval_sigma"),
+            "composition": (
+                "DP-SGD steps only (evaluation skipped), by RDP"
+                if skipped
+                else "DP-SGD steps and one DP evaluation histogram, composed by RDP"
+            ),
             "clipping": result["clipping"],
         },
         "training": spec["training"],
-        "dp_metrics": result["metrics"],
-        "dp_metrics_note": "computed on the held-out real split with Gaussian noise; charged above",
+        "evaluation": "skipped" if skipped else "one DP histogram of the held-out real split",
+        "dp_metrics": metrics,
+        # each metric as "0.702 (95% CI 0.655-0.748)", and "unreliable": <reason> when flagged
+        "dp_metrics_display": describe_metrics(metrics),
+        "dp_metrics_note": (
+            "no DP evaluation was run or charged (privacy.evaluate = false)"
+            if skipped
+            else "computed on the held-out real split with Gaussian noise; charged above. "
+            f"Intervals: {INTERVAL_METHOD}. unreliable: the noise swamps the test counts "
+            "or an interval is too wide to inform"
+        ),
         "spec_hash": job.spec_hash,
         "ledger_event": result.get("ledger_event"),
         "audit_event": {"seq": result.get("audit_seq"), "hash": result.get("audit_hash")},

@@ -8,6 +8,7 @@ decides access.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ from policies.store import StateStore
 from privacy.ledger import BudgetKey, Ledger
 from privacy.sql import make_engine
 from sandbox.backend import InProcessBackend, JobBackend, Resources
+from sandbox.disclosure import dataset_view, job_view, redact_counts, sees_everything
 from sandbox.jobs import JobRecord, JobState, JobStore
 from sandbox.jobspec import JobSpec, Mode
 from sandbox.release import RELEASED_FILES, SYNTH_FILES, write_model_card, write_synth_card
@@ -51,8 +53,13 @@ class Service(SyntheticDataCalls):
         *,
         clock: Callable[[], datetime] = _now,
     ) -> None:
-        self.zone = zone
         self.engine = make_engine(zone.db_url)
+        try:
+            # a zone opens only its own database: the zone ids in zone.toml and in it agree
+            self.zone = zone.check_database(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self.store = StateStore(self.engine)
         self.ledger = Ledger(self.engine)
         self.audit = AuditLog(self.engine)
@@ -189,15 +196,17 @@ class Service(SyntheticDataCalls):
             report.persons,
             dict(report.sites),
             actor.name,
+            cross_site_persons=report.cross_site_persons,
         )
 
-    def list_datasets(self, actor: Any) -> list[Any]:
+    def list_datasets(self, actor: Any) -> list[dict[str, Any]]:
+        """Dataset cards as the actor may see them (``sandbox.disclosure.dataset_view``)."""
         with self._act(actor, Action.DATASET_LIST):
-            return self.store.list_datasets()
+            return [dataset_view(d, role=actor.role) for d in self.store.list_datasets()]
 
-    def show_dataset(self, actor: Any, name: str) -> Any:
+    def show_dataset(self, actor: Any, name: str) -> dict[str, Any]:
         with self._act(actor, Action.DATASET_SHOW, name):
-            return self.store.get_dataset(name)
+            return dataset_view(self.store.get_dataset(name), role=actor.role)
 
     # -- projects and access ------------------------------------------------------------------
 
@@ -263,6 +272,15 @@ class Service(SyntheticDataCalls):
         with self._act(actor, Action.ACCESS_APPROVE, request_id) as extra:
             if expires_at is not None and expires_at <= self.clock():
                 raise SpecError("--expires", "is in the past", "give a future date (YYYY-MM-DD)")
+            # the dataset's zone-wide cap, decided before anything is written (store.approve
+            # decides again in the transaction that writes the grant, against a racing approval)
+            cap = self.store.cap_decision(request_id, epsilon, delta, now=self.clock())
+            extra.update(
+                dataset=cap.dataset,
+                worst_case_epsilon=cap.after.epsilon,
+                **({} if cap.cap is None else {"cap_epsilon": cap.cap.epsilon}),
+            )
+            cap.raise_if_denied()
             grant = self.store.approve(
                 request_id, actor.name, epsilon=epsilon, delta=delta, expires_at=expires_at
             )
@@ -281,6 +299,30 @@ class Service(SyntheticDataCalls):
             extra.update(grant=grant.id, epsilon=grant.epsilon)
             return grant
 
+    def set_dataset_cap(
+        self, actor: Any, dataset: str, epsilon: float, delta: float | None = None
+    ) -> dict[str, Any]:
+        """Cap what one person of ``dataset`` may be charged across every project (a steward's
+        call). Returns the cap, one person's current worst case over the live grants, the
+        ``epsilon_left`` under the cap and ``over_cap``: true when those grants already go
+        over the new cap (they stay, and every new grant on the dataset is refused until the
+        worst case is back under it)."""
+        from policies.decisions import person_worst_case, within_cap
+
+        details = {"epsilon": epsilon, "delta": delta}
+        with self._act(actor, Action.DATASET_CAP, dataset, details) as extra:
+            try:
+                cap = self.store.set_dataset_cap(dataset, epsilon, delta, by=actor.name)
+            except SpecError as exc:  # name the CLI option, not the store's field
+                raise SpecError(f"--{exc.field}", exc.problem, exc.fix) from None
+            worst = person_worst_case(self.store.dataset_grants(dataset), dataset, self.clock())
+            over = not within_cap(worst.epsilon, cap.epsilon) or (
+                cap.delta is not None and not within_cap(worst.delta, cap.delta)
+            )
+            extra.update(worst_case_epsilon=worst.epsilon, over_cap=over)
+            left = max(cap.epsilon - worst.epsilon, 0.0)
+            return {"cap": cap, "worst_case": worst, "over_cap": over, "epsilon_left": left}
+
     def deny(self, actor: Any, request_id: str, reason: str) -> Any:
         with self._act(actor, Action.ACCESS_DENY, request_id):
             if not reason.strip():
@@ -294,7 +336,12 @@ class Service(SyntheticDataCalls):
     def submit(
         self, actor: Any, spec: JobSpec, *, on_progress: ProgressFn | None = None
     ) -> JobRecord:
-        """Decide, reserve, schedule, wait, charge. Returns the finished job record."""
+        """Decide, plan, reserve, schedule, wait, charge. Returns the finished job record.
+
+        Everything up to the hand-over to compute runs inside one guard: a failure after the
+        ledger reserved (a payload that cannot be built, a job row that cannot be written)
+        releases every reservation and fails the job, so nothing stays reserved or queued.
+        """
         from sandbox import federated_run
         from sandbox.jobs import new_job_id
         from sandbox.worker import run_dpsgd_job
@@ -303,6 +350,7 @@ class Service(SyntheticDataCalls):
         mechanism = Mechanism.FEDERATED if federated else Mechanism.DP_SGD
         job_id = new_job_id()
         details = {"dataset": spec.dataset, "epsilon": spec.privacy.epsilon, "mode": str(spec.mode)}
+        reservations: dict[str, str] = {}
         with self._act(actor, Action.JOB_SUBMIT, spec.project, details) as extra:
             dataset = self.store.get_dataset(spec.dataset)
             contract = SchemaContract.from_dict(dataset.contract)
@@ -327,38 +375,50 @@ class Service(SyntheticDataCalls):
                 raise PolicyDenied(
                     decision.reason, missing=decision.missing, grantor=decision.grantor
                 )
+            # plan before reserving: a spec the planner refuses never holds budget
+            fed_plan = federated_run.plan_sites(spec, dataset) if federated else None
+            if fed_plan is None:
+                self._check_batch_size(spec, dataset)
             resources = Resources(cpus=spec.resources.cpus, gpus=spec.resources.gpus)
             self.backend.check_resources(resources)
-            # chokepoint 2: the ledger reserves before the job may run
-            if federated:
-                sites = federated_run.resolve_sites(spec, dict(dataset.sites))
-                reservations = federated_run.reserve_sites(self, actor, spec, sites, job_id)
-                reservation = None
-            else:
-                reservation = self.ledger.reserve(
-                    BudgetKey(spec.project, spec.dataset),
-                    spec.privacy.epsilon,
-                    spec.privacy.delta,
+            try:
+                # chokepoint 2: the ledger reserves before the job may run
+                if fed_plan is not None:
+                    reservations = federated_run.reserve_sites(
+                        self, actor, spec, fed_plan.sites, job_id
+                    )
+                else:
+                    reservations = {
+                        "": self.ledger.reserve(
+                            BudgetKey(spec.project, spec.dataset),
+                            spec.privacy.epsilon,
+                            spec.privacy.delta,
+                            job_id=job_id,
+                            actor=actor.name,
+                        )
+                    }
+                self.jobs.create(
+                    project=spec.project,
+                    dataset=spec.dataset,
+                    user=actor.name,
+                    spec=spec.to_dict(),
+                    spec_hash=spec.spec_hash(),
+                    reservation_id=None if fed_plan is not None else reservations[""],
                     job_id=job_id,
-                    actor=actor.name,
                 )
-            self.jobs.create(
-                project=spec.project,
-                dataset=spec.dataset,
-                user=actor.name,
-                spec=spec.to_dict(),
-                spec_hash=spec.spec_hash(),
-                reservation_id=reservation,
-                job_id=job_id,
-            )
+                if fed_plan is not None:
+                    payload_path = federated_run.build_payload(
+                        self, spec, contract.to_dict(), dataset.path, fed_plan, job_id
+                    )
+            except Exception as exc:
+                self._abandon(actor, job_id, reservations, exc)
+                raise
             extra.update(job=job_id, grant=decision.grant_id or "", backend=self.backend.name)
-        if federated:
-            payload_path = federated_run.build_payload(
-                self, spec, contract.to_dict(), dataset.path, sites, job_id
-            )
-            return federated_run.run_federated(
+        if fed_plan is not None:
+            done = federated_run.run_federated(
                 self, actor, job_id, spec, payload_path, reservations, on_progress
             )
+            return self._job_view(actor, done)
         payload = {
             "zone_root": str(self.zone.root),
             "db_url": self.zone.db_url,
@@ -368,6 +428,40 @@ class Service(SyntheticDataCalls):
             "dataset_path": dataset.path,
         }
         return self._run(actor, job_id, payload, resources, on_progress, run_dpsgd_job)
+
+    def _check_batch_size(self, spec: JobSpec, dataset: Any) -> None:
+        """Refuse a batch larger than the training split before anything is reserved, when
+        the counts are public (with private counts this check would be a free oracle on the
+        exact size: the worker checks after reading instead, and the job is charged)."""
+        from sandbox.service_synth import TRAIN_FRACTION
+
+        if not dataset.counts_public:
+            return
+        n_train = int(dataset.persons * TRAIN_FRACTION)
+        if spec.training.batch_size > n_train:
+            raise SpecError(
+                "training.batch_size",
+                f"is larger than the training split ({n_train} persons)",
+                f"set batch_size <= {n_train}",
+            )
+
+    def _abandon(
+        self, actor: Any, job_id: str, reservations: Mapping[str, str], exc: BaseException
+    ) -> None:
+        """Undo a submit that failed before compute got the job: no row was read."""
+        kind = exc.kind if isinstance(exc, ZoneError) else type(exc).__name__
+        for rid in reservations.values():
+            self.ledger.release(rid, actor=actor.name, reason=f"submit failed ({kind})")
+        try:
+            rec = self.jobs.get(job_id)
+        except NotFoundError:
+            return
+        if rec.state not in (JobState.SUCCEEDED, JobState.FAILED):
+            message = str(exc) if isinstance(exc, ZoneError) else f"submit failed ({kind})"
+            self.jobs.move(job_id, JobState.FAILED, error=message)
+        self.audit.append(
+            actor.name, "job.fail", "error", job_id, {"error": kind, "ledger": "released"}
+        )
 
     def _check_columns(self, spec: JobSpec, contract: SchemaContract) -> None:
         known = {c.name for c in contract.columns}
@@ -406,6 +500,10 @@ class Service(SyntheticDataCalls):
                 last.update(rec.progress)
                 on_progress(dict(rec.progress))
 
+        from sandbox.worker import NOISE_SECRET_KEY, new_noise_secret
+
+        # every run draws its noise from a secret of its own (chokepoint 9)
+        payload = {**payload, NOISE_SECRET_KEY: new_noise_secret()}
         try:
             handle = self.backend.submit(fn, payload, resources)
             result = self.backend.wait(handle, poll=poll)
@@ -416,7 +514,7 @@ class Service(SyntheticDataCalls):
             err = IntegrityError(f"the job failed in the service ({type(exc).__name__})")
             self._fail(actor, job_id, err)
             raise err from None
-        return self._finish(actor, job_id, result)
+        return self._job_view(actor, self._finish(actor, job_id, result))
 
     def _fail(self, actor: Any, job_id: str, exc: ZoneError) -> None:
         rec = self.jobs.get(job_id)
@@ -460,7 +558,12 @@ class Service(SyntheticDataCalls):
                 },
             )
             return self.jobs.move(job_id, JobState.SUCCEEDED, result=result)
-        # chokepoint 3: commit the accountant's figure before anything can be released
+        result = dict(result)
+        if not self.store.get_dataset(rec.dataset).counts_public:
+            # the accountant's figure is a function of the exact training size: with private
+            # counts the job is charged (and shows) what was reserved, an upper bound
+            result["epsilon"] = self.ledger.reservation(rec.reservation_id).epsilon
+        # chokepoint 3: commit the charge before anything can be released
         event = self.ledger.commit(
             rec.reservation_id, float(result["epsilon"]), float(result["delta"]), actor=actor.name
         )
@@ -475,30 +578,36 @@ class Service(SyntheticDataCalls):
                 "ledger_event": event.event_id,
             },
         )
-        result = dict(result)
         result["ledger_event"] = event.event_id
         result["audit_seq"] = audit.seq
         result["audit_hash"] = audit.hash
+        dataset = self.store.get_dataset(rec.dataset)
         if result.get("kind") == "synthetic":
-            write_synth_card(self.zone.job_dir(job_id), rec, result)
+            card = write_synth_card(self.zone.job_dir(job_id), rec, result)
         else:
-            dataset = self.store.get_dataset(rec.dataset)
-            write_model_card(
+            card = write_model_card(
                 self.zone.job_dir(job_id), rec, dataset, result, backend=self.backend.name
             )
+        if not dataset.counts_public:
+            # the card leaves the zone: no figure that gives the exact size back
+            card.write_text(json.dumps(redact_counts(json.loads(card.read_text())), indent=2))
         return self.jobs.move(job_id, JobState.SUCCEEDED, result=result)
 
     def list_jobs(self, actor: Any) -> list[JobRecord]:
         with self._act(actor, Action.JOB_LIST):
-            if Role(actor.role) in (Role.STEWARD, Role.OPERATOR):
+            if sees_everything(actor.role):
                 return self.jobs.list()
-            return self.jobs.list(user=actor.name)
+            return [self._job_view(actor, j) for j in self.jobs.list(user=actor.name)]
 
     def job_status(self, actor: Any, job_id: str) -> JobRecord:
         with self._act(actor, Action.JOB_STATUS, job_id):
             rec = self.jobs.get(job_id)
             self._check_member(actor, rec.project)
-            return rec
+            return self._job_view(actor, rec)
+
+    def _job_view(self, actor: Any, rec: JobRecord) -> JobRecord:
+        counts_public = self.store.get_dataset(rec.dataset).counts_public
+        return job_view(rec, role=actor.role, counts_public=counts_public)
 
     def job_result(self, actor: Any, job_id: str, out: Path) -> dict[str, Any]:
         """The release gate: only a succeeded job whose spend is committed leaves the zone."""

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 CURVE_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: the reader's person split (train part) is what DP-SGD trains on
 TRAIN_FRACTION = 0.8
+#: rows of a dummy dry run when the dataset's counts are private (a fixed, public size)
+DUMMY_ROWS = 5000
 
 
 def governed_contract(contract: SchemaContract) -> SchemaContract:
@@ -246,12 +248,19 @@ class SyntheticDataCalls:
                     grantor="data steward",
                 )
             agg = job_dir / "report_aggregate.json"
-            return {"job": job_id, "view": "aggregate", "report": json.loads(agg.read_text())}
+            return {
+                "job": job_id,
+                "view": "aggregate",
+                "release": (rec.result or {}).get("report_release"),
+                "report": json.loads(agg.read_text()),
+            }
 
     def synth_release(self, actor: Any, job_id: str, *, rows: bool = False) -> JobRecord:
         """A steward releases a synthetic job's aggregate report (and, with ``rows``, a non-DP
         baseline's rows, which otherwise never leave)."""
-        with self._act(actor, Action.SYNTH_RELEASE, job_id, {"rows": rows}):
+        with self._act(
+            actor, Action.SYNTH_RELEASE, job_id, {"rows": rows, "release": "non-dp"}
+        ):
             rec = self._synth_job(job_id)
             if rec.state is not JobState.SUCCEEDED:
                 raise SpecError(
@@ -259,6 +268,15 @@ class SyntheticDataCalls:
                 )
             result = dict(rec.result or {})
             result["report_released"] = True
+            # the report's scores are computed on real rows without noise: the release
+            # record says so, and who let them out (chokepoint 8)
+            result["report_release"] = {
+                "dp": False,
+                "kind": "steward release (not differentially private)",
+                "what": "aggregate report scores computed on real rows without noise",
+                "by": actor.name,
+                "at": self.clock().isoformat(),
+            }
             if rows:
                 result["steward_release"] = True
             return self.jobs.update_result(job_id, result)
@@ -290,7 +308,10 @@ class SyntheticDataCalls:
             rec = self.store.get_dataset(spec.dataset)
             contract = governed_contract(SchemaContract.from_dict(rec.contract))
             if on == "dummy":
-                table = dummy_table(contract, max(2000, int(rec.persons)), spec.training.seed)
+                # the dummy table is as large as the real one only when that size is public:
+                # a dry run's plan (sample rate, steps) would otherwise give the size back
+                size = max(2000, int(rec.persons)) if rec.counts_public else DUMMY_ROWS
+                table = dummy_table(contract, size, spec.training.seed)
             elif on.startswith("synthetic:"):
                 src = self._synth_job(on.split(":", 1)[1])
                 if (
@@ -353,56 +374,60 @@ class SyntheticDataCalls:
         from privacy.accountant import plan_dpsgd
         from sandbox.worker import EVAL_SHARE
 
+        from sandbox.disclosure import redact_counts, sees_everything
+
         with self._act(actor, Action.JOB_QUOTE, spec.project, {"dataset": spec.dataset}):
             rec = self.store.get_dataset(spec.dataset)
             if spec.federated is not None:
-                from privacy.accountant import plan_dpsgd as plan
+                from sandbox.federated_run import plan_sites
 
-                per_site = {}
-                for site, n in sorted(rec.sites.items()):
-                    if spec.federated.sites and site not in spec.federated.sites:
-                        continue
-                    n_train = int(n * TRAIN_FRACTION)
-                    if n_train < max(spec.federated.min_site_rows, spec.training.batch_size):
-                        per_site[site] = {
-                            "left_out": f"fewer than {spec.federated.min_site_rows} training rows"
-                        }
-                        continue
-                    p = plan(
+                # the same planning the submit runs: what it refuses, the quote refuses
+                site_plan = plan_sites(spec, rec)
+                per_site: dict[str, Any] = {
+                    site: {"left_out": reason} for site, reason in site_plan.left_out.items()
+                }
+                for site in site_plan.sites:
+                    n_train = max(1, int(rec.sites[site] * TRAIN_FRACTION))
+                    per_site[site] = plan_dpsgd(
                         spec.privacy.epsilon,
                         spec.privacy.delta,
                         n_train,
-                        spec.training.batch_size,
+                        min(spec.training.batch_size, n_train),
                         spec.federated.rounds * spec.federated.local_epochs,
-                    )
-                    per_site[site] = p.to_dict()
-                return {
+                    ).to_dict()
+                quote: dict[str, Any] = {
                     "mode": "federated",
                     "epsilon_per_site": spec.privacy.epsilon,
                     "delta": spec.privacy.delta,
-                    "sites": per_site,
+                    "sites": dict(sorted(per_site.items())),
                     "composition": "per site (disjoint patients)",
                     "unit": "person",
                 }
-            n_train = int(rec.persons * TRAIN_FRACTION)
-            p = plan_dpsgd(
-                spec.privacy.epsilon,
-                spec.privacy.delta,
-                n_train,
-                spec.training.batch_size,
-                spec.training.epochs,
-                eval_share=EVAL_SHARE,
-            )
-            return {
-                "mode": "dp-sgd",
-                "epsilon": p.epsilon,
-                "delta": p.delta,
-                "plan": p.to_dict(),
-                "n_train_estimate": n_train,
-                "unit": "person",
-                "neighbouring": "add/remove one person",
-                "accountant": "rdp",
-            }
+            else:
+                n_train = int(rec.persons * TRAIN_FRACTION)
+                p = plan_dpsgd(
+                    spec.privacy.epsilon,
+                    spec.privacy.delta,
+                    n_train,
+                    spec.training.batch_size,
+                    spec.training.epochs,
+                    eval_share=EVAL_SHARE,
+                )
+                quote = {
+                    "mode": "dp-sgd",
+                    "epsilon": p.epsilon if rec.counts_public else spec.privacy.epsilon,
+                    "delta": p.delta,
+                    "plan": p.to_dict(),
+                    "n_train_estimate": n_train,
+                    "unit": "person",
+                    "neighbouring": "add/remove one person",
+                    "accountant": "rdp",
+                }
+            if not rec.counts_public and not sees_everything(actor.role):
+                quote = redact_counts(quote)
+                if "plan" in quote:
+                    quote["plan"]["epsilon"] = spec.privacy.epsilon
+            return quote
 
     def quote_curve(
         self,

@@ -44,7 +44,7 @@ def run_synth_job(payload: dict[str, Any]) -> dict[str, Any]:
     from privacy.synth.base import fit_and_sample, is_dp
     from privacy.synth.report import build_report, save_plots
     from sandbox.jobs import JobState, JobStore
-    from sandbox.worker import derive_noise_seed
+    from sandbox.worker import noise_seed
 
     zone_root = Path(payload["zone_root"])
     configure_engine_env(zone_root)
@@ -73,7 +73,7 @@ def run_synth_job(payload: dict[str, Any]) -> dict[str, Any]:
         delta=float(payload["delta"]) if dp else None,
         rows=int(payload["rows"]),
         seed=seed,
-        noise_seed=derive_noise_seed(zone_root, f"synth:{job_id}"),
+        noise_seed=noise_seed(payload, "synth"),
     )
     epsilon = None
     if dp:

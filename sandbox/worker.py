@@ -16,20 +16,38 @@ import json
 from pathlib import Path
 from typing import Any
 
-from connectors.errors import SpecError
+from connectors.errors import IntegrityError, SpecError
 
 #: share of the job's epsilon spent on the DP evaluation histogram: DP-SGD's accuracy barely
 #: moves between 0.8 and 0.9 of the budget, while the evaluation's noise halves from 0.1 to 0.2
 EVAL_SHARE = 0.2
 
 
-def derive_noise_seed(zone_root: Path, label: str) -> int:
-    """A 63-bit seed from the zone's secret: replayable inside the zone, unguessable outside."""
+#: payload key of the per-run noise secret (hex); the service makes it, nothing returns it
+NOISE_SECRET_KEY = "noise_secret"
+
+
+def new_noise_secret() -> str:
+    """A fresh secret for one run (job, dry run, quote point or retry), from OS randomness."""
+    import secrets
+
+    return secrets.token_hex(32)
+
+
+def noise_seed(payload: dict[str, Any], label: str) -> int:
+    """A 63-bit seed for ``label`` (``"dp-sgd"``, ``"eval"``, ``"synth"``) from the run's secret.
+
+    The secret is made by the service for this run alone and never leaves the zone, so two
+    runs of the same spec (a charged job and its free dry run, a retry) never share noise:
+    subtracting one model from another cannot cancel the Gaussian noise.
+    """
     import hashlib
     import hmac
 
-    secret = (zone_root / "secret.key").read_bytes()
-    digest = hmac.new(secret, f"dp-noise:{label}".encode(), hashlib.sha256).digest()
+    secret = payload.get(NOISE_SECRET_KEY)
+    if not isinstance(secret, str) or len(secret) < 32:
+        raise IntegrityError("the job has no noise secret; the service makes one for every run")
+    digest = hmac.new(bytes.fromhex(secret), f"dp-noise:{label}".encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -43,14 +61,19 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     from connectors.preprocess import FeaturePlan
     from connectors.reader import DatasetHandle, Split, load_split
     from connectors.schema import SchemaContract
-    from privacy.accountant import GaussianStep, epsilon_for, plan_dpsgd
-    from privacy.dp_metrics import dp_binary_metrics
+    from privacy.accountant import GaussianStep, epsilon_for
+    from privacy.dp_metrics import dp_binary_metrics, plan_job
     from privacy.sql import make_engine
     from sandbox.jobs import JobState, JobStore
     from sandbox.jobspec import parse_job_spec
     from training.models import build_model
     from training.trainer import DPSGDConfig, EpochProgress, predict_proba, train_dpsgd
 
+    # DP noise and the Poisson draws come from the run's own secret, never from the spec:
+    # the researcher knows the spec's seed, and a free dry run of the same spec must not
+    # draw the charged job's noise (differencing the two would cancel it). Checked first:
+    # a payload without its secret never reaches the data.
+    dp_seed = noise_seed(payload, "dp-sgd")
     zone_root = Path(payload["zone_root"])
     configure_engine_env(zone_root)
     job_id: str = payload["job_id"]
@@ -68,10 +91,6 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         on_open=lambda: jobs.mark_data_opened(job_id),
     )
     seed = spec.training.seed
-    # DP noise (and the Poisson draws) must be unpredictable to the researcher, who knows
-    # the spec's seed: derive them from the zone's secret and the spec. The same spec in the
-    # same zone replays exactly (an operator can reproduce a release); no one outside can.
-    noise_seed = derive_noise_seed(zone_root, spec.spec_hash())
     X_train, y_train = load_split(handle, plan, spec.label, Split.TRAIN, seed=seed)
     X_test, y_test = load_split(handle, plan, spec.label, Split.TEST, seed=seed)
     n_train = int(X_train.shape[0])
@@ -82,12 +101,14 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
             "lower batch_size (the dataset card shows the person count)",
         )
 
-    dp = plan_dpsgd(
+    # privacy.evaluate = false: no evaluation release is planned, so its share goes to training
+    dp = plan_job(
         spec.privacy.epsilon,
         spec.privacy.delta,
         n_train,
         spec.training.batch_size,
         spec.training.epochs,
+        evaluate=spec.privacy.evaluate,
         eval_share=EVAL_SHARE,
     )
     want_gpu = spec.resources.gpus > 0
@@ -100,7 +121,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         lr=spec.training.lr,
         max_grad_norm=spec.privacy.max_grad_norm,
         noise_multiplier=dp.noise_multiplier,
-        seed=noise_seed,
+        seed=dp_seed,
         device=device,
     )
 
@@ -114,16 +135,20 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     result = train_dpsgd(model, X_train, y_train, cfg, progress=on_epoch)
     model = model.to("cpu")
 
-    scores = predict_proba(model, X_test)
-    rng = np.random.default_rng([noise_seed, 1])
-    # a dry run's test rows are dummy or already-released synthetic rows: no noise needed
-    eval_sigma = 0.0 if payload.get("dry_run") else dp.eval_sigma
-    metrics = dp_binary_metrics(scores, y_test.numpy(), eval_sigma, rng)
-
-    history = [
-        GaussianStep(dp.noise_multiplier, dp.sample_rate, result.steps_taken),
-        GaussianStep(dp.eval_sigma, 1.0, 1),
-    ]
+    rng = np.random.default_rng(noise_seed(payload, "eval"))
+    history = [GaussianStep(dp.noise_multiplier, dp.sample_rate, result.steps_taken)]
+    # a skipped evaluation (privacy.evaluate = false) releases nothing and is not charged;
+    # a dry run still evaluates: its test rows are dummy or already-released synthetic rows
+    # (no noise needed, nothing charged) and its figures are what a quote's curve plots
+    dry_run = bool(payload.get("dry_run"))
+    metrics: dict[str, Any] = {}
+    if dp.eval_sigma is not None or dry_run:
+        scores = predict_proba(model, X_test)
+        eval_sigma = 0.0 if dry_run or dp.eval_sigma is None else dp.eval_sigma
+        # every figure comes with its 95% interval and the unreliable flag (dp_metrics)
+        metrics = dp_binary_metrics(scores, y_test.numpy(), eval_sigma, rng).to_dict()
+    if dp.eval_sigma is not None:
+        history.append(GaussianStep(dp.eval_sigma, 1.0, 1))
     epsilon_spent = epsilon_for(history, spec.privacy.delta)
 
     out = zone_root / "jobs" / job_id
@@ -149,7 +174,8 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         "epochs_done": result.epochs_done,
         "clipping": result.clipping,
         "device": result.device,
-        "metrics": metrics.to_dict(),
+        "evaluation": "skipped" if dp.eval_sigma is None and not dry_run else "dp-histogram",
+        "metrics": metrics,
         "n_features": plan.n_outputs,
         "feature_names": list(plan.output_names),
     }

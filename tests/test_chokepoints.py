@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from factories import job_spec, make_world
 
-from connectors.errors import IntegrityError, PolicyDenied, SpecError, ZoneError
+from connectors.errors import ComputeError, IntegrityError, PolicyDenied, SpecError, ZoneError
 from privacy.ledger import BudgetKey
 from sandbox.backend import InProcessBackend
 from sandbox.jobs import JobState
@@ -95,15 +95,39 @@ def test_failure_before_data_releases(tmp_path: Path) -> None:
     assert bal.spent_epsilon == 0 and bal.reserved_epsilon == 0
 
 
+class FailAfterOpenBackend(InProcessBackend):
+    """A worker that opens the data and then dies."""
+
+    def submit(self, fn: Any, payload: Any, resources: Any) -> Any:
+        def opened_then_failed(p: dict[str, Any]) -> dict[str, Any]:
+            from privacy.sql import make_engine
+            from sandbox.jobs import JobStore
+
+            JobStore(make_engine(p["db_url"])).mark_data_opened(p["job_id"])
+            raise ComputeError("the job's worker died", retryable=True)
+
+        return (opened_then_failed, payload)
+
+
 def test_failure_after_data_keeps_charge(tmp_path: Path) -> None:
-    w = _world(tmp_path, InProcessBackend(), patients=300)
-    # a batch larger than the training split fails after the data was opened
-    with pytest.raises(SpecError, match="training.batch_size"):
-        w.svc.submit(w.researcher, job_spec(**{"training.batch_size": 100_000}))
+    w = _world(tmp_path, FailAfterOpenBackend(), patients=300)
+    with pytest.raises(ComputeError):
+        w.svc.submit(w.researcher, job_spec())
     (job,) = w.svc.jobs.list()
     assert job.state is JobState.FAILED and job.data_opened
     assert w.svc.ledger.reservation(job.reservation_id).state.value == "committed"
     assert w.svc.ledger.balance(KEY).spent_epsilon == pytest.approx(1.0)
+
+
+def test_batch_over_public_size_is_refused_before_any_charge(tmp_path: Path) -> None:
+    """The demo cohort's counts are public: a batch larger than the training split is a spec
+    error found before the ledger reserves anything."""
+    w = _world(tmp_path, InProcessBackend(), patients=300)
+    with pytest.raises(SpecError, match="training.batch_size"):
+        w.svc.submit(w.researcher, job_spec(**{"training.batch_size": 100_000}))
+    assert w.svc.jobs.list() == []
+    bal = w.svc.ledger.balance(KEY)
+    assert bal.spent_epsilon == 0 and bal.reserved_epsilon == 0
 
 
 def test_release_requires_committed_charge(tmp_path: Path) -> None:
@@ -190,19 +214,21 @@ def test_resources_refused_up_front(tmp_path: Path) -> None:
     assert w.svc.jobs.list() == []
 
 
-def test_dp_noise_is_not_derived_from_the_researchers_seed(tmp_path: Path) -> None:
-    """Same data, same spec (same seed): the weights replay exactly inside the zone, and change
-    when only the zone's secret changes, so the noise cannot be predicted from the spec."""
+def test_dp_noise_is_fresh_for_every_run(tmp_path: Path) -> None:
+    """Same data, same spec (same seed), same zone: two runs draw different noise, so a free
+    run can never share (and cancel) a charged run's noise; the worker refuses a payload
+    that carries no per-run secret rather than fall back to a derivable seed."""
+    from sandbox.worker import run_dpsgd_job
+
     w = _world(tmp_path, InProcessBackend(), patients=800)
     spec = job_spec(**{"training.epochs": 1})
     weights = []
-    for rotate in (False, False, True):
-        if rotate:
-            (w.svc.zone.root / "secret.key").write_bytes(b"\x01" * 32)
+    for _ in range(2):
         job = w.svc.submit(w.researcher, spec)
         weights.append((w.svc.zone.job_dir(job.id) / "model.safetensors").read_bytes())
-    assert weights[0] == weights[1]
-    assert weights[0] != weights[2]
+    assert weights[0] != weights[1]
+    with pytest.raises(IntegrityError, match="noise secret"):
+        run_dpsgd_job({"job_id": "job-x", "zone_root": str(w.svc.zone.root)})
 
 
 # which of our packages each package may import (ARCHITECTURE.md: sandbox -> training,

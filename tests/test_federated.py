@@ -384,11 +384,113 @@ def test_site_histogram_is_the_draw_behind_dp_binary_metrics() -> None:
     assert metrics == dp_binary_metrics(
         scores, labels, 5.0, np.random.default_rng(42), bins=EVAL_BINS
     )
-    # the pooled metrics' post-processing is dp_binary_metrics' own
-    assert metrics_from_histogram(hist, 5.0) == metrics
-    pooled = pooled_metrics([(hist, 3.0), (hist, 4.0)])
+    # the server's post-processing of a histogram is dp_binary_metrics' own: the same
+    # figures; the intervals' redraws come from the server's own seed
+    again = metrics_from_histogram(hist, 5.0, 7)
+    assert (again.auroc, again.accuracy, again.ece, again.n_noisy) == (
+        metrics.auroc,
+        metrics.accuracy,
+        metrics.ece,
+        metrics.n_noisy,
+    )
+    assert again == metrics_from_histogram(hist, 5.0, 7)
+    pooled = pooled_metrics([(hist, 3.0), (hist, 4.0)], 7)
     assert pooled is not None and pooled.sigma == pytest.approx(5.0)
-    assert pooled_metrics([]) is None
+    assert pooled_metrics([], 7) is None
+
+
+def _evaluated_summary(payload: FederatedPayload, sites: tuple[str, ...]) -> dict[str, Any]:
+    """The server's summary after every site evaluated the initial model (no Flower)."""
+    from training.federated.rounds import Reply, ServerRun
+
+    state = initial_state(payload)
+    run = ServerRun(payload, None, state)
+    setups = [setup_site(payload, site) for site in sites]
+    run.register(list(enumerate(setups)))
+    replies = {}
+    for setup in setups:
+        assert setup.plan is not None
+        out = evaluate_site(payload, setup.plan, SiteLedger(), state)
+        replies[setup.site] = Reply(
+            setup.site, out.status, out.touched, out.reason, out.ledger, histogram=out.histogram
+        )
+    run.close_evaluation(list(sites), replies)
+    return run.summary("completed")
+
+
+def _assert_honest(m: dict[str, Any]) -> None:
+    assert set(m["ci95"]) == {"auroc", "accuracy", "ece", "n_noisy"}
+    for key in ("auroc", "accuracy", "ece"):
+        lo, hi = m["ci95"][key]
+        assert 0.0 <= lo <= hi <= 1.0
+        if m[key] is None:  # undefined under the noise: whole range, flagged
+            assert (lo, hi) == (0.0, 1.0) and m["unreliable"]
+        else:
+            assert lo <= m[key] <= hi
+    if m["n_noisy"] == 0.0:  # the noise pushed the count below zero: flagged
+        assert m["unreliable"]
+    assert m["unreliable"] == (m["unreliable_reason"] is not None)
+
+
+def test_charged_evaluation_gives_figures_with_intervals_and_flags(world: World) -> None:
+    """Each site charged for its evaluation gets figures with 95% intervals and the
+    unreliable flag, and so does the pool (the card once showed bare nulls: ~100-190 test
+    persons per site under sigma ~40 per cell)."""
+    payload = make_payload(world, "honest")
+    summary = _evaluated_summary(payload, SITES)
+    assert summary["evaluation"] != "skipped"
+    for info in summary["sites"].values():
+        assert info["evals"] == 1
+        _assert_honest(info["dp_metrics"])
+        # this budget cannot inform at this size, and the figures say so
+        assert info["dp_metrics"]["unreliable"]
+    pooled = summary["global_dp_metrics"]
+    _assert_honest(pooled)
+    sigmas = [s["dp_metrics"]["sigma"] for s in summary["sites"].values()]
+    assert pooled["sigma"] == pytest.approx(float(np.sqrt(np.sum(np.square(sigmas)))))
+    json.dumps(summary, allow_nan=False)
+    # the public sizes alone said so in advance (half positives, the best case: swamped)
+    from training.federated.metrics import evaluation_swamped
+
+    assert evaluation_swamped([190, 120, 90], epsilon=1.0, delta=1e-6)
+    assert not evaluation_swamped([20_000] * 3, epsilon=1.0, delta=1e-6)
+
+
+def test_evaluation_off_is_neither_run_nor_charged(world: World) -> None:
+    """``evaluate = False`` (the spec's privacy.evaluate = false): the plan gives the
+    evaluation's share to training, nothing is reserved for it, a site asked anyway reads
+    nothing and is charged nothing, and the summary says "skipped"."""
+    from training.federated.rounds import ServerRun
+
+    on = setup_site(make_payload(world, "eval-on"), "hospital-a").plan
+    payload = make_payload(world, "eval-off", evaluate=False, sites=("hospital-a",))
+    setup = setup_site(payload, "hospital-a")
+    plan = setup.plan
+    assert on is not None and plan is not None
+    assert plan.eval_sigma is None and plan.card()["eval_sigma"] is None
+    assert plan.noise_multiplier < on.noise_multiplier  # the whole budget trains
+    assert len(plan.history(5, 0)) == 1  # the DP-SGD steps only
+    with pytest.raises(SpecError):
+        plan.epsilon(5, 1)
+    from training.federated.site import SitePlan
+
+    assert SitePlan.from_record(plan.to_record()) == plan
+    assert "eval-sigma" not in plan.to_record()
+    # every planned round fits with no evaluation reserved
+    steps = plan.steps_per_round * payload.config.rounds
+    assert plan.fits(steps, 0)
+    state = initial_state(payload)
+    spent = SiteLedger(steps, 0, payload.config.rounds)
+    out = evaluate_site(payload, plan, spent, state)
+    assert out.status is SiteStatus.REFUSED and not out.touched and out.ledger == spent
+    assert out.histogram is None
+    run = ServerRun(payload, None, state)
+    run.register([(0, setup)])
+    run.skip_evaluation()
+    summary = run.summary("completed")
+    assert summary["evaluation"] == "skipped" and summary["global_dp_metrics"] is None
+    assert summary["sites"]["hospital-a"]["evals"] == 0
+    assert FederatedConfig.from_dict(payload.config.to_dict()).evaluate is False
 
 
 def test_aggregation_is_fixed_order_and_weighted() -> None:

@@ -19,6 +19,7 @@ user.list       x        x       .          .
 dataset.ingest  .        x       .          .
 dataset.list    x        x       x          x
 dataset.show    .        x       x          x
+dataset.cap     .        x       .          .
 project.create  .        .       x          .
 project.list    x        x       x          x
 project.show    .        x       x          x
@@ -90,7 +91,7 @@ def test_action_values_are_the_service_calls() -> None:
         "access.request", "access.list", "access.approve", "access.deny",
         "job.submit", "job.list", "job.status", "job.result", "job.cancel",
         "budget.show", "audit.list", "audit.verify", "synth.dummy", "query.run",
-        "synth.fit", "synth.report", "synth.release", "job.quote",
+        "synth.fit", "synth.report", "synth.release", "job.quote", "dataset.cap",
     ]  # fmt: skip
 
 
@@ -99,7 +100,12 @@ def test_separation_of_duties() -> None:
     for spend in (Action.JOB_SUBMIT, Action.QUERY_RUN, Action.ACCESS_REQUEST):
         assert not is_allowed(Role.STEWARD, spend)
         assert not is_allowed(Role.OPERATOR, spend)
-    for decide in (Action.ACCESS_APPROVE, Action.ACCESS_DENY, Action.DATASET_INGEST):
+    for decide in (
+        Action.ACCESS_APPROVE,
+        Action.ACCESS_DENY,
+        Action.DATASET_INGEST,
+        Action.DATASET_CAP,
+    ):
         assert roles_for(decide) == (Role.STEWARD,)
 
 

@@ -165,8 +165,8 @@ class ColumnCodec:
         if spec.min is None or spec.max is None:
             if spec.role is not Role.LABEL:
                 raise SchemaError(
-                    f"column {spec.name!r}: synthesis needs a declared domain "
-                    "(declare min and max in the contract)",
+                    f"schema contract: columns.{spec.name}.min: synthesis needs a declared "
+                    "domain for this numeric column (fix: declare min and max in the contract)",
                     column=spec.name,
                 )
             lo, hi = 0.0, 1.0  # a label without a domain is taken as binary 0/1

@@ -164,10 +164,15 @@ class SynthReport:
             )
 
     def aggregate_view(self) -> dict[str, float | int | None]:
-        """Scalar scores only: what a researcher may see once the steward releases it.
+        """The scalar scores a steward may release to the researcher, as a non-DP release.
 
-        No strings (not even column names), no per-column detail and no exact count of real
-        rows. ``n_synth`` is the size of the synthetic table the researcher asked for.
+        Each is computed on real rows without noise, so none leaves without the steward's
+        release (which the release record names as non-DP). Left out even then: the
+        train-on-real AUROC (a non-private model trained and scored on real rows), the
+        distances to the closest real record and the exact-match shares (membership
+        signals about single persons): those stay in the steward's view. No strings, no
+        per-column detail, no count of real rows; ``n_synth`` is the size the researcher
+        asked for.
         """
         return {
             "quality": self.quality,
@@ -175,6 +180,11 @@ class SynthReport:
             "column_pair_trends": self.column_pair_trends,
             "column_pair_trends_all_pairs": self.column_pair_trends_all_pairs,
             "tstr_auroc": self.tstr_auroc,
+            "n_synth": self.n_synth,
+        }
+
+    def _steward_only_scores(self) -> dict[str, float | None]:
+        return {
             "trtr_auroc": self.trtr_auroc,
             "tstr_gap": self.tstr_gap,
             "dcr_median": self.dcr_median,
@@ -183,12 +193,12 @@ class SynthReport:
             "dcr_holdout_p05": self.dcr_holdout_p05,
             "new_row_share": self.new_row_share,
             "new_row_share_qi": self.new_row_share_qi,
-            "n_synth": self.n_synth,
         }
 
     def steward_view(self) -> dict[str, Any]:
         """Everything, JSON-safe. Names columns; holds no value from any row."""
         out: dict[str, Any] = dict(self.aggregate_view())
+        out.update(self._steward_only_scores())
         out.update(
             {
                 "n_real": self.n_real,

@@ -32,7 +32,7 @@ def list_(
 
 @app.command("verify")
 def verify(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
-    """Check the hash chain; names the first line edited, dropped or reordered."""
+    """Check the hash chain; names the first line edited, dropped or reordered (exit 1)."""
     with session(zone, token) as s:
         rep = s.service.audit_verify(s.user)
 
@@ -41,10 +41,16 @@ def verify(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = Fals
         if d["ok"]:
             console.print(f"audit chain verified: {d['checked']} events")
         else:
+            detail = f" ({d['detail']})" if d["detail"] else ""
             console.print(
-                f"[red]audit chain broken at event {d['first_bad_seq']}: {d['problem']}[/red]"
+                f"audit chain broken at event {d['first_bad_seq']}: {d['problem']}{detail}; "
+                f"{d['checked']} events before it verified",
+                style="red",
+                markup=False,
+                soft_wrap=True,  # one line, whatever the terminal's width
             )
 
     emit(rep, as_json, human)
     if not rep.ok:
+        # exit 1 (not 2: nothing the caller typed was wrong) so scripts and CI can act on it
         raise typer.Exit(1)

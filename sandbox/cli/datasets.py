@@ -44,18 +44,22 @@ def ingest(
                 )
             contract = SchemaContract.from_toml_file(schema)
             rec = s.service.ingest_dataset(s.user, name, source, contract)
-    emit(
-        rec,
-        as_json,
-        lambda r: console.print(
-            f"dataset {r.name}: {r.rows} rows, {r.persons} persons, {len(r.sites)} sites"
-        ),
-    )
+    def said(r: object) -> None:
+        console.print(
+            f"dataset {r.name}: {r.rows} rows, {r.persons} persons, {len(r.sites)} sites"  # type: ignore[attr-defined]
+        )
+        if r.cross_site_persons:  # type: ignore[attr-defined]
+            console.print(
+                f"[yellow]warning: {r.cross_site_persons} persons have rows at more than one "  # type: ignore[attr-defined]
+                "site; federated jobs on this dataset will be refused[/yellow]"
+            )
+
+    emit(rec, as_json, said)
 
 
 @app.command("list")
 def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
-    """List datasets: name, rows, persons, sites."""
+    """List datasets: name, sites, and the counts where you may see them."""
     with session(zone, token) as s:
         ds = s.service.list_datasets(s.user)
     emit(
@@ -63,7 +67,12 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
         as_json,
         lambda o: show_table(
             [
-                {"name": d.name, "rows": d.rows, "persons": d.persons, "sites": len(d.sites)}
+                {
+                    "name": d["name"],
+                    "rows": d.get("rows", "private"),
+                    "persons": d.get("persons", "private"),
+                    "sites": len(d.get("sites") or d.get("site_names") or []),
+                }
                 for d in ds
             ],
             ["name", "rows", "persons", "sites"],
@@ -73,14 +82,27 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 
 @app.command("show")
 def show(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
-    """Show a dataset's schema contract, row count and sites (never values)."""
+    """Show a dataset's schema contract and sites; counts where the contract makes them public
+    (stewards see them always). Never values."""
     with session(zone, token) as s:
         d = s.service.show_dataset(s.user, name)
 
-    def human(d: object) -> None:
-        rec = d.to_dict()  # type: ignore[attr-defined]
-        console.print(f"[bold]{rec['name']}[/bold]: {rec['rows']} rows, {rec['persons']} persons")
-        console.print("sites: " + ", ".join(f"{k} ({v})" for k, v in sorted(rec["sites"].items())))
+    def human(rec: dict) -> None:  # type: ignore[type-arg]
+        if "rows" in rec:
+            console.print(
+                f"[bold]{rec['name']}[/bold]: {rec['rows']} rows, {rec['persons']} persons"
+            )
+            console.print(
+                "sites: " + ", ".join(f"{k} ({v})" for k, v in sorted(rec["sites"].items()))
+            )
+        else:
+            console.print(f"[bold]{rec['name']}[/bold]: counts are private (contract only)")
+            console.print("sites: " + ", ".join(rec.get("site_names") or []))
+        if rec.get("cross_site_persons"):
+            console.print(
+                f"[yellow]{rec['cross_site_persons']} persons have rows at more than one site: "
+                "federated jobs are refused on this dataset[/yellow]"
+            )
         cols = rec["contract"]["columns"]
         if isinstance(cols, dict):
             cols = [{"name": k, **v} for k, v in cols.items()]
@@ -93,3 +115,41 @@ def show(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonO
         show_table(rows, ["column", "type", "role", "domain"])
 
     emit(d, as_json, human)
+
+
+@app.command("cap")
+def cap(
+    name: str,
+    epsilon: Annotated[
+        float, typer.Option("--epsilon", help="the most one person may be charged, all projects")
+    ],
+    delta: Annotated[
+        float | None, typer.Option("--delta", help="cap delta too (summed like epsilon)")
+    ] = None,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cap a dataset's epsilon per person across every project (stewards); grants over it are
+    refused. Prints the cap and one person's current worst case over the live grants."""
+    with session(zone, token) as s:
+        out = s.service.set_dataset_cap(s.user, name, epsilon, delta)
+
+    def human(o: dict) -> None:
+        c, w = o["cap"], o["worst_case"]
+        d = "" if c.delta is None else f", delta {c.delta:g}"
+        console.print(f"dataset {c.dataset} capped at epsilon {c.epsilon:g}{d} per person")
+        console.print(
+            f"one person's worst case now: epsilon {w.epsilon:g}"
+            f" ({w.dataset_wide_epsilon:g} dataset-wide + {w.per_site_epsilon:g} per site),"
+            f" delta {w.delta:g}, over {len(w.grant_ids)} live grant(s)"
+        )
+        if o["over_cap"]:
+            console.print(
+                "[bold]over the cap already[/bold]: those grants stay (revoke them to take"
+                f" them back); every new grant on {c.dataset} is refused until it is under"
+            )
+        else:
+            console.print(f"left under the cap: epsilon {o['epsilon_left']:g}")
+
+    emit(out, as_json, human)

@@ -14,12 +14,31 @@ from sandbox.cli.common import (
     ZoneOpt,
     console,
     emit,
-    metric,
     session,
     show_table,
 )
 
 app = typer.Typer(help="Jobs and their releases.", no_args_is_help=True)
+
+
+def _metric_lines(r: dict[str, Any], title: str) -> None:
+    """Each DP metric as "0.702 (95% CI 0.655-0.748)", then "unreliable: <reason>" when the
+    evaluation is flagged; "evaluation: skipped" when none was run (``--json`` has it all)."""
+    from privacy.dp_metrics import describe_metrics
+
+    if r.get("evaluation") == "skipped":
+        console.print("  evaluation: skipped (no DP metrics, no evaluation charge)")
+        return
+    lines = describe_metrics(r.get("metrics"))
+    if not lines:
+        return
+    names = {"auroc": "AUROC", "accuracy": "accuracy", "ece": "ECE"}
+    console.print(f"  {title}:")
+    for key, label in names.items():
+        if key in lines:
+            console.print(f"    {label} {lines[key]}")
+    if "unreliable" in lines:
+        console.print(f"    [bold]unreliable[/bold]: {lines['unreliable']}")
 
 
 def _summary(rec: Any) -> None:
@@ -31,17 +50,12 @@ def _summary(rec: Any) -> None:
         )
         for site, c in sorted(r["sites"].items()):
             console.print(f"    {site}: epsilon {c['epsilon']:.3f} (delta {r['delta']:g})")
-        m = r.get("metrics") or {}
-        if m.get("auroc") is not None:
-            console.print(f"  global DP AUROC {m['auroc']:.3f}")
+        _metric_lines(r, "global DP metrics (all sites' histograms pooled)")
     elif r:
-        m = r.get("metrics", {})
         console.print(
             f"  epsilon spent {r['epsilon']:.3f} (delta {r['delta']:g}), {r['steps_taken']} steps, clipping {r['clipping']}"
         )
-        console.print(
-            f"  DP metrics: AUROC {metric(m.get('auroc')):.3f}, accuracy {metric(m.get('accuracy')):.3f}, ECE {metric(m.get('ece')):.3f}"
-        )
+        _metric_lines(r, "DP metrics")
     if rec.error:
         console.print(f"  error: {rec.error}")
 
@@ -142,7 +156,12 @@ def register_quote(app_root: typer.Typer) -> None:
                     f"this job spends epsilon {q['epsilon']:.3f}, delta {q['delta']:g} (per person, RDP accountant)"
                 )
                 console.print(
-                    f"  noise multiplier {p['noise_multiplier']:.3f}, sample rate {p['sample_rate']:.4g}, {p['steps']} steps, eval sigma {p['eval_sigma']:.2f}"
+                    f"  noise multiplier {p['noise_multiplier']:.3f}, sample rate {p['sample_rate']:.4g}, {p['steps']} steps, "
+                    + (
+                        "evaluation skipped"
+                        if p.get("eval_sigma") is None
+                        else f"eval sigma {p['eval_sigma']:.2f}"
+                    )
                 )
             else:
                 console.print(

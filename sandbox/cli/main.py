@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args
     try:
-        app(args=args, standalone_mode=False)
+        # With standalone_mode=False, Click *returns* the code of a `raise typer.Exit(n)`
+        # (and a command's own return value) instead of raising it: pass that code on.
+        rv = app(args=args, standalone_mode=False)
     except ZoneError as exc:
         code = 3 if isinstance(exc, BackendError) else 2
         if as_json:
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    # an int is an exit code (typer.Exit); anything else a command returned means success
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 def run() -> None:

@@ -30,7 +30,8 @@ Messages (the server's side is ``server.py``):
     (FitIns/FitRes) inside ``secaggplus_mod``, which is applied to those messages only.
 ``evaluate``
     in: ``"arrays"`` (final global model), ``"config"``. Reply: ``"metrics"`` (epsilon,
-    the noisy histogram as a flat list), ``"site"`` as above.
+    the noisy histogram as a flat list: the release; the server derives the metrics and
+    their intervals from it), ``"site"`` as above. A job with ``evaluate`` off sends none.
 
 Nothing in a reply is a raw value: models come out of DP-SGD, metrics from a noisy
 histogram, counts are the public training-split sizes, and reasons name fields only. The
@@ -283,12 +284,9 @@ def handle_evaluate(msg: Message, context: Context, default_payload: str | None)
         outcome = evaluate_site(payload, plan, ledger, global_state, data_path)
     _store(context, plan, outcome.ledger)
     metrics: dict[str, Any] = {"epsilon": _epsilon(plan, outcome.ledger)}
-    if outcome.histogram is not None and outcome.metrics is not None:
+    if outcome.histogram is not None:
+        # the release itself; the server derives every figure (and its interval) from it
         metrics["histogram"] = [float(x) for x in outcome.histogram.ravel()]
-        # nan (a metric the noisy counts cannot define) travels as nan, JSON null later
-        for key in ("auroc", "accuracy", "ece", "n_noisy", "sigma"):
-            value = outcome.metrics.get(key)
-            metrics[f"dp-{key}"] = float("nan") if value is None else float(value)
     record = _site_record(
         site, outcome.status.value, outcome.touched, outcome.reason, outcome.ledger
     )

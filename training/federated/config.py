@@ -20,7 +20,7 @@ Payload JSON (``version`` 1; unknown keys are refused)::
         "epsilon": 1.0, "delta": 1e-6, "max_grad_norm": 1.0, "batch_size": 64, "lr": 0.5,
         "seed": 0, "model": {"kind": "mlp", "hidden": [16]}, "label": "readmitted_30d",
         "features": ["age", ...], "min_site_rows": 200, "num_cpus": 1.0, "num_gpus": 0.0,
-        "round_timeout_s": 600.0
+        "round_timeout_s": 600.0, "evaluate": true      # optional; false: no DP evaluation
       },
       "out_dir": "/zone/jobs/job-1234",     # the ServerApp writes its files here
       "noise_secret_hex": "…64 hex…",       # per-job secret the zone derives (>= 16 bytes)
@@ -78,6 +78,9 @@ STATUS_FILE = "status.json"
 DEFAULT_MIN_SITE_ROWS = 200
 #: share of each site's epsilon that its one DP evaluation release may use (plan_dpsgd's)
 EVAL_SHARE = 0.1
+#: what the summary says of the evaluation: each site's noisy histogram, pooled by the server
+EVALUATION_DONE = "one DP histogram per site (test split), pooled by the server"
+EVALUATION_SKIPPED = "skipped"
 #: the most rounds a job may ask for: each round is a message exchange with every sampled
 #: site, and a DP budget spread over more rounds than this leaves no signal per step
 MAX_ROUNDS = 10_000
@@ -160,6 +163,7 @@ _CONFIG_KEYS = frozenset(
         "num_cpus",
         "num_gpus",
         "round_timeout_s",
+        "evaluate",
     }
 )
 
@@ -203,6 +207,9 @@ class FederatedConfig:
     num_gpus: float = 0.0
     #: how long the server waits for a round's replies before counting a site as dropped
     round_timeout_s: float = 600.0
+    #: False (the spec's ``privacy.evaluate = false``): no DP evaluation at any site, no
+    #: evaluation charge; each site's whole budget goes to training
+    evaluate: bool = True
 
     def __post_init__(self) -> None:
         _whole("rounds", self.rounds, 1, MAX_ROUNDS)
@@ -287,6 +294,8 @@ class FederatedConfig:
         if not _is_number(self.num_gpus) or self.num_gpus < 0:
             raise SpecError("federated.num_gpus", "must be a finite number >= 0", "e.g. 0")
         _positive("round_timeout_s", self.round_timeout_s, "e.g. 600")
+        if not isinstance(self.evaluate, bool):
+            raise SpecError("federated.evaluate", "must be true or false")
         for name in ("epsilon", "delta", "max_grad_norm", "lr", "num_cpus", "num_gpus"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "round_timeout_s", float(self.round_timeout_s))
@@ -331,6 +340,7 @@ class FederatedConfig:
             "num_cpus": self.num_cpus,
             "num_gpus": self.num_gpus,
             "round_timeout_s": self.round_timeout_s,
+            "evaluate": self.evaluate,
         }
 
     @classmethod

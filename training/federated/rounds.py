@@ -36,8 +36,9 @@ true/false as the site said, null when it could not say.
 ``summary.json``: job_id, status (completed | failed), error, strategy, secure_aggregation,
 rounds_planned, rounds_done, privacy (accountant, neighbouring, unit, target_epsilon,
 delta), sites (per site: epsilon, delta, steps, evals, rounds, n, status, touched,
-dp_metrics, plan), excluded ([{site, reason}]), dropped, server_dp, global_dp_metrics,
-weights. Written on failure too, so the zone can charge what was spent.
+dp_metrics, plan), excluded ([{site, reason}]), dropped, server_dp, evaluation ("skipped"
+when the job runs none), global_dp_metrics, weights. Every ``dp_metrics`` is
+``privacy.dp_metrics.DPMetrics.to_dict()``: figures, ``ci95``, ``unreliable``. Written on failure too, so the zone can charge what was spent.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ import numpy as np
 
 from connectors.errors import ComputeError, SpecError, ZoneError
 from training.federated.config import (
+    EVALUATION_DONE,
+    EVALUATION_SKIPPED,
     ROUNDS_FILE,
     STATUS_FILE,
     SUMMARY_FILE,
@@ -110,7 +113,6 @@ class Reply:
     weight: float = 0.0
     state: State | None = field(default=None, repr=False)
     histogram: np.ndarray | None = field(default=None, repr=False)
-    metrics: dict[str, Any] | None = None
 
 
 def no_reply(site: str, reason: str = "no reply") -> Reply:
@@ -360,18 +362,34 @@ class ServerRun:
         return self.global_state
 
     def close_evaluation(self, targets: Sequence[str], replies: Mapping[str, Reply]) -> None:
-        """Charge the evaluation, keep each site's metrics and pool the histograms."""
-        from training.federated.metrics import pooled_metrics
+        """Charge the evaluation, derive each site's metrics from its histogram and pool the
+        histograms. Every figure carries its 95% interval and the unreliable flag
+        (``privacy.dp_metrics``); the redraws behind the intervals are seeded from the job's
+        secret (post-processing: no charge)."""
+        from training.federated.metrics import metrics_from_histogram, pooled_metrics
 
+        secret = self.payload.secret
         pooled = []
         for site in targets:
             reply = replies.get(site) or no_reply(site)
             self._charge(reply, evaluation=True)
-            if reply.status is SiteStatus.EVALUATED and reply.histogram is not None:
-                self._update(site, dp_metrics=clean_metrics(reply.metrics))
-                pooled.append((reply.histogram, self.sites[site].plan.eval_sigma))
-        metrics = pooled_metrics(pooled)
+            sigma = self.sites[site].plan.eval_sigma
+            if (
+                reply.status is SiteStatus.EVALUATED
+                and reply.histogram is not None
+                and sigma is not None
+            ):
+                seed = derive_seed(secret, "eval-interval", site)
+                metrics = metrics_from_histogram(reply.histogram, sigma, seed)
+                self._update(site, dp_metrics=clean_metrics(metrics.to_dict()))
+                pooled.append((reply.histogram, sigma))
+        pooled_seed = derive_seed(secret, "eval-interval", "pooled")
+        metrics = pooled_metrics(pooled, pooled_seed)
         self.global_metrics = None if metrics is None else clean_metrics(metrics.to_dict())
+
+    def skip_evaluation(self) -> None:
+        """``evaluate`` off: no evaluation message, no charge, no metrics."""
+        self.global_metrics = None
 
     def flush_pending(self) -> None:
         """Write the last round's line, with the figures after the evaluation."""
@@ -442,6 +460,7 @@ class ServerRun:
                 "neighbouring": "add/remove one site",
                 "unit": "site",
             },
+            "evaluation": EVALUATION_DONE if cfg.evaluate else EVALUATION_SKIPPED,
             "global_dp_metrics": self.global_metrics,
             "weights": WEIGHTS_FILE if status == "completed" else None,
         }

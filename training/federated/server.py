@@ -20,7 +20,9 @@ A run, in order:
    by site, ``weights.py``: the same seed gives bit-identical weights; Flower would average
    in arrival order), and the per-round records (``rounds.py``).
 3. **Evaluation.** The final global model goes to every active site (an ``evaluate``
-   message); each releases one noisy histogram on its test split; the server pools them.
+   message); each releases one noisy histogram on its test split; the server derives each
+   site's metrics (with 95% intervals and the unreliable flag) and pools the histograms.
+   Skipped when the config's ``evaluate`` is off: no message, no charge.
 4. **Files** in ``out_dir`` (``rounds.py`` describes them): ``rounds.jsonl``,
    ``global.safetensors``, ``summary.json``, and ``status.json`` with the phase.
 
@@ -134,20 +136,15 @@ def _reply_of(run: ServerRun, msg: Message, site: str) -> Reply:
     state = None
     if "arrays" in msg.content.array_records:
         state = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
-    histogram = dp_metrics = None
+    histogram = None
     if "histogram" in metrics:
         from training.federated.metrics import EVAL_BINS
 
         values = np.asarray(metrics["histogram"], dtype=np.float64)
         if values.size != 2 * EVAL_BINS or not np.isfinite(values).all():
             return Reply(site, None, None, "malformed reply")
+        # the release; close_evaluation derives the site's metrics from it
         histogram = values.reshape(2, EVAL_BINS)
-        dp_metrics = {
-            key: float(metrics[f"dp-{key}"])  # type: ignore[arg-type]
-            for key in ("auroc", "accuracy", "ece", "n_noisy", "sigma")
-            if f"dp-{key}" in metrics
-        }
-        dp_metrics["bins"] = EVAL_BINS
     return Reply(
         site,
         status,
@@ -157,7 +154,6 @@ def _reply_of(run: ServerRun, msg: Message, site: str) -> Reply:
         float(run.sites[site].plan.n_train),
         state,
         histogram,
-        dp_metrics,
     )
 
 
@@ -172,6 +168,10 @@ def read_replies(run: ServerRun, messages: Iterable[Message]) -> dict[str, Reply
 
 
 def _evaluate(run: ServerRun, grid: Grid) -> None:
+    if not run.cfg.evaluate:
+        # privacy.evaluate = false: no site is asked, none is charged
+        run.skip_evaluation()
+        return
     run.status("evaluating")
     targets = run.active()
     arrays = _arrays(run.global_state)

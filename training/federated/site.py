@@ -21,7 +21,10 @@ Privacy, per site (patient-level, add/remove one person, RDP accountant):
 * **Failure**: a site that raises after it opened its data is charged the round as
   planned (the zone's rule: touching data spends); one that failed before is not.
 * **Evaluation** of the final global model on the site's test split: one noisy histogram
-  (``training.federated.metrics``), charged as ``GaussianStep(eval_sigma, 1.0, 1)``.
+  (``training.federated.metrics``), charged as ``GaussianStep(eval_sigma, 1.0, 1)``. With
+  ``evaluate`` off (the spec's ``privacy.evaluate = false``) the plan has no evaluation
+  (``eval_sigma`` None, no ``EVAL_SHARE``: the whole budget goes to DP-SGD), nothing is
+  reserved for it and a site asked to evaluate refuses without reading a row.
 
 Randomness: every DP draw is seeded from the job's secret mixed with the site name, the
 round and the purpose (``config.derive_seed``); the public seed only fixes the initial
@@ -82,18 +85,28 @@ class SitePlan:
     sample_rate: float
     steps_per_epoch: int
     steps_per_round: int
-    eval_sigma: float
+    #: None: the job runs no DP evaluation (nothing planned, reserved or charged for it)
+    eval_sigma: float | None
     target_epsilon: float
     delta: float
+
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_sigma is not None
+
+    def _check_evals(self, evals: int) -> None:
+        if evals > 0 and self.eval_sigma is None:
+            raise SpecError("federated.evaluate", "the plan has no evaluation to charge")
 
     def history(self, train_steps: int, evals: int) -> list[Any]:
         """The site's releases as accountant events: its DP-SGD steps, its evaluations."""
         from privacy.accountant import GaussianStep
 
-        return [
-            GaussianStep(self.noise_multiplier, self.sample_rate, train_steps),
-            GaussianStep(self.eval_sigma, 1.0, evals),
-        ]
+        self._check_evals(evals)
+        steps = [GaussianStep(self.noise_multiplier, self.sample_rate, train_steps)]
+        if self.eval_sigma is not None:
+            steps.append(GaussianStep(self.eval_sigma, 1.0, evals))
+        return steps
 
     def epsilon(self, train_steps: int, evals: int) -> float:
         """The site's epsilon at ``delta`` after these releases: exactly
@@ -107,10 +120,11 @@ class SitePlan:
         from privacy import accountant
 
         accountant._check_delta(self.delta)
+        self._check_evals(evals)
         parts = []
         if train_steps > 0:
             parts.append(train_steps * _step_curve(self.noise_multiplier, self.sample_rate))
-        if evals > 0:
+        if evals > 0 and self.eval_sigma is not None:
             parts.append(evals * _step_curve(self.eval_sigma, 1.0))
         if not parts:
             return 0.0
@@ -125,17 +139,20 @@ class SitePlan:
         return self.epsilon(train_steps, evals) <= self.target_epsilon
 
     def to_record(self) -> dict[str, Any]:
-        return {
+        rec = {
             "site": self.site,
             "n": self.n_train,
             "noise-multiplier": self.noise_multiplier,
             "sample-rate": self.sample_rate,
             "steps-per-epoch": self.steps_per_epoch,
             "steps-per-round": self.steps_per_round,
-            "eval-sigma": self.eval_sigma,
             "target-epsilon": self.target_epsilon,
             "delta": self.delta,
         }
+        # Flower's records hold no None: a plan without evaluation has no "eval-sigma"
+        if self.eval_sigma is not None:
+            rec["eval-sigma"] = self.eval_sigma
+        return rec
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> SitePlan:
@@ -146,7 +163,7 @@ class SitePlan:
             sample_rate=float(rec["sample-rate"]),
             steps_per_epoch=int(rec["steps-per-epoch"]),
             steps_per_round=int(rec["steps-per-round"]),
-            eval_sigma=float(rec["eval-sigma"]),
+            eval_sigma=float(rec["eval-sigma"]) if "eval-sigma" in rec else None,
             target_epsilon=float(rec["target-epsilon"]),
             delta=float(rec["delta"]),
         )
@@ -281,15 +298,16 @@ def _check_site(payload: FederatedPayload, site: str) -> None:
 
 def make_plan(payload: FederatedPayload, site: str, n_train: int) -> SitePlan:
     """The site's plan for ``n_train`` persons (deterministic: same inputs, same plan)."""
-    from privacy.accountant import plan_dpsgd
+    from privacy.dp_metrics import plan_job
 
     cfg = payload.config
-    dp = plan_dpsgd(
+    dp = plan_job(
         cfg.epsilon,
         cfg.delta,
         n_train,
         cfg.batch_size,
         cfg.local_training_epochs,
+        evaluate=cfg.evaluate,
         eval_share=EVAL_SHARE,
     )
     return SitePlan(
@@ -444,7 +462,7 @@ def train_round(
         ledger, train_steps=ledger.train_steps + plan.steps_per_round, rounds=ledger.rounds + 1
     )
     # the evaluation still to come is reserved too, so training can never crowd it out
-    if not plan.fits(after.train_steps, max(ledger.evals, 1)):
+    if not plan.fits(after.train_steps, max(ledger.evals, 1 if plan.evaluates else 0)):
         return TrainOutcome(
             site,
             SiteStatus.REFUSED,
@@ -488,6 +506,15 @@ def evaluate_site(
     from training.trainer import predict_proba
 
     site = plan.site
+    if not plan.evaluates:
+        # the job runs no evaluation (privacy.evaluate = false): nothing read, nothing charged
+        return EvalOutcome(
+            site,
+            SiteStatus.REFUSED,
+            ledger,
+            False,
+            reason=f"site {site!r} runs no evaluation in this job (privacy.evaluate = false)",
+        )
     after = replace(ledger, evals=ledger.evals + 1)
     if not plan.fits(after.train_steps, after.evals):
         return EvalOutcome(
@@ -508,7 +535,7 @@ def evaluate_site(
             scores = predict_proba(model, X)
         seed = derive_seed(payload.secret, "eval", site)
         labels = y.numpy().astype(np.int64)
-        metrics, hist = site_evaluation(scores, labels, plan.eval_sigma, seed)
+        metrics, hist = site_evaluation(scores, labels, float(plan.eval_sigma), seed)
         return EvalOutcome(
             site, SiteStatus.EVALUATED, after, True, histogram=hist, metrics=metrics.to_dict()
         )
