@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.errors import (
+    ComputeError,
     IntegrityError,
     NotFoundError,
     PolicyDenied,
@@ -412,7 +413,12 @@ class Service(SyntheticDataCalls):
                     )
             except Exception as exc:
                 self._abandon(actor, job_id, reservations, exc)
-                raise
+                if isinstance(exc, ZoneError):
+                    raise
+                raise ComputeError(
+                    f"the job could not be prepared ({type(exc).__name__}); nothing was charged",
+                    retryable=True,
+                ) from None
             extra.update(job=job_id, grant=decision.grant_id or "", backend=self.backend.name)
         if fed_plan is not None:
             done = federated_run.run_federated(

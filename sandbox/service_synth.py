@@ -125,7 +125,7 @@ class SyntheticDataCalls:
                 raise SpecError("--rows", "must be between 1 and 5,000,000", "ask for fewer rows")
             rec = self.store.get_dataset(dataset)
             contract = governed_contract(SchemaContract.from_dict(rec.contract))
-            cols = columns or [c.name for c in contract.columns]
+            cols = list(columns or [c.name for c in contract.columns])
             unknown = [c for c in cols if c not in {x.name for x in contract.columns}]
             if unknown:
                 raise SpecError(
@@ -133,6 +133,11 @@ class SyntheticDataCalls:
                     f"{unknown[0]!r} is not a governed column of {dataset!r}",
                     "see `sandbox dataset show`",
                 )
+            # the person column bounds each person's contribution (one row per person): the
+            # synthesizer needs it whether or not the researcher named it; it is never
+            # synthesised or released (pseudonyms are not data)
+            if contract.identifier is not None and contract.identifier not in cols:
+                cols.insert(0, contract.identifier)
             reservation = None
             if dp:
                 if epsilon is None or not (epsilon > 0 and math.isfinite(epsilon)):

@@ -130,3 +130,14 @@ def test_evaluate_is_an_optional_spec_flag_that_keeps_old_hashes() -> None:
 
 def test_flag_reason_is_the_documented_one() -> None:
     assert SWAMPED == "the evaluation noise swamps the test counts"
+
+
+def test_dry_run_of_a_skipping_spec_still_shows_its_free_figures(world: Any) -> None:
+    """A dry run (dummy rows, no noise, no charge) evaluates even when the spec skips the
+    charged evaluation: a quote's utility curve needs the figures, and they cost nothing."""
+    spec = job_spec(**{"training.epochs": 1, "privacy.evaluate": False})
+    job = world.svc.dry_run(world.researcher, spec, "dummy")
+    r = job.result
+    assert r["dry_run"] and r["plan"]["eval_sigma"] is None
+    assert r["evaluation"] == "dp-histogram" and r["metrics"]["sigma"] == 0.0
+    assert set(r["metrics"]["ci95"]) == {"auroc", "accuracy", "ece", "n_noisy"}
