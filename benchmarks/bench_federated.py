@@ -2,8 +2,9 @@
 
 One run, side by side, on one machine (figures in benchmarks/results/federated.md/.json):
 
-1. **10 sites x 10 rounds, 1 local epoch**: the reference loop (``reference.run_reference``:
-   the same site code, no Flower, no Ray) and Flower on Ray, total and per round, and the
+1. **10 sites x 10 rounds, 1 local epoch**: the reference loop (``run_reference`` from
+   ``tests/federated_harness/reference.py``: the same site code, no Flower, no Ray; test
+   machinery, not product) and Flower on Ray, total and per round, and the
    ratio, on two cohort sizes (20,000 patients, and the demo cohort's 50,000) because
    Flower's cost per round is mostly fixed. Both check each other: the global weights must
    be bit-identical.
@@ -45,6 +46,8 @@ import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# the reference loop is test machinery (tests/federated_harness/), not part of the product
+sys.path.insert(0, str(ROOT / "tests"))
 
 from connectors.cohort import cohort_contract, generate_cohort  # noqa: E402
 from connectors.engine_env import configure_engine_env  # noqa: E402
@@ -133,7 +136,7 @@ def tree_memory() -> dict[str, float]:
 
 
 def timed_reference(path: Path) -> dict[str, Any]:
-    from training.federated.reference import run_reference
+    from federated_harness.reference import run_reference
 
     marks: list[float] = []  # round 0 = the setup's end
     t0 = time.perf_counter()
@@ -324,7 +327,8 @@ def main() -> None:
     }
 
     # 4. SecAgg+ vs plain on the larger cohort (same sites, same seed and secret)
-    from training.federated.reference import run_reference
+    from federated_harness.reference import run_reference
+
     from training.federated.weights import load_weights
 
     sec_path = payload_for(work, "secagg", rounds=5, secure_aggregation=True, **big)
@@ -393,7 +397,7 @@ def render(o: dict[str, Any]) -> str:
     lines += [
         "",
         "Rounds 1-9 of each run are compared; round 10 of a Flower run also holds the sites' DP "
-        "evaluation. Flower's fixed cost per round is two 100 ms polling loops (STACK.md), so "
+        "evaluation. Flower's fixed cost per round is two 100 ms polling loops (docs/engines.md), so "
         "the ratio falls as the sites' work per round grows.",
         "",
         "| cohort | whole job: reference (setup + rounds) | whole job: Flower (launch to exit) | ratio |",

@@ -1,7 +1,7 @@
 """Feature preprocessing whose every parameter comes from the schema contract.
 
 A mean, a range or a vocabulary computed on real rows would be an uncharged release (see
-``shared/PRIVACY.md``), so ``FeaturePlan.from_contract`` reads nothing but the contract:
+``docs/privacy-model.md``), so ``FeaturePlan.from_contract`` reads nothing but the contract:
 
 * numeric feature (int or float type, declared ``min``/``max``) -> ``(x - min) / (max - min)``
   clipped to [0, 1]; a missing value (null or NaN) -> the declared ``fill`` (else the domain

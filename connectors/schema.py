@@ -4,7 +4,7 @@ The contract is the single source of every fact the zone may use about a dataset
 spending privacy budget: column names, Arrow types, roles, declared domains (``min``/``max``),
 declared vocabularies (``categories``) and declared fills. Preprocessing takes its parameters
 from here and never from rows, because a range or vocabulary computed on real rows would be
-an uncharged release (see ``shared/PRIVACY.md``).
+an uncharged release (see ``docs/privacy-model.md``).
 
 A contract looks like::
 
@@ -487,7 +487,9 @@ class SchemaContract:
         if not isinstance(self.description, str):
             raise _fail("dataset.description", "must be a string", 'write "..."')
         if not isinstance(self.counts_public, bool):
-            raise _fail("dataset.counts", "must be private or public", 'write "private" or "public"')
+            raise _fail(
+                "dataset.counts", "must be private or public", 'write "private" or "public"'
+            )
         for role in (Role.IDENTIFIER, Role.SITE):
             holders = [c.name for c in self.columns if c.role is role]
             if len(holders) > 1:
@@ -561,7 +563,9 @@ class SchemaContract:
             raise _fail("dataset.rows_per_person", "must be one or many", 'write "one" or "many"')
         counts = dataset.get("counts", "private")
         if counts not in ("private", "public"):
-            raise _fail("dataset.counts", "must be private or public", 'write "private" or "public"')
+            raise _fail(
+                "dataset.counts", "must be private or public", 'write "private" or "public"'
+            )
         columns = data.get("columns")
         if not isinstance(columns, Mapping) or not columns:
             raise _fail("columns", "no columns are declared", "add at least one [columns.NAME]")

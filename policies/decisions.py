@@ -24,13 +24,15 @@ ledger (``privacy/ledger.py``), which reserves each job's spend atomically and r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
+from typing import NamedTuple
 
 from connectors.errors import PolicyDenied, SpecError
 from policies.roles import ROLE_GRANTOR, Action, Role, is_allowed, roles_for
+from privacy.ledger import BudgetKey, EventKind, LedgerEvent, fold_balance
 
 #: who grants data access
 STEWARD = "data steward"
@@ -383,8 +385,9 @@ def parse_mechanisms(values: Iterable[str]) -> frozenset[Mechanism]:
 
 @dataclass(frozen=True)
 class DatasetCap:
-    """A steward's ceiling on what one person of ``dataset`` may be charged, summed over every
-    live grant in every project (``delta`` ``None``: no delta cap)."""
+    """A steward's ceiling on what one person of ``dataset`` may be charged across every grant
+    ever made on it, in every project (``person_worst_case``: what live grants can still
+    release plus what expired and revoked ones did release); ``delta`` ``None``: no delta cap."""
 
     dataset: str
     epsilon: float
@@ -413,12 +416,76 @@ class NewGrant:
     delta: float
 
 
+def ledger_grant_id(grant_id: str, site: str = "") -> str:
+    """The id of the ledger GRANT event ``Service.approve`` writes for ``grant_id`` on one of
+    its budget keys: the grant id on the dataset-wide key, ``grant_id@site`` on a site's."""
+    return f"{grant_id}@{site}" if site else grant_id
+
+
+@dataclass(frozen=True)
+class KeySpend:
+    """One ledger budget key on a dataset as the cap counts it (``key_spends`` folds these
+    from the ledger's events).
+
+    ``granted_*`` is every GRANT ever appended to the key, whichever grant it came from: the
+    ledger pools a key's grants, so a later grant on the key makes an earlier, expired or
+    revoked one's unspent remainder spendable again. ``released_*`` is what was spent
+    (committed) plus what open reservations hold (they may still commit up to that).
+    ``grant_events`` are the ids of the key's GRANT events (``ledger_grant_id``): a grant
+    whose event is not there yet is counted from its grant row instead.
+    """
+
+    key: BudgetKey
+    granted_epsilon: float
+    granted_delta: float
+    released_epsilon: float
+    released_delta: float
+    grant_events: frozenset[str] = frozenset()
+
+    def reach(self, open_: bool) -> tuple[float, float]:
+        """(epsilon, delta) the key can charge one person in all: if a live grant can still
+        spend from it (``open_``), everything ever granted on it (and at least what was
+        released, should float rounding have let that pass the grants); else what was
+        released."""
+        if open_:
+            return (
+                max(self.granted_epsilon, self.released_epsilon),
+                max(self.granted_delta, self.released_delta),
+            )
+        return self.released_epsilon, self.released_delta
+
+
+def key_spends(events: Iterable[LedgerEvent], dataset: str) -> tuple[KeySpend, ...]:
+    """Every ledger key on ``dataset`` (all projects and sites) that has events, folded from
+    ``events`` by ``privacy.ledger.fold_balance`` (events on other datasets are ignored),
+    sorted by key."""
+    mine = [ev for ev in events if ev.key.dataset == dataset]
+    out: list[KeySpend] = []
+    for key in sorted({ev.key for ev in mine}):
+        bal = fold_balance(key, mine)
+        out.append(
+            KeySpend(
+                key=key,
+                granted_epsilon=bal.granted_epsilon,
+                granted_delta=bal.granted_delta,
+                released_epsilon=math.fsum([bal.spent_epsilon, bal.reserved_epsilon]),
+                released_delta=math.fsum([bal.spent_delta, bal.reserved_delta]),
+                grant_events=frozenset(
+                    ev.event_id for ev in mine if ev.key == key and ev.kind is EventKind.GRANT
+                ),
+            )
+        )
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class WorstCase:
-    """The most one person of a dataset can be charged across the live grants on it.
+    """The most one person of a dataset can be charged across every grant ever made on it.
 
     ``epsilon`` = ``dataset_wide_epsilon`` + ``per_site_epsilon`` (summed exactly); ``delta``
-    likewise. ``grant_ids`` are the live grants counted, sorted.
+    likewise. ``grant_ids`` are the live grants counted, sorted. ``released_epsilon`` is the
+    part of ``epsilon`` the ledger shows spent or reserved already, and ``ledger_keys`` the
+    ledger budgets counted (those of expired and revoked grants included).
     """
 
     epsilon: float
@@ -426,6 +493,8 @@ class WorstCase:
     dataset_wide_epsilon: float
     per_site_epsilon: float
     grant_ids: tuple[str, ...]
+    released_epsilon: float = 0.0
+    ledger_keys: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -434,6 +503,8 @@ class WorstCase:
             "dataset_wide_epsilon": self.dataset_wide_epsilon,
             "per_site_epsilon": self.per_site_epsilon,
             "grants": list(self.grant_ids),
+            "released_epsilon": self.released_epsilon,
+            "ledger_keys": list(self.ledger_keys),
         }
 
 
@@ -447,74 +518,163 @@ def _terms(mechanisms: frozenset[Mechanism], value: float) -> tuple[list[float],
     return wide, per_site
 
 
+class _Term(NamedTuple):
+    """One charge on one person: a ledger key's reach, or a grant not in the ledger yet."""
+
+    epsilon: float
+    delta: float
+    released_epsilon: float
+    key: str  # the ledger key ("" for a grant counted from its row)
+
+
+def _worst_slot(
+    wide: Sequence[float], slots: dict[str, list[_Term]], pick: Callable[[_Term], float]
+) -> tuple[str, float]:
+    """The site whose people are charged most (wide + that site's terms, summed exactly)."""
+    name = max(slots, key=lambda s: (math.fsum([*wide, *map(pick, slots[s])]), s))
+    return name, math.fsum([*wide, *map(pick, slots[name])])
+
+
+def _in_ledger(
+    keys: dict[tuple[str, str], KeySpend], project: str, grant_id: str | None, site: str
+) -> bool:
+    """Is the grant's GRANT event on its project's key at ``site`` (the new grant: never)?"""
+    on = keys.get((project, site))
+    return (
+        grant_id is not None
+        and on is not None
+        and ledger_grant_id(grant_id, site) in on.grant_events
+    )
+
+
 @dataclass(frozen=True)
 class _Charges:
-    """The individual charges behind a worst case (summed with ``math.fsum``: exactly, so
-    the order of the grants does not matter)."""
+    """The individual charges behind a worst case, per slot: the dataset-wide budgets (every
+    person is in them) and each site's budgets (a person is at one site). Sums use
+    ``math.fsum`` (exact, so the order of grants and keys does not matter)."""
 
     live: tuple[GrantView, ...]
-    wide_epsilon: tuple[float, ...]
-    site_epsilon: tuple[float, ...]
-    delta: tuple[float, ...]
+    wide: tuple[_Term, ...]
+    #: site -> its terms; "" is a site with no ledger key yet (any site, for grant rows)
+    sites: tuple[tuple[str, tuple[_Term, ...]], ...]
 
     @classmethod
-    def of(cls, grants: Sequence[GrantView], dataset: str, now: datetime) -> _Charges:
+    def of(
+        cls,
+        grants: Sequence[GrantView],
+        ledger: Sequence[KeySpend],
+        dataset: str,
+        now: datetime,
+        new: NewGrant | None = None,
+    ) -> _Charges:
         live = tuple(
             sorted(
                 (g for g in grants if g.dataset == dataset and g.live_at(now)),
                 key=lambda g: g.grant_id,
             )
         )
-        wide: list[float] = []
-        site: list[float] = []
-        delta: list[float] = []
-        for g in live:
-            w, s = _terms(g.mechanisms, float(g.epsilon))
-            dw, ds = _terms(g.mechanisms, float(g.delta))
-            wide += w
-            site += s
-            delta += dw + ds
-        return cls(live, tuple(wide), tuple(site), tuple(delta))
-
-    def plus(self, new: NewGrant) -> _Charges:
-        w, s = _terms(new.mechanisms, float(new.epsilon))
-        dw, ds = _terms(new.mechanisms, float(new.delta))
-        return _Charges(
-            self.live, (*self.wide_epsilon, *w), (*self.site_epsilon, *s), (*self.delta, *dw, *ds)
-        )
+        # (project, grant id or None for the new grant, mechanisms, epsilon, delta)
+        adds: list[tuple[str, str | None, frozenset[Mechanism], float, float]] = [
+            (g.project, g.grant_id, g.mechanisms, g.epsilon, g.delta) for g in live
+        ]
+        if new is not None:
+            adds.append((new.project, None, new.mechanisms, new.epsilon, new.delta))
+        # a key is open while a live grant (or the new one) of its project can spend from it
+        open_wide = {p for p, _, m, _, _ in adds if m - {Mechanism.FEDERATED}}
+        open_site = {p for p, _, m, _, _ in adds if Mechanism.FEDERATED in m}
+        keys: dict[tuple[str, str], KeySpend] = {}
+        for k in ledger:
+            if k.key.dataset != dataset:
+                continue
+            if (k.key.project, k.key.site) in keys:
+                raise SpecError("ledger", f"lists budget {k.key} twice", "fold each key once")
+            keys[(k.key.project, k.key.site)] = k
+        wide: list[_Term] = []
+        sites: dict[str, list[_Term]] = {"": []}
+        for (project, site), k in sorted(keys.items()):
+            e, d = k.reach(project in (open_site if site else open_wide))
+            term = _Term(float(e), float(d), float(k.released_epsilon), str(k.key))
+            (sites.setdefault(site, []) if site else wide).append(term)
+        for project, gid, mechs, eps, dlt in adds:
+            term = _Term(float(eps), float(dlt), 0.0, "")
+            if mechs - {Mechanism.FEDERATED} and not _in_ledger(keys, project, gid, ""):
+                wide.append(term)
+            if Mechanism.FEDERATED in mechs:
+                for site, terms in sites.items():
+                    # "" here is a site with no ledger key: the grant is not in the ledger there
+                    if not (site and _in_ledger(keys, project, gid, site)):
+                        terms.append(term)
+        return cls(live, tuple(wide), tuple((s, tuple(t)) for s, t in sorted(sites.items())))
 
     def worst(self) -> WorstCase:
+        slots = {s: list(t) for s, t in self.sites}
+        wide_e = [t.epsilon for t in self.wide]
+        site, epsilon = _worst_slot(wide_e, slots, lambda t: t.epsilon)
+        _, delta = _worst_slot([t.delta for t in self.wide], slots, lambda t: t.delta)
+        counted = [*self.wide, *slots[site]]
         return WorstCase(
-            epsilon=math.fsum(self.wide_epsilon + self.site_epsilon),
-            delta=math.fsum(self.delta),
-            dataset_wide_epsilon=math.fsum(self.wide_epsilon),
-            per_site_epsilon=math.fsum(self.site_epsilon),
+            epsilon=epsilon,
+            delta=delta,
+            dataset_wide_epsilon=math.fsum(wide_e),
+            per_site_epsilon=math.fsum(t.epsilon for t in slots[site]),
             grant_ids=tuple(g.grant_id for g in self.live),
+            released_epsilon=math.fsum(t.released_epsilon for t in counted),
+            ledger_keys=tuple(
+                sorted({t.key for t in counted if t.key and (t.epsilon > 0 or t.delta > 0)})
+            ),
         )
 
 
-def person_worst_case(grants: Sequence[GrantView], dataset: str, now: datetime) -> WorstCase:
-    """What one person of ``dataset`` can be charged across every live grant on it, in every
-    project (grants on other datasets, revoked ones and ones expired at ``now`` don't count).
+def person_worst_case(
+    grants: Sequence[GrantView],
+    dataset: str,
+    now: datetime,
+    ledger: Sequence[KeySpend] = (),
+) -> WorstCase:
+    """The most one person of ``dataset`` can ever be charged through the grants made on it,
+    in every project: what the live ones can still release plus what every grant, live or
+    not, has already released. ``ledger`` is the ledger's keys on the dataset
+    (``key_spends``); grants on other datasets are ignored.
+
+    The rule, per ledger budget key (project, dataset, site), since the ledger spends per key,
+    not per grant:
+
+    - a key is *open* while a grant of its project that is live at ``now`` feeds it (a
+      non-federated grant feeds the dataset-wide key, a federated one every site's key). An
+      open key counts everything ever granted on it, expired and revoked grants included:
+      the ledger pools a key's grants, so their unspent remainder is spendable through the
+      live one (at least what was spent and reserved on it, should rounding exceed that);
+    - a *closed* key (every grant feeding it expired or revoked) counts what was spent
+      (committed) plus what open reservations hold: loss already suffered, or that a running
+      job may still commit. Its unspent remainder is dormant: it counts again the moment a
+      new grant would open the key (``decide_dataset_cap`` charges the new grant for it);
+    - a live grant whose GRANT event is not on its key yet (``KeySpend.grant_events``)
+      counts its full figure on top (the grant row is written before its ledger budget).
+
+    This never undercounts: a key never releases more than was granted on it, and a closed
+    key can release more only through a new grant, which is checked again. It overcounts by
+    up to the dormant remainders, which is the price of not attributing spend to grants.
 
     Every person is in every dataset-wide budget, so those add up. A federated grant gives
     each site a budget and a person is at one site, so the per-site part is the largest total
-    at any one site; every federated grant covers every site of the dataset, so that is the
-    sum of the federated grants' figures. A person's worst case is the two parts added.
+    at any one site (a live federated grant not in the ledger yet counts at every site). A
+    person's worst case is the two parts added; ``delta`` likewise, its worst site taken on
+    its own. Without ``ledger`` only live grants count, each in full.
     """
-    return _Charges.of(grants, dataset, now).worst()
+    return _Charges.of(grants, ledger, dataset, now).worst()
 
 
 @dataclass(frozen=True)
 class CapDecision:
     """May a new grant be created under its dataset's cap?
 
-    ``before`` is one person's worst case over the live grants already there, ``after`` with
-    the new grant added. ``epsilon_left``/``delta_left`` are the room under the cap before
-    the new grant; ``max_epsilon``/``max_delta`` the largest figure the new grant could get
-    (0: no room at all); all four ``None`` when there is no such cap. When ``allowed`` is
-    false, ``reason`` is one line naming ``--epsilon`` (or ``--delta``), the room left and
-    the fixes, which ``fixes`` also lists.
+    ``before`` is one person's worst case over what is already there (``person_worst_case``),
+    ``after`` with the new grant added. ``epsilon_left``/``delta_left`` are the room under the
+    cap before the new grant; ``max_epsilon``/``max_delta`` the largest figure the new grant
+    could get (0: no room at all; less than the room when the new grant would reopen a ledger
+    key with a dormant remainder); all four ``None`` when there is no such cap. When
+    ``allowed`` is false, ``reason`` is one line naming ``--epsilon`` (or ``--delta``), the
+    room left and the fixes, which ``fixes`` also lists.
     """
 
     allowed: bool
@@ -581,14 +741,15 @@ def _cap_for(x: float) -> float:
     return up if within_cap(x, up) else _nudged(up, 1)
 
 
-def _largest_fitting(used: Sequence[float], times: int, limit: float) -> float:
-    """The largest x of ``_SHOWN_DIGITS`` significant digits for which
-    ``fsum(used + [x] * times)`` is ``within_cap`` of ``limit``; 0 when no x above 0 fits."""
+def _largest_fitting(total_at: Callable[[float], float], times: int, limit: float) -> float:
+    """The largest x of ``_SHOWN_DIGITS`` significant digits for which ``total_at(x)`` (the
+    worst case with the new grant at x, which counts ``times`` times) is ``within_cap`` of
+    ``limit``; 0 when no x above 0 fits."""
 
     def fits(x: float) -> bool:
-        return x > 0 and within_cap(math.fsum([*used, *([x] * times)]), limit)
+        return x > 0 and within_cap(total_at(x), limit)
 
-    room = (limit - math.fsum(used)) / times
+    room = (limit - total_at(0.0)) / times
     if not room > 0:
         return 0.0
     x = _shown(room)
@@ -600,16 +761,26 @@ def _largest_fitting(used: Sequence[float], times: int, limit: float) -> float:
 
 
 def decide_dataset_cap(
-    cap: DatasetCap | None, existing: Sequence[GrantView], new: NewGrant, now: datetime
+    cap: DatasetCap | None,
+    existing: Sequence[GrantView],
+    new: NewGrant,
+    now: datetime,
+    ledger: Sequence[KeySpend] = (),
 ) -> CapDecision:
     """May ``new`` be granted under the zone-wide cap on ``new.dataset``?
 
-    One person's worst case (``person_worst_case``) over every live grant on the dataset in
-    every project, plus ``new``, must stay within ``cap.epsilon`` and, if set, ``cap.delta``
-    (``within_cap``: float rounding of decimal figures is forgiven). This is the defence against differencing one person across projects: two projects each
-    granted epsilon 3 on the same dataset let a researcher in both spend 6 on one person.
-    No cap: allowed. A cap already below the existing grants refuses every new grant.
+    One person's worst case (``person_worst_case``: live grants in full, expired and revoked
+    ones by what the ledger shows they spent or reserved, per ledger key) over every grant on
+    the dataset in every project, plus ``new``, must stay within ``cap.epsilon`` and, if set,
+    ``cap.delta`` (``within_cap``: float rounding of decimal figures is forgiven). ``new``
+    opens its ledger keys: a key it shares with earlier, now dead grants of its project (same
+    project and dataset) brings their unspent remainder back, and that counts too. This is
+    the defence against differencing one person across projects: two projects each granted
+    epsilon 3 on the same dataset let a researcher in both spend 6 on one person; and loss
+    spent under a grant stays loss after the grant expires or is revoked.
+    No cap: allowed. A cap already below the existing charges refuses every new grant.
     A cap on another dataset than ``new.dataset`` is a caller's bug (``SpecError``).
+    Pure: ``ledger`` is the ledger's keys on the dataset as values (``key_spends``).
     """
     if cap is not None and cap.dataset != new.dataset:
         raise SpecError(
@@ -617,25 +788,34 @@ def decide_dataset_cap(
             f"is for dataset {cap.dataset} but the grant is on {new.dataset}",
             "pass the cap of the dataset the grant is on",
         )
-    now_charges = _Charges.of(existing, new.dataset, now)
-    then_charges = now_charges.plus(new)
-    before, after = now_charges.worst(), then_charges.worst()
+
+    def worst_with(g: NewGrant | None) -> WorstCase:
+        return _Charges.of(existing, ledger, new.dataset, now, g).worst()
+
+    before, after = worst_with(None), worst_with(new)
     where = f"dataset {new.dataset}"
     if cap is None:
         return CapDecision(True, new.dataset, f"{where} has no cap", None, before, after)
 
     wide, per_site = _terms(new.mechanisms, 1.0)
     times = len(wide) + len(per_site)  # how many budgets the new grant would create
-    used_e = now_charges.wide_epsilon + now_charges.site_epsilon
     eps_left = max(cap.epsilon - before.epsilon, 0.0)
-    max_eps = _largest_fitting(used_e, times, cap.epsilon) if times else None
+    max_eps = (
+        _largest_fitting(lambda x: worst_with(replace(new, epsilon=x)).epsilon, times, cap.epsilon)
+        if times
+        else None
+    )
     over_e = not within_cap(after.epsilon, cap.epsilon)
     cap_delta = cap.delta
     delta_left = max_delta = None
     over_d = False
     if cap_delta is not None:
         delta_left = max(cap_delta - before.delta, 0.0)
-        max_delta = _largest_fitting(now_charges.delta, times, cap_delta) if times else None
+        max_delta = (
+            _largest_fitting(lambda x: worst_with(replace(new, delta=x)).delta, times, cap_delta)
+            if times
+            else None
+        )
         over_d = not within_cap(after.delta, cap_delta)
     if not (over_e or over_d):
         return CapDecision(
@@ -653,13 +833,21 @@ def decide_dataset_cap(
         )
 
     twice = " (the grant counts twice: a dataset-wide and a per-site budget)" if times == 2 else ""
+    reopened = worst_with(replace(new, epsilon=0.0, delta=0.0)).epsilon
+    back = (
+        f"; a grant to project {new.project} reopens its ledger budget on {new.dataset}, which"
+        f" brings back epsilon {reopened - before.epsilon:g} its expired or revoked grants"
+        " left unspent"
+        if not within_cap(reopened, before.epsilon)
+        else ""
+    )
     parts: list[str] = []
     fixes: list[str] = []
     if over_e:
         parts.append(
             f"--epsilon {float(new.epsilon):g} would let one person of {where} be charged"
             f" epsilon {after.epsilon:g} across all projects, over the dataset's cap of"
-            f" {cap.epsilon:g} ({eps_left:g} left under the cap){twice}"
+            f" {cap.epsilon:g} ({eps_left:g} left under the cap){twice}{back}"
         )
         if max_eps:
             fixes.append(f"lower --epsilon to at most {max_eps:g}")

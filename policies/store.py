@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, Connection, Engine, Row, exists, select
+from sqlalchemy import Column, Connection, Engine, Row, exists, inspect, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from connectors.errors import AuthError, NotFoundError, PolicyDenied, SpecError
@@ -58,21 +58,26 @@ from policies.decisions import (
     CapDecision,
     DatasetCap,
     GrantView,
+    KeySpend,
     Mechanism,
     NewAccessRequest,
     NewGrant,
     ProjectStatus,
     ProjectView,
     RequestState,
+    WorstCase,
     check_budget,
     check_project_transition,
     check_request_transition,
     decide_access_request,
     decide_dataset_cap,
+    key_spends,
     parse_mechanisms,
+    person_worst_case,
 )
 from policies.identity import hash_token, looks_like_token, new_token, token_matches
 from policies.roles import ROLE_GRANTOR, Role
+from privacy.ledger import BudgetKey, EventKind, LedgerEvent, ledger_events
 from privacy.sql import lock_key
 
 AUTH_FAILED = "unknown or revoked token; ask an operator for a new one"
@@ -844,8 +849,9 @@ class StateStore:
         the grant; ``None`` never expires (a past ``expires_at`` is stored as given: such a
         grant is never live; the service refuses it against its own clock). Nobody approves
         their own request. The grant must fit its dataset's zone-wide cap
-        (``decide_dataset_cap``, checked in the transaction that writes the grant, so two
-        approvals on one dataset cannot both squeeze under it): ``PolicyDenied`` otherwise.
+        (``decide_dataset_cap`` over every grant on the dataset and the ledger's budgets on
+        it, read in the transaction that writes the grant, so two approvals on one dataset
+        cannot both squeeze under it): ``PolicyDenied`` otherwise.
         """
         expires = _check_aware("expires_at", expires_at)
         with self.engine.begin() as conn:
@@ -945,15 +951,15 @@ class StateStore:
     def set_dataset_cap(
         self, dataset: str, epsilon: float, delta: float | None = None, *, by: str
     ) -> DatasetCap:
-        """Set ``dataset``'s zone-wide cap: the most one person may be charged, summed over
-        the live grants on it in every project (``decisions.person_worst_case``). ``delta``
-        ``None`` caps epsilon only. The latest setting wins; earlier ones stay in
-        ``dataset_cap_history``.
+        """Set ``dataset``'s zone-wide cap: the most one person may be charged across every
+        grant on it in every project (``worst_case``: live grants in full, expired and revoked
+        ones by what the ledger shows they released). ``delta`` ``None`` caps epsilon only.
+        The latest setting wins; earlier ones stay in ``dataset_cap_history``.
 
-        A cap below what live grants already allow is accepted, not refused: those grants and
-        their ledger budgets stay (taking them back is a revocation, a separate decision), and
-        every new grant on the dataset is refused until the worst case is back under the cap.
-        The caller reports the overshoot (``person_worst_case``).
+        A cap below the worst case already is accepted, not refused: the grants and their
+        ledger budgets stay (taking them back is a revocation, a separate decision; spent
+        loss cannot be taken back), and every new grant on the dataset is refused until the
+        worst case is back under the cap. The caller reports the overshoot (``worst_case``).
         """
         if isinstance(epsilon, bool) or not (
             isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0
@@ -1015,6 +1021,53 @@ class StateStore:
         ``decisions.person_worst_case`` says which are live at its ``now``)."""
         return [g.view() for g in self.list_grants(dataset=dataset)]
 
+    @staticmethod
+    def _dataset_ledger(conn: Connection, dataset: str) -> tuple[KeySpend, ...]:
+        """The privacy ledger's budgets on ``dataset`` (every project and site), read in
+        ``conn``: the ledger lives in this database (``Service`` opens both on one engine).
+        A database without a ledger (a bare store) has spent nothing: no keys."""
+        if not inspect(conn).has_table(ledger_events.name):
+            return ()
+        rows = conn.execute(
+            select(ledger_events)
+            .where(ledger_events.c.dataset == dataset)
+            .order_by(ledger_events.c.seq)
+        ).all()
+        events = [
+            LedgerEvent(
+                seq=int(r.seq),
+                event_id=r.event_id,
+                kind=EventKind(r.kind),
+                key=BudgetKey(r.project, r.dataset, r.site),
+                epsilon=float(r.epsilon),
+                delta=float(r.delta),
+                reservation_id=r.reservation_id,
+                job_id=r.job_id,
+                actor=r.actor,
+                at=r.at,
+                note=r.note,
+            )
+            for r in rows
+        ]
+        return key_spends(events, dataset)
+
+    def _dataset_charges(
+        self, conn: Connection, dataset: str
+    ) -> tuple[list[GrantView], tuple[KeySpend, ...]]:
+        """Every grant ever made on ``dataset`` and the ledger's budgets on it."""
+        rows = conn.execute(select(grants).where(grants.c.dataset == dataset)).all()
+        return [_grant(r).view() for r in rows], self._dataset_ledger(conn, dataset)
+
+    def worst_case(self, dataset: str, now: datetime | None = None) -> WorstCase:
+        """One person of ``dataset``'s worst case at ``now`` (default: the store's clock)
+        across every grant on it and the ledger's budgets (``decisions.person_worst_case``)."""
+        checked = _check_aware("now", now)
+        when = self._now() if checked is None else checked
+        with self.engine.connect() as conn:
+            self._dataset_row(conn, dataset)
+            views, ledger = self._dataset_charges(conn, dataset)
+        return person_worst_case(views, dataset, when, ledger)
+
     def _cap_decision(
         self,
         conn: Connection,
@@ -1023,12 +1076,13 @@ class StateStore:
         delta: float,
         now: datetime,
     ) -> CapDecision:
-        rows = conn.execute(select(grants).where(grants.c.dataset == req.dataset)).all()
+        views, ledger = self._dataset_charges(conn, req.dataset)
         return decide_dataset_cap(
             self._cap(conn, req.dataset),
-            [_grant(r).view() for r in rows],
+            views,
             NewGrant(req.project, req.dataset, req.mechanisms, float(epsilon), float(delta)),
             now,
+            ledger,
         )
 
     def cap_decision(

@@ -1,6 +1,6 @@
 """The zone's privacy accountant for DP-SGD and Gaussian releases.
 
-What every figure here means (PRIVACY.md, "Honest numbers"):
+What every figure here means (docs/privacy-model.md, "Honest numbers"):
 
 - **Neighbouring relation:** add or remove one *person* (the patient is the privacy unit, not
   the row). DP-SGD must therefore sample and clip per person, and a histogram release must

@@ -1,6 +1,6 @@
 """Differentially private evaluation of a binary classifier on held-out real rows.
 
-Evaluating on real persons is a release like any other (PRIVACY.md), so the metrics are
+Evaluating on real persons is a release like any other (docs/privacy-model.md), so the metrics are
 post-processing of one Gaussian-noised histogram:
 
 - **Histogram:** ``2 x bins`` counts, label (0/1) x score bin. Bins are of equal width in

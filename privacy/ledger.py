@@ -8,7 +8,7 @@ Budgets
     is the whole dataset; a non-empty site is that site's own ledger (federated training
     charges per site: sites hold disjoint people, so their budgets compose in parallel and
     the ledger keeps them apart; it does not also charge the whole-dataset key). Epsilon and
-    delta are per person-level unit (``shared/PRIVACY.md``): a row-level figure is never
+    delta are per person-level unit (``docs/privacy-model.md``): a row-level figure is never
     charged here.
 
 Events (:class:`EventKind`), each one row of ``ledger_events``, never updated or deleted:

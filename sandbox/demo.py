@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sandbox.cli.common import metric
+from privacy.dp_metrics import describe_metrics
 from sandbox.jobspec import parse_job_toml
 
 DEMO_FEATURES = [
@@ -168,9 +168,13 @@ def run_demo(
         )
         result = job.result or {}
         metrics = result.get("metrics", {})
+        shown = describe_metrics(metrics)
         console.print(
-            f"  job {job.id}: {job.state}; epsilon {result.get('epsilon', 0):.3f}; DP AUROC {metric(metrics.get('auroc')):.3f}"
+            f"  job {job.id}: {job.state}; epsilon {result.get('epsilon', 0):.3f}; "
+            f"DP AUROC {shown.get('auroc', 'n/a')}"
         )
+        if "unreliable" in shown:
+            console.print(f"  unreliable: {shown['unreliable']}")
 
         out = root.parent / "release"
         step(f"sandbox jobs result {job.id} --out {out}")
@@ -191,9 +195,10 @@ def run_demo(
         fed = fed_job.result or {}
         for site, c in sorted(fed.get("sites", {}).items()):
             console.print(f"  {site}: epsilon {c['epsilon']:.3f}")
-        if fed.get("excluded"):
+        left_out = len(fed.get("excluded") or []) + len(fed.get("left_out") or {})
+        if left_out:
             console.print(
-                f"  left out (too few patients for a useful DP guarantee): {len(fed['excluded'])} site(s)"
+                f"  left out (too few patients for a useful DP guarantee): {left_out} site(s)"
             )
 
         dummy_out = root.parent / "dummy.parquet"
@@ -298,8 +303,10 @@ def run_demo(
         console.print(
             f"epsilon spent {summary['budget']['spent_epsilon']:.3f} of {grant.epsilon:g}, left {summary['budget']['remaining_epsilon']:.3f} (delta {grant.delta:g}, per person)"
         )
+        shown = describe_metrics(metrics)
         console.print(
-            f"DP AUROC {metric(metrics.get('auroc')):.3f}, DP accuracy {metric(metrics.get('accuracy')):.3f}"
+            f"DP AUROC {shown.get('auroc', 'n/a')}, DP accuracy {shown.get('accuracy', 'n/a')}"
+            + (f" (unreliable: {shown['unreliable']})" if "unreliable" in shown else "")
         )
         console.print(
             "federated per-site epsilon: "

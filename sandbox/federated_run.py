@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from dataclasses import dataclass
 
 from connectors.errors import BudgetExceeded, SpecError, ZoneError
 from privacy.ledger import BudgetKey
@@ -45,7 +44,9 @@ FEDERATED_TIMEOUT_S = 3600.0
 
 def resolve_sites(spec: JobSpec, dataset_sites: dict[str, int]) -> tuple[str, ...]:
     if spec.federated is None:
-        raise SpecError("mode", "is not federated", 'set mode = "federated" with a [federated] table')
+        raise SpecError(
+            "mode", "is not federated", 'set mode = "federated" with a [federated] table'
+        )
     known = sorted(dataset_sites)
     if not spec.federated.sites:
         return tuple(known)
@@ -85,7 +86,9 @@ def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
 
     f = spec.federated
     if f is None:
-        raise SpecError("mode", "is not federated", 'set mode = "federated" with a [federated] table')
+        raise SpecError(
+            "mode", "is not federated", 'set mode = "federated" with a [federated] table'
+        )
     if dataset.cross_site_persons > 0:
         raise SpecError(
             "mode",
@@ -142,7 +145,9 @@ def _config(spec: JobSpec, sites: tuple[str, ...]) -> FederatedConfig:
 
     f = spec.federated
     if f is None:
-        raise SpecError("mode", "is not federated", 'set mode = "federated" with a [federated] table')
+        raise SpecError(
+            "mode", "is not federated", 'set mode = "federated" with a [federated] table'
+        )
     return FederatedConfig(
         rounds=f.rounds,
         sites=sites,
@@ -168,6 +173,7 @@ def _config(spec: JobSpec, sites: tuple[str, ...]) -> FederatedConfig:
             else None
         ),
         seed=spec.training.seed,
+        evaluate=spec.privacy.evaluate,
         # participation was decided by the service before any row was read (plan_sites);
         # a site still too small for its batch is left out by the site and keeps its charge
         min_site_rows=1,
@@ -302,6 +308,7 @@ def run_federated(
         "audit_seq": audit.seq,
         "audit_hash": audit.hash,
         "metrics": summary.get("global_dp_metrics") or {},
+        "evaluation": summary.get("evaluation"),
     }
     job_dir = svc.zone.job_dir(job_id)
     _write_preprocessing(job_dir, payload_path)
@@ -373,6 +380,7 @@ def write_federated_card(
     """The global model's card: every site's epsilon and delta, rounds, strategy, DP metrics."""
     import shutil
 
+    from privacy.dp_metrics import describe_metrics
     from training.federated.config import WEIGHTS_FILE
 
     fed_dir = job_dir / "federated"
@@ -408,6 +416,12 @@ def write_federated_card(
             s: info.get("dp_metrics") for s, info in summary.get("sites", {}).items()
         },
         "global_dp_metrics": summary.get("global_dp_metrics"),
+        "evaluation": summary.get("evaluation"),
+        "global_dp_metrics_display": describe_metrics(summary.get("global_dp_metrics") or {}),
+        "per_site_dp_metrics_display": {
+            s: describe_metrics(info.get("dp_metrics") or {})
+            for s, info in summary.get("sites", {}).items()
+        },
         "excluded_sites": summary.get("excluded"),
         "dropped_sites": summary.get("dropped"),
         "spec_hash": job.spec_hash,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.errors import SpecError
-from training.models import ModelConfig, ModelKind
+from training.model_config import ModelConfig, ModelKind
 
 
 class Mode(StrEnum):

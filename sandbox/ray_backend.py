@@ -3,6 +3,12 @@
 Embedded default: a local Ray started by this process (``address="local"``, loopback only,
 its temp dir inside the system temp folder named after the zone). With ``--ray-address`` /
 ``RAY_ADDRESS`` the zone attaches to an existing cluster instead.
+
+Errors: a worker's own ``ZoneError`` reaches the caller as itself (same type, one-line message
+and ``retryable``; see ``connectors.errors`` on pickling). Any other exception in a worker
+becomes ``ComputeError(retryable=False)`` naming only its type, never its message (which may
+quote data). A worker that died (crash, lost node, cancellation) is a retryable
+``ComputeError``.
 """
 
 from __future__ import annotations
@@ -16,28 +22,27 @@ from connectors.engine_env import configure_engine_env, ray_temp_dir
 from connectors.errors import ComputeError, SpecError, ZoneError
 from sandbox.backend import JobBackend, Payload, Resources, WorkerFn
 
+#: how deep a chain of tasks calling tasks is unwrapped (a guard, not a limit anyone meets)
+_MAX_NESTING = 32
+
 
 def _from_task_error(exc: BaseException) -> ZoneError:
     """What the caller sees for a task that raised: our own error as itself, else a
     ``ComputeError`` naming only the exception's type (its message may quote data)."""
+    from ray.exceptions import RayTaskError
+
     cause: BaseException | None = exc
-    # a task that called another task: the failure is nested one RayTaskError per level
-    for _ in range(100):
-        if not isinstance(cause, _ray_task_error()):
+    # a task that called another task fails with one RayTaskError per level
+    for _ in range(_MAX_NESTING):
+        if not isinstance(cause, RayTaskError):
             break
         cause = getattr(cause, "cause", None)
-    if isinstance(cause, ZoneError):
-        # the error as raised in the worker (ZoneError pickles whole: same type, message,
-        # attributes and retryable flag); drop any traceback it carries
+    if isinstance(cause, ZoneError) and not isinstance(cause, RayTaskError):
+        # the error as raised in the worker (a ZoneError pickles whole: same type, message,
+        # attributes and retryable flag), without the worker's traceback
         return cause.with_traceback(None)
     name = type(cause).__name__ if cause is not None else "unknown"
     return ComputeError(f"the job failed in its worker ({name})", retryable=False)
-
-
-def _ray_task_error() -> type[BaseException]:
-    from ray.exceptions import RayTaskError
-
-    return RayTaskError
 
 
 class RayBackend(JobBackend):

@@ -26,7 +26,12 @@ from connectors.errors import (
 )
 from connectors.schema import SchemaContract
 from policies.audit import AuditLog
-from policies.decisions import JobAccessRequest, Mechanism, decide_job_access
+from policies.decisions import (
+    JobAccessRequest,
+    Mechanism,
+    decide_job_access,
+    ledger_grant_id,
+)
 from policies.roles import Action, Role, require
 from policies.store import StateStore
 from privacy.ledger import BudgetKey, Ledger
@@ -273,8 +278,10 @@ class Service(SyntheticDataCalls):
         with self._act(actor, Action.ACCESS_APPROVE, request_id) as extra:
             if expires_at is not None and expires_at <= self.clock():
                 raise SpecError("--expires", "is in the past", "give a future date (YYYY-MM-DD)")
-            # the dataset's zone-wide cap, decided before anything is written (store.approve
-            # decides again in the transaction that writes the grant, against a racing approval)
+            # the dataset's zone-wide cap (every grant ever made on it, and what the ledger
+            # shows spent under expired and revoked ones), decided before anything is written
+            # (store.approve decides again in the transaction that writes the grant, against a
+            # racing approval)
             cap = self.store.cap_decision(request_id, epsilon, delta, now=self.clock())
             extra.update(
                 dataset=cap.dataset,
@@ -293,7 +300,8 @@ class Service(SyntheticDataCalls):
             if Mechanism.FEDERATED in grant.mechanisms:
                 sites = sorted(self.store.get_dataset(grant.dataset).sites)
                 keys += [
-                    (BudgetKey(grant.project, grant.dataset, s), f"{grant.id}@{s}") for s in sites
+                    (BudgetKey(grant.project, grant.dataset, s), ledger_grant_id(grant.id, s))
+                    for s in sites
                 ]
             for key, gid in keys:
                 self.ledger.grant(key, grant.epsilon, grant.delta, actor=actor.name, grant_id=gid)
@@ -304,11 +312,12 @@ class Service(SyntheticDataCalls):
         self, actor: Any, dataset: str, epsilon: float, delta: float | None = None
     ) -> dict[str, Any]:
         """Cap what one person of ``dataset`` may be charged across every project (a steward's
-        call). Returns the cap, one person's current worst case over the live grants, the
-        ``epsilon_left`` under the cap and ``over_cap``: true when those grants already go
-        over the new cap (they stay, and every new grant on the dataset is refused until the
-        worst case is back under it)."""
-        from policies.decisions import person_worst_case, within_cap
+        call). Returns the cap, one person's current worst case (``store.worst_case``: live
+        grants in full, expired and revoked ones by what the ledger shows they spent or
+        reserved), the ``epsilon_left`` under the cap and ``over_cap``: true when that already
+        goes over the new cap (the grants stay, and every new grant on the dataset is refused
+        until the worst case is back under it)."""
+        from policies.decisions import within_cap
 
         details = {"epsilon": epsilon, "delta": delta}
         with self._act(actor, Action.DATASET_CAP, dataset, details) as extra:
@@ -316,7 +325,7 @@ class Service(SyntheticDataCalls):
                 cap = self.store.set_dataset_cap(dataset, epsilon, delta, by=actor.name)
             except SpecError as exc:  # name the CLI option, not the store's field
                 raise SpecError(f"--{exc.field}", exc.problem, exc.fix) from None
-            worst = person_worst_case(self.store.dataset_grants(dataset), dataset, self.clock())
+            worst = self.store.worst_case(dataset, self.clock())
             over = not within_cap(worst.epsilon, cap.epsilon) or (
                 cap.delta is not None and not within_cap(worst.delta, cap.delta)
             )

@@ -263,9 +263,7 @@ class SyntheticDataCalls:
     def synth_release(self, actor: Any, job_id: str, *, rows: bool = False) -> JobRecord:
         """A steward releases a synthetic job's aggregate report (and, with ``rows``, a non-DP
         baseline's rows, which otherwise never leave)."""
-        with self._act(
-            actor, Action.SYNTH_RELEASE, job_id, {"rows": rows, "release": "non-dp"}
-        ):
+        with self._act(actor, Action.SYNTH_RELEASE, job_id, {"rows": rows, "release": "non-dp"}):
             rec = self._synth_job(job_id)
             if rec.state is not JobState.SUCCEEDED:
                 raise SpecError(
@@ -376,10 +374,9 @@ class SyntheticDataCalls:
         The sample rate needs the training split's size: the quote uses the dataset card's
         person count times the split's train share (the worker uses the exact count, so the
         real figure may differ in the last digits; it never exceeds the job's epsilon)."""
-        from privacy.accountant import plan_dpsgd
-        from sandbox.worker import EVAL_SHARE
-
+        from privacy.dp_metrics import plan_job
         from sandbox.disclosure import redact_counts, sees_everything
+        from sandbox.worker import EVAL_SHARE
 
         with self._act(actor, Action.JOB_QUOTE, spec.project, {"dataset": spec.dataset}):
             rec = self.store.get_dataset(spec.dataset)
@@ -391,14 +388,18 @@ class SyntheticDataCalls:
                 per_site: dict[str, Any] = {
                     site: {"left_out": reason} for site, reason in site_plan.left_out.items()
                 }
+                from training.federated.config import EVAL_SHARE as FED_EVAL_SHARE
+
                 for site in site_plan.sites:
                     n_train = max(1, int(rec.sites[site] * TRAIN_FRACTION))
-                    per_site[site] = plan_dpsgd(
+                    per_site[site] = plan_job(
                         spec.privacy.epsilon,
                         spec.privacy.delta,
                         n_train,
                         min(spec.training.batch_size, n_train),
                         spec.federated.rounds * spec.federated.local_epochs,
+                        evaluate=site_plan.config.evaluate,
+                        eval_share=FED_EVAL_SHARE,
                     ).to_dict()
                 quote: dict[str, Any] = {
                     "mode": "federated",
@@ -410,12 +411,13 @@ class SyntheticDataCalls:
                 }
             else:
                 n_train = int(rec.persons * TRAIN_FRACTION)
-                p = plan_dpsgd(
+                p = plan_job(
                     spec.privacy.epsilon,
                     spec.privacy.delta,
                     n_train,
                     spec.training.batch_size,
                     spec.training.epochs,
+                    evaluate=spec.privacy.evaluate,
                     eval_share=EVAL_SHARE,
                 )
                 quote = {

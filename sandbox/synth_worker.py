@@ -99,7 +99,7 @@ def run_synth_job(payload: dict[str, Any]) -> dict[str, Any]:
         )
         save_plots(report, train, result.table, contract, out / "plots")
         report_ok = True
-    # no timings in the result: how long training took depends on the data (PRIVACY.md)
+    # no timings in the result: how long training took depends on the data (docs/privacy-model.md)
     return {
         "kind": "synthetic",
         "method": str(result.method),

@@ -162,7 +162,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
         },
     )
     (out / "preprocessing.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
-    # no timings in the result: how long training took depends on the data (PRIVACY.md)
+    # no timings in the result: how long training took depends on the data (docs/privacy-model.md)
     return {
         "kind": "dp-sgd",
         # a dry run (dummy or released synthetic data) touched no real row and charges nothing

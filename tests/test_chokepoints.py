@@ -231,7 +231,7 @@ def test_dp_noise_is_fresh_for_every_run(tmp_path: Path) -> None:
         run_dpsgd_job({"job_id": "job-x", "zone_root": str(w.svc.zone.root)})
 
 
-# which of our packages each package may import (ARCHITECTURE.md: sandbox -> training,
+# which of our packages each package may import (docs/architecture.md: sandbox -> training,
 # policies -> privacy -> connectors; nothing imports sandbox)
 ALLOWED_IMPORTS = {
     "connectors": {"connectors"},

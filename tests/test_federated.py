@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from federated_harness.reference import run_reference
 from safetensors import safe_open
 
 from connectors.cohort import Canaries, cohort_contract, generate_cohort
@@ -40,7 +41,6 @@ from training.federated.metrics import (
     pooled_metrics,
     site_evaluation,
 )
-from training.federated.reference import run_reference
 from training.federated.rounds import select_sites
 from training.federated.site import (
     SiteLedger,
@@ -157,7 +157,9 @@ def test_simulation_writes_rounds_summary_and_weights(fedavg: Any) -> None:
     # metric can be undefined, i.e. null: that is the DP answer, not a failure)
     last = lines[-1]["sites"].values()
     assert all(
-        set(s["dp_metrics"]) >= {"auroc", "accuracy", "ece", "n_noisy", "sigma"} for s in last
+        set(s["dp_metrics"])
+        >= {"auroc", "accuracy", "ece", "n_noisy", "sigma", "ci95", "unreliable"}
+        for s in last
     )
     summary = json.loads(result.summary_path.read_text())
     assert summary["status"] == "completed" and summary["rounds_done"] == 2
@@ -274,7 +276,7 @@ def test_crashing_site_does_not_kill_the_job_and_is_charged(world: World, ray_lo
     sidecar.parent.mkdir(parents=True, exist_ok=True)
     sidecar.write_text(json.dumps({"crash": [{"site": "hospital-b", "round": 2}]}))
     payload, _, result, _ = simulate(
-        world, "crash", factory="training.federated.faults:faulty_client_app", rounds=3
+        world, "crash", factory="federated_harness.faults:faulty_client_app", rounds=3
     )
     lines = rounds_of(result)
     assert [line["round"] for line in lines] == [1, 2, 3]

@@ -1,4 +1,4 @@
-"""Flower's Deployment Engine end to end on loopback (training/federated/deployment.py).
+"""Flower's Deployment Engine end to end on loopback (tests/federated_harness/deployment.py).
 
 One SuperLink and three SuperNodes run as separate processes, each SuperNode with its own
 governed Parquet (one hospital's patients, ingested on their own). A real federated DP job
@@ -26,11 +26,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
-
-from connectors.cohort import cohort_contract, generate_cohort
-from connectors.errors import ComputeError, SpecError
-from connectors.ingest import ingest_table
-from training.federated.deployment import (
+from federated_harness.deployment import (
     FLOWER_APP_DIR,
     LoopbackFederation,
     LoopbackSettings,
@@ -38,7 +34,11 @@ from training.federated.deployment import (
     SiteNode,
 )
 
-pytestmark = pytest.mark.timeout(480)
+from connectors.cohort import cohort_contract, generate_cohort
+from connectors.errors import ComputeError, SpecError
+from connectors.ingest import ingest_table
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 # 1500 patients: hospital-c (the smallest of the three, ~14%) still has ~200 persons

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from federated_harness.reference import run_reference
 
 from connectors.cohort import cohort_contract, generate_cohort
 from connectors.ingest import ingest_table
 from training.federated.config import FederatedConfig, FederatedPayload
-from training.federated.reference import run_reference
 from training.federated.weights import load_weights
 from training.models import ModelConfig
 

@@ -4,7 +4,7 @@ The real rows are the demo cohort with canaries planted (``connectors.cohort.Can
 "synthetic" tables are built from them on purpose: an exact copy (every score perfect, every
 row a copy) and an independent-marginals table (each column shuffled on its own, which keeps
 every column's distribution and destroys every link, including label <- features). The second
-is shared/STACK.md's warning made into a test: column shapes stay perfect and the pairwise
+is docs/engines.md's warning made into a test: column shapes stay perfect and the pairwise
 trend score stays high, while train-on-synthetic AUROC falls to chance.
 """
 
@@ -128,7 +128,7 @@ def test_identical_synthetic_table_scores_perfect_and_is_all_copies(identical_re
 
 
 def test_independent_marginals_fool_the_quality_score_but_not_tstr(shuffled_report):
-    """shared/STACK.md: quality does not measure usefulness. Here the proof."""
+    """docs/engines.md: quality does not measure usefulness. Here the proof."""
     r = shuffled_report
     # every column's distribution is exactly the real one ...
     assert r.column_shapes >= 0.99

@@ -13,67 +13,14 @@ nor advanced.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 from torch import nn
 
 from connectors.errors import SpecError
+from training.model_config import MAX_HIDDEN, ModelConfig, ModelKind
 
-#: widest hidden layer we build: two 4096-wide layers already hold ~16.8M weights; DP-SGD's
-#: noise grows with the parameter count, so wider buys nothing on tabular data and only
-#: costs a job's memory.
-MAX_HIDDEN = 4096
-
-
-class ModelKind(StrEnum):
-    LOGISTIC = "logistic"  # one Linear layer: inputs -> logits
-    MLP = "mlp"  # Linear -> ReLU -> ... -> Linear, one hidden layer per ``hidden`` entry
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    kind: ModelKind
-    #: hidden layer widths, input side first; empty for logistic, non-empty for mlp
-    hidden: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        try:
-            kind = ModelKind(self.kind)
-        except ValueError:
-            raise SpecError(
-                "model.kind",
-                "is not a known model",
-                f"use one of: {', '.join(k.value for k in ModelKind)}",
-            ) from None
-        object.__setattr__(self, "kind", kind)
-        if not isinstance(self.hidden, tuple):
-            raise SpecError(
-                "model.hidden", "must be a tuple of layer widths", "e.g. hidden=(64, 64)"
-            )
-        for width in self.hidden:
-            # bool is an int subclass: True would silently mean a 1-wide layer
-            if not isinstance(width, int) or isinstance(width, bool):
-                raise SpecError("model.hidden", "must hold whole numbers", "e.g. hidden=(64, 64)")
-            if not 1 <= width <= MAX_HIDDEN:
-                raise SpecError(
-                    "model.hidden",
-                    f"has a layer width outside 1..{MAX_HIDDEN}",
-                    f"use widths between 1 and {MAX_HIDDEN}",
-                )
-        if kind is ModelKind.LOGISTIC and self.hidden:
-            raise SpecError(
-                "model.hidden",
-                "must be empty for a logistic model",
-                "drop hidden or use kind = mlp",
-            )
-        if kind is ModelKind.MLP and not self.hidden:
-            raise SpecError(
-                "model.hidden",
-                "must list at least one hidden layer for an mlp",
-                "e.g. hidden = [64, 64]",
-            )
+__all__ = ["MAX_HIDDEN", "ModelConfig", "ModelKind", "build_model"]
 
 
 def _check_count(field: str, value: int) -> None:

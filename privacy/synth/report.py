@@ -9,7 +9,7 @@ views:
 * ``aggregate_view()`` -- scalar scores only (no strings, no per-column detail, no exact real
   row count). This is what a researcher may see, and only once the steward has released it:
   the scores are computed on real rows without noise, so they are a steward-reviewed release,
-  not a DP one (``shared/PRIVACY.md``).
+  not a DP one (``docs/privacy-model.md``).
 
 What is measured, and against which real rows:
 
@@ -19,7 +19,7 @@ What is measured, and against which real rows:
   *real* correlation exceeds 0.5 (or association 0.3); ``column_pair_trends_all_pairs`` is the
   plain mean over every pair, for comparison. ``column_pair_trends`` is None when no pair
   passes that threshold (the overall score is then Column Shapes alone, as sdmetrics does).
-* **Usefulness** (``shared/STACK.md``: the quality score does not measure it): train the same
+* **Usefulness** (``docs/engines.md``: the quality score does not measure it): train the same
   model once on the synthetic rows (TSTR) and once on ``real_train`` (TRTR), and score both on
   the same real held-out ``real_test`` rows (AUROC). ``tstr_gap = trtr_auroc - tstr_auroc``
   (positive: the synthetic data lost signal). Independent marginals (each column shuffled on

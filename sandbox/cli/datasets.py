@@ -44,6 +44,7 @@ def ingest(
                 )
             contract = SchemaContract.from_toml_file(schema)
             rec = s.service.ingest_dataset(s.user, name, source, contract)
+
     def said(r: object) -> None:
         console.print(
             f"dataset {r.name}: {r.rows} rows, {r.persons} persons, {len(r.sites)} sites"  # type: ignore[attr-defined]
@@ -131,7 +132,8 @@ def cap(
     as_json: JsonOpt = False,
 ) -> None:
     """Cap a dataset's epsilon per person across every project (stewards); grants over it are
-    refused. Prints the cap and one person's current worst case over the live grants."""
+    refused. Prints the cap and one person's current worst case: what live grants can still
+    release plus what was spent under grants that have ended."""
     with session(zone, token) as s:
         out = s.service.set_dataset_cap(s.user, name, epsilon, delta)
 
@@ -142,12 +144,12 @@ def cap(
         console.print(
             f"one person's worst case now: epsilon {w.epsilon:g}"
             f" ({w.dataset_wide_epsilon:g} dataset-wide + {w.per_site_epsilon:g} per site),"
-            f" delta {w.delta:g}, over {len(w.grant_ids)} live grant(s)"
+            f" delta {w.delta:g}; {w.released_epsilon:g} of it already released"
         )
         if o["over_cap"]:
             console.print(
-                "[bold]over the cap already[/bold]: those grants stay (revoke them to take"
-                f" them back); every new grant on {c.dataset} is refused until it is under"
+                "[bold]over the cap already[/bold]: existing grants stay, and every new grant on"
+                f" {c.dataset} is refused until the worst case is under the cap"
             )
         else:
             console.print(f"left under the cap: epsilon {o['epsilon_left']:g}")

@@ -106,8 +106,16 @@ def test_a_person_at_two_sites_is_never_charged_once_per_site(tmp_path: Path) ->
 
     rep = ok(
         sandbox(
-            "dataset", "ingest", "visits", "--from", str(tmp_path / "visits.csv"),
-            "--schema", str(tmp_path / "schema.toml"), "--json", zone=zone, token=sam,
+            "dataset",
+            "ingest",
+            "visits",
+            "--from",
+            str(tmp_path / "visits.csv"),
+            "--schema",
+            str(tmp_path / "schema.toml"),
+            "--json",
+            zone=zone,
+            token=sam,
         )
     )
     # the steward is told how many, and only how many (no pseudonym, no value)
@@ -117,13 +125,30 @@ def test_a_person_at_two_sites_is_never_charged_once_per_site(tmp_path: Path) ->
     ok(sandbox("project", "create", "p", "--purpose", "x", "--json", zone=zone, token=rita))
     req = ok(
         sandbox(
-            "access", "request", "p", "--dataset", "visits", "--columns", "age,readmitted",
-            "--mechanism", "federated", "--epsilon", "1", "--delta", "1e-5", "--json",
-            zone=zone, token=rita,
+            "access",
+            "request",
+            "p",
+            "--dataset",
+            "visits",
+            "--columns",
+            "age,readmitted",
+            "--mechanism",
+            "federated",
+            "--epsilon",
+            "1",
+            "--delta",
+            "1e-5",
+            "--json",
+            zone=zone,
+            token=rita,
         )
     )
     expires = (datetime.now(UTC) + timedelta(days=3)).date().isoformat()
-    ok(sandbox("access", "approve", req["id"], "--expires", expires, "--json", zone=zone, token=sam))
+    ok(
+        sandbox(
+            "access", "approve", req["id"], "--expires", expires, "--json", zone=zone, token=sam
+        )
+    )
     before = ok(sandbox("budget", "p", "--json", zone=zone, token=rita))
 
     (tmp_path / "fed.toml").write_text(SPEC, encoding="utf-8")

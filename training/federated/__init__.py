@@ -1,6 +1,6 @@
 """Federated DP training across the zone's sites (hospitals) with Flower.
 
-Modules (Flower is imported only in ``client``, ``server``, ``simulation`` and ``faults``):
+Modules (Flower is imported only in ``client``, ``server`` and ``simulation``):
 
 - ``config``: ``Strategy``, ``ClientDPConfig``, ``FederatedConfig``, ``FederatedPayload``
   (the job file the zone writes; its path is the run config's ``"job-payload"``).
@@ -8,8 +8,12 @@ Modules (Flower is imported only in ``client``, ``server``, ``simulation`` and `
 - ``client``: ``client_app`` / ``build_client_app`` (Flower ClientApp).
 - ``server``: ``server_app`` / ``build_server_app`` (Flower ServerApp), rounds.jsonl, summary.
 - ``simulation``: ``run_federated_simulation`` -> ``FederatedResult`` (Simulation Engine, Ray).
-- ``reference``: ``run_reference`` (the same training in-process, no Flower, no Ray).
 - ``weights``, ``metrics``: fixed-order aggregation, client-level DP, pooled DP metrics.
+- ``flwr_app/``: the Flower App (``pyproject.toml`` only) that ``flwr run`` starts under
+  the Deployment Engine.
+
+Test machinery (the in-process reference loop, fault injection, a loopback Deployment
+Engine harness) lives in ``tests/federated_harness/``, outside the product.
 """
 
 from training.federated.config import (

@@ -38,7 +38,7 @@ histogram, counts are the public training-split sizes, and reasons name fields o
 training loss is never sent.
 
 Imports are lazy (inside the handlers): under the Deployment Engine each message starts a
-fresh ClientApp process (STACK.md), so importing this module must stay cheap.
+fresh ClientApp process (docs/engines.md), so importing this module must stay cheap.
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def handle_evaluate(msg: Message, context: Context, default_payload: str | None)
 
 def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Apply Flower's ``secaggplus_mod`` only to SecAgg+ messages (those carrying its
-    config record); plain Message-API training passes straight through (STACK.md)."""
+    config record); plain Message-API training passes straight through (docs/engines.md)."""
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
     if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:

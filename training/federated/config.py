@@ -56,7 +56,7 @@ from typing import Any
 
 from connectors.errors import SpecError
 from connectors.schema import SchemaContract
-from training.models import ModelConfig, ModelKind
+from training.model_config import ModelConfig, ModelKind
 
 #: the run-config key under which Flower's apps find the payload file's absolute path
 RUN_CONFIG_KEY = "job-payload"
@@ -201,7 +201,7 @@ class FederatedConfig:
     client_dp: ClientDPConfig | None = None
     seed: int = 0
     min_site_rows: int = DEFAULT_MIN_SITE_ROWS
-    #: Ray resources per simulated client (STACK.md: Flower's default of 2 CPUs runs one
+    #: Ray resources per simulated client (docs/engines.md: Flower's default of 2 CPUs runs one
     #: client at a time on a 2-core machine)
     num_cpus: float = 1.0
     num_gpus: float = 0.0

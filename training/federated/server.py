@@ -29,7 +29,7 @@ A run, in order:
 SecAgg+ settings: every sampled site shares keys with every other (``num_shares=1.0``);
 unmasking needs a majority of the round's sites (at least ``min_sites``), so no minority
 colluding with the server can unmask one site; ``max_weight`` is the largest site's
-training persons, so each site's weight n / max_weight is <= 1 (STACK.md); parameters are
+training persons, so each site's weight n / max_weight is <= 1 (docs/engines.md); parameters are
 quantized on [-8, 8] to 2^22 levels (Flower's defaults; a model weight outside +-8 would
 be clipped). Metrics (each site's epsilon) are not masked: they are public figures.
 """

@@ -6,7 +6,7 @@ returns a ``FederatedResult`` read from the files the ServerApp wrote.
 
 Why a child process:
 
-* **A hard timeout.** ``run_simulation`` can hang after an error (STACK.md: e.g. actors
+* **A hard timeout.** ``run_simulation`` can hang after an error (docs/engines.md: e.g. actors
   that never get resources); a thread cannot be stopped, a process can. On timeout the
   child and everything it started are killed and ``ComputeError(retryable=True)`` raised.
 * **The zone's Ray survives.** Flower 1.42's Ray backend calls ``ray.shutdown()`` when a
@@ -102,7 +102,7 @@ def _current_ray() -> str | None:
 
 
 def _check_resources(num_cpus: float, num_gpus: float, address: str | None) -> None:
-    """Refuse what would leave Flower's actors pending forever (STACK.md)."""
+    """Refuse what would leave Flower's actors pending forever (docs/engines.md)."""
     if address is not None:
         import ray
 

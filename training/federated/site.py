@@ -14,7 +14,7 @@ Privacy, per site (patient-level, add/remove one person, RDP accountant):
 * **Each round** takes ``steps_per_round`` DP-SGD steps (Poisson sampling, per-person
   clipping, Gaussian noise; ``training.trainer.train_dpsgd``) with the plan's noise. The
   site's spend so far (``SiteLedger``: steps and evaluations) travels between rounds in
-  Flower's ``context.state`` (STACK.md: a fresh accountant per round under-reports) and
+  Flower's ``context.state`` (docs/engines.md: a fresh accountant per round under-reports) and
   its epsilon is always ``epsilon_for`` over the whole history. Before it opens any row a
   site checks that the round (and the evaluation still to come) fits its budget, and
   refuses to train if not.

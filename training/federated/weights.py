@@ -4,7 +4,7 @@ The simulation's ServerApp and the in-process reference loop both aggregate with
 functions, so the same local models give bit-identical global weights in both.
 
 Why a fixed order: floating-point addition is not associative, and Flower hands a strategy
-its replies in arrival order, which changes from run to run (STACK.md: 1e-7..1e-4 apart
+its replies in arrival order, which changes from run to run (docs/engines.md: 1e-7..1e-4 apart
 after 10 rounds). Sorting the sites' updates by site name before summing makes the sum, and
 so the global model, a function of the updates alone. Sums run in float64 and the result is
 cast once to float32 (the model's dtype).
@@ -24,7 +24,7 @@ import numpy as np
 
 from connectors.errors import SpecError
 from training.federated.config import ClientDPConfig
-from training.models import ModelConfig
+from training.model_config import ModelConfig
 
 #: parameter name -> float32 array, in the model's state_dict order
 State = dict[str, np.ndarray]

@@ -1,8 +1,10 @@
-"""Fault injection for tests and drills: a ClientApp whose site crashes in a given round.
+"""Fault injection for tests: a ClientApp whose site crashes in a given round.
 
-Not used by the production apps (``client.client_app``, ``client.build_client_app``):
-only a simulation started with ``client_factory="training.federated.faults:faulty_client_app"``
-reads the fault plan, from the sidecar file ``<payload>.faults.json``::
+Test machinery, not product code. The product's only hook is ``mods`` of
+``training.federated.client.build_client_app`` (Flower client mods, which the product uses
+for SecAgg+ anyway); the crash itself lives here. Only a simulation started with
+``client_factory="federated_harness.faults:faulty_client_app"`` reads the fault plan, from
+the sidecar file ``<payload>.faults.json``::
 
     {"crash": [{"site": "hospital-b", "round": 2}]}
 

@@ -10,9 +10,11 @@ way hospitals would run it but with every listener on 127.0.0.1::
     flower-supernode   one per site, its own Runtime API port and node config
       └─ flower-superexec                              ──>  flwr-clientapp per message
 
-It is what the tests use and what an operator can use to rehearse a deployment; a real
-deployment is the same processes on the hospitals' machines with TLS and SuperNode
-authentication (``docs/federated-deployment.md``).
+Test machinery, not product code: it lives under ``tests/`` and the product never imports
+it. An operator can still use it from a checkout to rehearse a deployment; a real deployment
+is the same processes on the hospitals' machines with TLS and SuperNode authentication
+(``docs/federated-deployment.md``), running the product's Flower App
+(``training/federated/flwr_app``).
 
 Lifecycle (the context manager does both ends)::
 
@@ -75,11 +77,13 @@ from typing import IO, Any
 
 import tomli_w  # ships with flwr; tomllib only reads
 
+import training.federated
 from connectors.engine_env import configure_engine_env
 from connectors.errors import ComputeError, SpecError
 
-#: the Flower App folder that runs the zone's federated trainer (``flwr run`` builds it)
-FLOWER_APP_DIR = Path(__file__).resolve().parent / "flwr_app"
+#: the Flower App folder that runs the zone's federated trainer (``flwr run`` builds it);
+#: it ships with the product, beside the ServerApp and ClientApp it names
+FLOWER_APP_DIR = Path(training.federated.__file__).resolve().parent / "flwr_app"
 
 #: every listener of a loopback federation binds here, and nowhere else
 LOOPBACK_HOST = "127.0.0.1"

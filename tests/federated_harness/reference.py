@@ -5,7 +5,8 @@ setup, one round of DP-SGD per sampled site) and the server's book-keeping and a
 (``rounds.ServerRun``, ``weights.py``), one site after another in this process. Same
 payload (seed and secret), same sites sampled, same noise, same fixed-order average: the
 simulation's global weights must equal these bit for bit, which is how the tests check the
-Flower path, and it is the benchmark's baseline for Flower's overhead.
+Flower path, and it is the benchmark's baseline for Flower's overhead
+(``benchmarks/bench_federated.py`` imports it from here). Test machinery, not product code.
 
 It writes no files and runs no evaluation (those are releases; the simulation makes them),
 and it has no secure aggregation: with ``secure_aggregation`` set it returns the plain
