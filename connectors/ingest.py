@@ -383,13 +383,18 @@ def _check_values(column: pa.ChunkedArray, spec: ColumnSpec) -> None:
                 column=name,
                 row=row,
             )
-    if spec.min is not None and spec.max is not None:
-        outside = pc.or_(pc.less(column, spec.min), pc.greater(column, spec.max))
+    low, high = spec.min, spec.max
+    if spec.role is Role.LABEL and spec.is_integer and low is None and high is None:
+        # an integer label without a declared domain is a 0/1 outcome (connectors.schema):
+        # a 2 must not slip in here and be clipped to 1 later
+        low, high = 0.0, 1.0
+    if low is not None and high is not None:
+        outside = pc.or_(pc.less(column, low), pc.greater(column, high))
         row = _first_true(outside) + 1
         if row:
             raise SchemaError(
                 f"column {name!r}: data row {row} lies outside the declared domain "
-                f"[{spec.min:g}, {spec.max:g}] (correct the row or widen the contract's domain)",
+                f"[{low:g}, {high:g}] (correct the row or widen the contract's domain)",
                 column=name,
                 row=row,
             )

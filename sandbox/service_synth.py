@@ -138,6 +138,14 @@ class SyntheticDataCalls:
             # synthesised or released (pseudonyms are not data)
             if contract.identifier is not None and contract.identifier not in cols:
                 cols.insert(0, contract.identifier)
+            if dp:
+                from privacy.synth.base import Codec
+
+                # what the synthesizer will refuse (a column with no declared domain),
+                # refused now, before anything is reserved
+                Codec.from_contract(
+                    SchemaContract.from_dict(restricted_contract(contract.to_dict(), cols))
+                )
             reservation = None
             if dp:
                 if epsilon is None or not (epsilon > 0 and math.isfinite(epsilon)):
