@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-synth-"))
     configure_engine_env(work)  # before SDV is imported: its usage log goes under work/
 
-    from privacy.synth.report import build_report, save_plots
+    from privacy.synth.report import build_report
+    from privacy.synth.report_plots import save_plots
 
     load_at_start = os.getloadavg()
     full = cohort_contract()

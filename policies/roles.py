@@ -29,7 +29,9 @@ only (``DatasetRecord.to_public_dict``): no storage path, no counts taken from r
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 from types import MappingProxyType
 
 from connectors.errors import PolicyDenied
@@ -76,6 +78,7 @@ class Action(StrEnum):
     SYNTH_RELEASE = "synth.release"
     JOB_QUOTE = "job.quote"
     DATASET_CAP = "dataset.cap"
+    ACCESS_REVOKE = "access.revoke"
 
 
 _A = Action
@@ -90,7 +93,7 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
     }),
     Role.STEWARD: frozenset({
         _A.DATASET_INGEST, _A.DATASET_LIST, _A.DATASET_SHOW, _A.DATASET_CAP,
-        _A.ACCESS_LIST, _A.ACCESS_APPROVE, _A.ACCESS_DENY,
+        _A.ACCESS_LIST, _A.ACCESS_APPROVE, _A.ACCESS_DENY, _A.ACCESS_REVOKE,
         _A.AUDIT_LIST, _A.AUDIT_VERIFY,
         _A.BUDGET_SHOW,
         _A.USER_LIST, _A.PROJECT_LIST, _A.PROJECT_SHOW, _A.JOB_LIST, _A.JOB_STATUS,
@@ -115,6 +118,28 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
     }),
 })
 # fmt: on
+
+
+@dataclass(frozen=True)
+class Actor:
+    """The authenticated caller of one service call: a name and a role, nothing else.
+
+    Built by the service from a token (``Service.authenticate``); every call is decided on
+    this value alone, so it crosses process boundaries (a worker, the served API) as a dict.
+    """
+
+    name: str
+    role: Role
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "role": self.role.value}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Actor:
+        return cls(name=str(data["name"]), role=Role(str(data["role"])))
 
 
 def is_allowed(role: Role, action: Action) -> bool:

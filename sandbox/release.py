@@ -12,6 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sandbox.jobs import JobRecord
+from sandbox.results import DpsgdResult, SynthResult
+
 RELEASED_FILES = ("model.safetensors", "preprocessing.json", "model_card.json")
 #: a synthetic-data job releases its rows and its card; the report and plots stay in the zone
 #: (the aggregate scores reach the researcher through ``synth report`` once a steward releases them)
@@ -19,15 +22,15 @@ SYNTH_FILES = ("synthetic.parquet", "synth_card.json")
 
 
 def write_model_card(
-    job_dir: Path, job: Any, dataset: Any, result: dict[str, Any], *, backend: str
+    job_dir: Path, job: JobRecord, dataset: Any, result: DpsgdResult, *, backend: str
 ) -> Path:
     from privacy.dp_metrics import INTERVAL_METHOD, describe_metrics
 
-    plan = result["plan"]
+    plan = result.plan
     spec = job.spec
     # privacy.evaluate = false: no evaluation histogram was released or charged
-    skipped = result.get("evaluation") == "skipped" or plan.get("eval_sigma") is None
-    metrics = None if skipped else result.get("metrics")
+    skipped = result.evaluation == "skipped" or plan.get("eval_sigma") is None
+    metrics = None if skipped else result.metrics
     card = {
         "job": job.id,
         "project": job.project,
@@ -38,8 +41,8 @@ def write_model_card(
         "model": spec["model"],
         "mechanism": "dp-sgd",
         "privacy": {
-            "epsilon": result["epsilon"],
-            "delta": result["delta"],
+            "epsilon": result.epsilon,
+            "delta": result.delta,
             "epsilon_requested": spec["privacy"]["epsilon"],
             "unit": "person (pseudonymous identifier)",
             "neighbouring_relation": "add/remove one person",
@@ -47,7 +50,7 @@ def write_model_card(
             "accountant": plan.get("accountant", "rdp"),
             "noise_multiplier": plan["noise_multiplier"],
             "sample_rate": plan["sample_rate"],
-            "steps": result["steps_taken"],
+            "steps": result.steps_taken,
             "max_grad_norm": spec["privacy"]["max_grad_norm"],
             "eval_sigma": plan.get("eval_sigma"),
             "composition": (
@@ -55,7 +58,7 @@ def write_model_card(
                 if skipped
                 else "DP-SGD steps and one DP evaluation histogram, composed by RDP"
             ),
-            "clipping": result["clipping"],
+            "clipping": result.clipping,
         },
         "training": spec["training"],
         "evaluation": "skipped" if skipped else "one DP histogram of the held-out real split",
@@ -70,9 +73,9 @@ def write_model_card(
             "or an interval is too wide to inform"
         ),
         "spec_hash": job.spec_hash,
-        "ledger_event": result.get("ledger_event"),
-        "audit_event": {"seq": result.get("audit_seq"), "hash": result.get("audit_hash")},
-        "compute": {"backend": backend, "device": result.get("device")},
+        "ledger_event": result.charge.ledger_event,
+        "audit_event": {"seq": result.charge.audit_seq, "hash": result.charge.audit_hash},
+        "compute": {"backend": backend, "device": result.device},
         "preprocessing": "preprocessing.json (parameters from the schema contract, not from rows)",
     }
     path = job_dir / "model_card.json"
@@ -80,30 +83,30 @@ def write_model_card(
     return path
 
 
-def write_synth_card(job_dir: Path, job: Any, result: dict[str, Any]) -> Path:
+def write_synth_card(job_dir: Path, job: JobRecord, result: SynthResult) -> Path:
     spec = job.spec
     card = {
         "job": job.id,
         "project": job.project,
         "dataset": job.dataset,
         "mechanism": "synthetic",
-        "method": result["method"],
-        "differentially_private": result["dp"],
-        "columns": result["columns"],
-        "rows": result["rows"],
+        "method": result.method,
+        "differentially_private": result.dp,
+        "columns": result.columns,
+        "rows": result.rows,
         "privacy": {
-            "epsilon": result["epsilon"],
-            "delta": result["delta"],
+            "epsilon": result.epsilon,
+            "delta": result.delta,
             "epsilon_requested": spec.get("epsilon"),
             "unit": "person (pseudonymous identifier); one row per person",
             "neighbouring_relation": "add/remove one person",
             "accountant": "rdp",
-            "releases": result["steps"],
+            "releases": result.steps,
         },
         "fitted_on": "the train part of the person split; the test part is held out for the report",
         "spec_hash": job.spec_hash,
-        "ledger_event": result.get("ledger_event"),
-        "audit_event": {"seq": result.get("audit_seq"), "hash": result.get("audit_hash")},
+        "ledger_event": result.charge.ledger_event,
+        "audit_event": {"seq": result.charge.audit_seq, "hash": result.charge.audit_hash},
     }
     path = job_dir / "synth_card.json"
     path.write_text(json.dumps(card, indent=2, sort_keys=True))

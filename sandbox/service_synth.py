@@ -1,4 +1,4 @@
-"""The service's synthetic-data, dry-run and quote calls (mixed into ``Service``).
+"""The service's synthetic-data, dry-run and quote calls (``Service.synth`` holds them).
 
 - ``synth_dummy``: free dummy rows from the schema contract alone (no row is read).
 - ``synth_fit``: DP synthetic data fitted inside the zone on real rows, charged like a job
@@ -14,67 +14,44 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from connectors.errors import NotFoundError, PolicyDenied, SpecError
-from connectors.schema import Role as ColumnRole
+from connectors.errors import PolicyDenied, SpecError
 from connectors.schema import SchemaContract
-from policies.decisions import JobAccessRequest, Mechanism, decide_job_access
-from policies.roles import Action, Role
-from privacy.ledger import BudgetKey
-from sandbox.backend import Resources
+from policies.roles import Action, Actor, Role
+from sandbox.context import ProgressFn, ZoneContext
 from sandbox.jobs import JobRecord, JobState
-
-if TYPE_CHECKING:
-    from sandbox.jobspec import JobSpec
+from sandbox.jobspec import JobSpec
+from sandbox.mechanisms.dpsgd import TRAIN_FRACTION
+from sandbox.mechanisms.dry_run import DryRunMechanism, DryRunRequest, synthetic_job
+from sandbox.mechanisms.synthetic import SyntheticMechanism, SynthRequest
+from sandbox.runner import JobRunner
 
 #: epsilons a quote's utility curve tries by default
 CURVE_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-#: the reader's person split (train part) is what DP-SGD trains on
-TRAIN_FRACTION = 0.8
-#: rows of a dummy dry run when the dataset's counts are private (a fixed, public size)
-DUMMY_ROWS = 5000
 
 
-def governed_contract(contract: SchemaContract) -> SchemaContract:
-    """The contract of governed storage: direct identifiers are gone after ingest."""
-    d = contract.to_dict()
-    cols = d["columns"]
-    drop = {c.name for c in contract.columns if c.role is ColumnRole.DIRECT_IDENTIFIER}
-    if isinstance(cols, dict):
-        d["columns"] = {k: v for k, v in cols.items() if k not in drop}
-    else:
-        d["columns"] = [c for c in cols if c["name"] not in drop]
-    return SchemaContract.from_dict(d)
+class SynthCalls:
+    """Synthetic data, dry runs and quotes, over the zone's context and its one job runner."""
 
-
-class SyntheticDataCalls:
-    # provided by Service
-    store: Any
-    ledger: Any
-    jobs: Any
-    zone: Any
-    backend: Any
-    clock: Any
-    _act: Any
-    _run: Any
-    _check_member: Any
+    def __init__(self, ctx: ZoneContext, runner: JobRunner) -> None:
+        self.ctx = ctx
+        self.runner = runner
 
     # -- dummy -------------------------------------------------------------------------------
 
     def synth_dummy(
-        self, actor: Any, dataset: str, rows: int, out: Path, seed: int = 0
+        self, actor: Actor, dataset: str, rows: int, out: Path, seed: int = 0
     ) -> dict[str, Any]:
         from connectors.dummy import dummy_table
         from connectors.external import write_table
 
-        with self._act(actor, Action.SYNTH_DUMMY, dataset, {"rows": rows}):
+        with self.ctx.act(actor, Action.SYNTH_DUMMY, dataset, {"rows": rows}):
             if not 1 <= rows <= 10_000_000:
                 raise SpecError("--rows", "must be between 1 and 10,000,000", "ask for fewer rows")
-            rec = self.store.get_dataset(dataset)
+            rec = self.ctx.store.get_dataset(dataset)
             contract = SchemaContract.from_dict(rec.contract)
             table = dummy_table(contract, rows, seed)
             write_table(out, table)
@@ -89,7 +66,7 @@ class SyntheticDataCalls:
 
     def synth_fit(
         self,
-        actor: Any,
+        actor: Actor,
         project: str,
         dataset: str,
         *,
@@ -101,150 +78,34 @@ class SyntheticDataCalls:
         columns: list[str] | None = None,
         label: str | None = None,
     ) -> JobRecord:
-        from privacy.synth.base import SynthMethod, is_dp
-        from sandbox.jobs import new_job_id
-        from sandbox.synth_worker import restricted_contract, run_synth_job
-
-        job_id = new_job_id()
-        with self._act(
+        """DP synthetic data (charged like a job) or a steward's non-DP baseline (held)."""
+        request = SynthRequest(
+            project=project,
+            dataset=dataset,
+            epsilon=epsilon,
+            delta=delta,
+            method=method,
+            rows=rows,
+            seed=seed,
+            columns=tuple(columns) if columns else None,
+            label=label,
+        )
+        job = self.runner.submit(
+            SyntheticMechanism.kind,
             actor,
-            Action.SYNTH_FIT,
-            project,
-            {"dataset": dataset, "method": method, "epsilon": epsilon},
-        ) as extra:
-            try:
-                kind = SynthMethod(method)
-            except ValueError:
-                raise SpecError(
-                    "--method",
-                    "is not a known method",
-                    f"use one of: {', '.join(m.value for m in SynthMethod)}",
-                ) from None
-            dp = is_dp(kind)
-            if not 1 <= rows <= 5_000_000:
-                raise SpecError("--rows", "must be between 1 and 5,000,000", "ask for fewer rows")
-            rec = self.store.get_dataset(dataset)
-            contract = governed_contract(SchemaContract.from_dict(rec.contract))
-            cols = list(columns or [c.name for c in contract.columns])
-            unknown = [c for c in cols if c not in {x.name for x in contract.columns}]
-            if unknown:
-                raise SpecError(
-                    "--columns",
-                    f"{unknown[0]!r} is not a governed column of {dataset!r}",
-                    "see `sandbox dataset show`",
-                )
-            # the person column bounds each person's contribution (one row per person): the
-            # synthesizer needs it whether or not the researcher named it; it is never
-            # synthesised or released (pseudonyms are not data)
-            if contract.identifier is not None and contract.identifier not in cols:
-                cols.insert(0, contract.identifier)
-            if dp:
-                from privacy.synth.base import Codec
+            request,
+            action=Action.SYNTH_FIT,
+            target=project,
+            details={"dataset": dataset, "method": method, "epsilon": epsilon},
+        )
+        return self.ctx.job_view(actor, job)
 
-                # what the synthesizer will refuse (a column with no declared domain),
-                # refused now, before anything is reserved
-                Codec.from_contract(
-                    SchemaContract.from_dict(restricted_contract(contract.to_dict(), cols))
-                )
-            reservation = None
-            if dp:
-                if epsilon is None or not (epsilon > 0 and math.isfinite(epsilon)):
-                    raise SpecError(
-                        "--epsilon", "must be a number > 0 for a DP method", "e.g. --epsilon 3"
-                    )
-                if Role(actor.role) is not Role.RESEARCHER:
-                    raise PolicyDenied(
-                        "DP synthetic releases are requested by researchers",
-                        missing=("role researcher",),
-                        grantor="zone operator",
-                    )
-                id_col = contract.identifier
-                decision = decide_job_access(
-                    JobAccessRequest(
-                        user=actor.name,
-                        role=Role(actor.role),
-                        project=project,
-                        dataset=dataset,
-                        columns=frozenset(c for c in cols if c != id_col),
-                        mechanism=Mechanism.SYNTHETIC,
-                        epsilon=epsilon,
-                        delta=delta,
-                        action=Action.SYNTH_FIT,
-                    ),
-                    self.store.project_view(project),
-                    self.store.grants_for(project, dataset),
-                    self.clock(),
-                )
-                if not decision.allowed:
-                    raise PolicyDenied(
-                        decision.reason, missing=decision.missing, grantor=decision.grantor
-                    )
-                reservation = self.ledger.reserve(
-                    BudgetKey(project, dataset), epsilon, delta, job_id=job_id, actor=actor.name
-                )
-            elif Role(actor.role) is not Role.STEWARD:
-                raise PolicyDenied(
-                    f"method {kind.value} is not differentially private: only a data steward may run it",
-                    missing=("a DP method (mst, dp-copula)",),
-                    grantor="data steward",
-                )
-            self.store.get_project(project)
-            spec = {
-                "method": kind.value,
-                "epsilon": epsilon,
-                "delta": delta,
-                "rows": rows,
-                "seed": seed,
-                "columns": cols,
-            }
-            import hashlib
-
-            spec_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-            self.jobs.create(
-                project=project,
-                dataset=dataset,
-                user=actor.name,
-                spec=spec,
-                spec_hash=spec_hash,
-                reservation_id=reservation,
-                job_id=job_id,
-            )
-            extra.update(job=job_id, dp=dp)
-        labels = [c for c in cols if c in contract.label_names()]
-        features = [
-            c.name for c in contract.columns if c.name in cols and c.role is ColumnRole.FEATURE
-        ]
-        payload = {
-            "zone_root": str(self.zone.root),
-            "db_url": self.zone.db_url,
-            "job_id": job_id,
-            "dataset": dataset,
-            "dataset_path": rec.path,
-            "contract": restricted_contract(contract.to_dict(), cols),
-            "method": kind.value,
-            "epsilon": epsilon,
-            "delta": delta,
-            "rows": rows,
-            "seed": seed,
-            "label": label or (labels[0] if labels else None),
-            "features": features,
-        }
-        return self._run(actor, job_id, payload, Resources(cpus=1, gpus=0), None, run_synth_job)
-
-    def _synth_job(self, job_id: str) -> JobRecord:
-        rec = self.jobs.get(job_id)
-        if (rec.result or {}).get("kind") != "synthetic":
-            raise NotFoundError(
-                f"{job_id} is not a synthetic-data job; `sandbox jobs list` shows them"
-            )
-        return rec
-
-    def synth_report(self, actor: Any, job_id: str) -> dict[str, Any]:
-        with self._act(actor, Action.SYNTH_REPORT, job_id):
-            rec = self._synth_job(job_id)
-            self._check_member(actor, rec.project)
-            job_dir = self.zone.job_dir(job_id)
-            if Role(actor.role) is Role.STEWARD:
+    def synth_report(self, actor: Actor, job_id: str) -> dict[str, Any]:
+        with self.ctx.act(actor, Action.SYNTH_REPORT, job_id):
+            rec = synthetic_job(self.ctx, job_id)
+            self.ctx.check_member(actor, rec.project)
+            job_dir = self.ctx.zone.job_dir(job_id)
+            if actor.role is Role.STEWARD:
                 full = job_dir / "report_full.json"
                 plots = sorted(str(p) for p in (job_dir / "plots").glob("*.png"))
                 return {
@@ -268,11 +129,11 @@ class SyntheticDataCalls:
                 "report": json.loads(agg.read_text()),
             }
 
-    def synth_release(self, actor: Any, job_id: str, *, rows: bool = False) -> JobRecord:
+    def synth_release(self, actor: Actor, job_id: str, *, rows: bool = False) -> JobRecord:
         """A steward releases a synthetic job's aggregate report (and, with ``rows``, a non-DP
         baseline's rows, which otherwise never leave)."""
-        with self._act(actor, Action.SYNTH_RELEASE, job_id, {"rows": rows, "release": "non-dp"}):
-            rec = self._synth_job(job_id)
+        with self.ctx.act(actor, Action.SYNTH_RELEASE, job_id, {"rows": rows, "release": "non-dp"}):
+            rec = synthetic_job(self.ctx, job_id)
             if rec.state is not JobState.SUCCEEDED:
                 raise SpecError(
                     "JOB", f"job {job_id} is {rec.state}", "only succeeded jobs can be released"
@@ -286,97 +147,30 @@ class SyntheticDataCalls:
                 "kind": "steward release (not differentially private)",
                 "what": "aggregate report scores computed on real rows without noise",
                 "by": actor.name,
-                "at": self.clock().isoformat(),
+                "at": self.ctx.clock().isoformat(),
             }
             if rows:
                 result["steward_release"] = True
-            return self.jobs.update_result(job_id, result)
+            return self.ctx.jobs.update_result(job_id, result)
 
     # -- dry runs and quotes -------------------------------------------------------------------
 
-    def dry_run(self, actor: Any, spec: JobSpec, on: str, *, on_progress: Any = None) -> JobRecord:
+    def dry_run(
+        self, actor: Actor, spec: JobSpec, on: str, *, on_progress: ProgressFn | None = None
+    ) -> JobRecord:
         """Run ``spec`` on dummy data (``on="dummy"``) or on a released DP synthetic table
         (``on="synthetic:JOB"``), charging nothing."""
-        from connectors.dummy import dummy_table
-        from connectors.ingest import ingest_table
-        from sandbox.jobs import new_job_id
-        from sandbox.synth_worker import restricted_contract
-        from sandbox.worker import run_dpsgd_job
-
-        if spec.federated is not None:
-            raise SpecError("--on", "dry runs cover DP-SGD jobs", "drop --on for federated jobs")
-        job_id = new_job_id()
-        with self._act(
-            actor, Action.JOB_SUBMIT, spec.project, {"dataset": spec.dataset, "dry_run": on}
-        ) as extra:
-            pv = self.store.project_view(spec.project)
-            if actor.name not in pv.members:
-                raise PolicyDenied(
-                    f"{actor.name} is not a member of project {spec.project}",
-                    missing=("project membership",),
-                    grantor="project owner",
-                )
-            rec = self.store.get_dataset(spec.dataset)
-            contract = governed_contract(SchemaContract.from_dict(rec.contract))
-            if on == "dummy":
-                # the dummy table is as large as the real one only when that size is public:
-                # a dry run's plan (sample rate, steps) would otherwise give the size back
-                size = max(2000, int(rec.persons)) if rec.counts_public else DUMMY_ROWS
-                table = dummy_table(contract, size, spec.training.seed)
-            elif on.startswith("synthetic:"):
-                src = self._synth_job(on.split(":", 1)[1])
-                if (
-                    src.project != spec.project
-                    or not (src.result or {}).get("dp")
-                    or not self._charged(src)
-                ):
-                    raise PolicyDenied(
-                        f"{on} is not a released DP synthetic table of project {spec.project}",
-                        missing=("a DP synthetic job of this project",),
-                        grantor="project researcher",
-                    )
-                from connectors.external import read_user_table
-
-                path = self.zone.job_dir(src.id) / "synthetic.parquet"
-                table = read_user_table(
-                    path, [c.name for c in contract.columns if c.name in src.result["columns"]]
-                )
-                contract = SchemaContract.from_dict(
-                    restricted_contract(contract.to_dict(), list(table.column_names))
-                )
-            else:
-                raise SpecError("--on", "must be dummy or synthetic:JOB", "e.g. --on dummy")
-            dest = self.zone.job_dir(job_id) / "dry-run-data"
-            ingest_table(table, contract, dest, self.zone.secret())
-            self.jobs.create(
-                project=spec.project,
-                dataset=spec.dataset,
-                user=actor.name,
-                spec=spec.to_dict(),
-                spec_hash=spec.spec_hash(),
-                reservation_id=None,
-                job_id=job_id,
-            )
-            extra.update(job=job_id)
-        payload = {
-            "zone_root": str(self.zone.root),
-            "db_url": self.zone.db_url,
-            "job_id": job_id,
-            "spec": spec.to_dict(),
-            "contract": contract.to_dict(),
-            "dataset_path": str(dest),
-            "dry_run": on,
-        }
-        return self._run(
+        job = self.runner.submit(
+            DryRunMechanism.kind,
             actor,
-            job_id,
-            payload,
-            Resources(cpus=spec.resources.cpus, gpus=0),
-            on_progress,
-            run_dpsgd_job,
+            DryRunRequest(spec, on),
+            target=spec.project,
+            details={"dataset": spec.dataset, "dry_run": on},
+            on_progress=on_progress,
         )
+        return self.ctx.job_view(actor, job)
 
-    def quote(self, actor: Any, spec: JobSpec) -> dict[str, Any]:
+    def quote(self, actor: Actor, spec: JobSpec) -> dict[str, Any]:
         """The epsilon and delta a job will spend, from the accountant, before anything runs.
 
         The sample rate needs the training split's size: the quote uses the dataset card's
@@ -386,8 +180,8 @@ class SyntheticDataCalls:
         from sandbox.disclosure import redact_counts, sees_everything
         from sandbox.worker import EVAL_SHARE
 
-        with self._act(actor, Action.JOB_QUOTE, spec.project, {"dataset": spec.dataset}):
-            rec = self.store.get_dataset(spec.dataset)
+        with self.ctx.act(actor, Action.JOB_QUOTE, spec.project, {"dataset": spec.dataset}):
+            rec = self.ctx.store.get_dataset(spec.dataset)
             if spec.federated is not None:
                 from sandbox.federated_run import plan_sites
 
@@ -439,14 +233,19 @@ class SyntheticDataCalls:
                     "accountant": "rdp",
                 }
             if not rec.counts_public and not sees_everything(actor.role):
+                # every figure the exact size shows through, replaced: the counts-derived
+                # ones by "withheld", each plan's own epsilon (its digits move with n) by the
+                # epsilon the job will be charged
                 quote = redact_counts(quote)
-                if "plan" in quote:
-                    quote["plan"]["epsilon"] = spec.privacy.epsilon
+                plans = [quote.get("plan")] + list((quote.get("sites") or {}).values())
+                for plan in plans:
+                    if isinstance(plan, dict) and "epsilon" in plan:
+                        plan["epsilon"] = spec.privacy.epsilon
             return quote
 
     def quote_curve(
         self,
-        actor: Any,
+        actor: Actor,
         spec: JobSpec,
         on: str,
         out_dir: Path,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.errors import IntegrityError
+from sandbox.results import SynthResult
 
 
 def restricted_contract(contract_dict: dict[str, Any], columns: list[str]) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def restricted_contract(contract_dict: dict[str, Any], columns: list[str]) -> di
     return d
 
 
-def run_synth_job(payload: dict[str, Any]) -> dict[str, Any]:
+def run_synth_job(payload: dict[str, Any]) -> SynthResult:
     from connectors.engine_env import configure_engine_env
     from connectors.external import write_table
     from connectors.reader import DatasetHandle, Split
@@ -42,15 +43,15 @@ def run_synth_job(payload: dict[str, Any]) -> dict[str, Any]:
     from privacy.accountant import epsilon_for
     from privacy.sql import make_engine
     from privacy.synth.base import fit_and_sample, is_dp
-    from privacy.synth.report import build_report, save_plots
-    from sandbox.jobs import JobState, JobStore
+    from privacy.synth.report import build_report
+    from privacy.synth.report_plots import save_plots
+    from sandbox.jobs import JobStore
     from sandbox.worker import noise_seed
 
     zone_root = Path(payload["zone_root"])
     configure_engine_env(zone_root)
     job_id: str = payload["job_id"]
     jobs = JobStore(make_engine(payload["db_url"]))
-    jobs.move(job_id, JobState.RUNNING)
     contract = SchemaContract.from_dict(payload["contract"])
     columns = [c.name for c in contract.columns]
     handle = DatasetHandle(
@@ -100,14 +101,13 @@ def run_synth_job(payload: dict[str, Any]) -> dict[str, Any]:
         save_plots(report, train, result.table, contract, out / "plots")
         report_ok = True
     # no timings in the result: how long training took depends on the data (docs/privacy-model.md)
-    return {
-        "kind": "synthetic",
-        "method": str(result.method),
-        "dp": dp,
-        "epsilon": epsilon,
-        "delta": float(payload["delta"]) if dp else None,
-        "steps": [s.to_dict() for s in result.steps],
-        "rows": result.table.num_rows,
-        "columns": columns,
-        "report": report_ok,
-    }
+    return SynthResult(
+        method=str(result.method),
+        dp=dp,
+        epsilon=epsilon,
+        delta=float(payload["delta"]) if dp else None,
+        steps=[s.to_dict() for s in result.steps],
+        rows=result.table.num_rows,
+        columns=columns,
+        report=report_ok,
+    )

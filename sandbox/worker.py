@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.errors import IntegrityError, SpecError
+from sandbox.results import DpsgdResult
 
 #: share of the job's epsilon spent on the DP evaluation histogram: DP-SGD's accuracy barely
 #: moves between 0.8 and 0.9 of the budget, while the evaluation's noise halves from 0.1 to 0.2
@@ -51,7 +52,7 @@ def noise_seed(payload: dict[str, Any], label: str) -> int:
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
+def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     # heavy imports live here: this runs in a Ray worker process
     import numpy as np
     import torch
@@ -64,7 +65,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     from privacy.accountant import GaussianStep, epsilon_for
     from privacy.dp_metrics import dp_binary_metrics, plan_job
     from privacy.sql import make_engine
-    from sandbox.jobs import JobState, JobStore
+    from sandbox.jobs import JobStore
     from sandbox.jobspec import parse_job_spec
     from training.models import build_model
     from training.trainer import DPSGDConfig, EpochProgress, predict_proba, train_dpsgd
@@ -78,7 +79,6 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     configure_engine_env(zone_root)
     job_id: str = payload["job_id"]
     jobs = JobStore(make_engine(payload["db_url"]))
-    jobs.move(job_id, JobState.RUNNING)
 
     spec = parse_job_spec(payload["spec"])
     contract = SchemaContract.from_dict(payload["contract"])
@@ -163,19 +163,18 @@ def run_dpsgd_job(payload: dict[str, Any]) -> dict[str, Any]:
     )
     (out / "preprocessing.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
     # no timings in the result: how long training took depends on the data (docs/privacy-model.md)
-    return {
-        "kind": "dp-sgd",
+    return DpsgdResult(
         # a dry run (dummy or released synthetic data) touched no real row and charges nothing
-        "dry_run": payload.get("dry_run"),
-        "epsilon": epsilon_spent,
-        "delta": spec.privacy.delta,
-        "plan": dp.to_dict(),
-        "steps_taken": result.steps_taken,
-        "epochs_done": result.epochs_done,
-        "clipping": result.clipping,
-        "device": result.device,
-        "evaluation": "skipped" if dp.eval_sigma is None and not dry_run else "dp-histogram",
-        "metrics": metrics,
-        "n_features": plan.n_outputs,
-        "feature_names": list(plan.output_names),
-    }
+        dry_run=payload.get("dry_run"),
+        epsilon=epsilon_spent,
+        delta=spec.privacy.delta,
+        plan=dp.to_dict(),
+        steps_taken=result.steps_taken,
+        epochs_done=result.epochs_done,
+        clipping=result.clipping,
+        device=result.device,
+        evaluation="skipped" if dp.eval_sigma is None and not dry_run else "dp-histogram",
+        metrics=metrics,
+        n_features=plan.n_outputs,
+        feature_names=list(plan.output_names),
+    )

@@ -41,7 +41,7 @@ def engine_factory(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[[], Engine]]:
     """Makes a fresh, empty ledger database per call, on the parametrised backend."""
-    from privacy.ledger import metadata
+    from privacy.ledger_schema import metadata
     from privacy.sql import make_engine
 
     made: list[Engine] = []

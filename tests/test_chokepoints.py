@@ -10,7 +10,7 @@ import pytest
 from factories import job_spec, make_world
 
 from connectors.errors import ComputeError, IntegrityError, PolicyDenied, SpecError, ZoneError
-from privacy.ledger import BudgetKey
+from privacy.budget_events import BudgetKey
 from sandbox.backend import InProcessBackend
 from sandbox.jobs import JobState
 

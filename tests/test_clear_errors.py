@@ -204,7 +204,7 @@ def test_mst_on_a_label_without_domain_and_a_column_it_cannot_bin(world: World, 
     line = assert_one_error_line(bad, "columns.score.min", "declare min and max")
     assert "Ray" not in line and "OverflowError" not in line
 
-    from privacy.ledger import BudgetKey
+    from privacy.budget_events import BudgetKey
     from sandbox.service import Service
     from sandbox.zone import Zone
 

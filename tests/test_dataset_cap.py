@@ -26,22 +26,13 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from connectors.errors import NotFoundError, PolicyDenied, SpecError
-from policies.decisions import (
-    DatasetCap,
-    GrantView,
-    KeySpend,
-    Mechanism,
-    NewGrant,
-    RequestState,
-    decide_dataset_cap,
-    key_spends,
-    ledger_grant_id,
-    person_worst_case,
-    within_cap,
-)
+from policies.caps import DatasetCap, decide_dataset_cap, within_cap
+from policies.decisions import GrantView, Mechanism, RequestState
 from policies.roles import Role
 from policies.store import StateStore
-from privacy.ledger import BudgetKey, EventKind, Ledger, LedgerEvent, fold_balance
+from policies.worst_case import KeySpend, NewGrant, key_spends, ledger_grant_id, person_worst_case
+from privacy.budget_events import BudgetKey, EventKind, LedgerEvent, fold_balance
+from privacy.ledger import Ledger
 from privacy.sql import make_engine
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)

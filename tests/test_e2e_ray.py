@@ -10,7 +10,7 @@ import pytest
 from factories import FEATURES, job_spec, make_world
 
 from connectors.errors import ComputeError
-from privacy.ledger import BudgetKey
+from privacy.budget_events import BudgetKey
 from sandbox.jobs import JobState
 from sandbox.ray_backend import RayBackend
 

@@ -11,7 +11,7 @@ from factories import FEATURES, LABEL, job_spec
 
 from connectors.errors import BudgetExceeded, PolicyDenied, SpecError
 from privacy.accountant import GaussianStep, epsilon_for
-from privacy.ledger import BudgetKey
+from privacy.budget_events import BudgetKey
 from sandbox.jobs import JobState
 from sandbox.ray_backend import RayBackend
 from sandbox.service import Service

@@ -38,17 +38,17 @@ from connectors.errors import (
     SpecError,
     UserError,
 )
-from privacy.ledger import (
+from privacy.budget_events import (
     ALLOWED_TRANSITIONS,
     Balance,
     BudgetKey,
     EventKind,
-    Ledger,
     LedgerEvent,
     ReservationState,
     check_transition,
-    ledger_events,
 )
+from privacy.ledger import Ledger
+from privacy.ledger_schema import ledger_events
 
 PG_ENV = "SANDBOX_TEST_PG_URL"
 KEY = BudgetKey("proj-a", "icu-cohort")

@@ -38,7 +38,8 @@ import pytest
 from sqlalchemy import Engine
 
 from connectors.errors import BudgetExceeded, IntegrityError
-from privacy.ledger import BudgetKey, EventKind, Ledger, ReservationState
+from privacy.budget_events import BudgetKey, EventKind, ReservationState
+from privacy.ledger import Ledger
 from privacy.sql import make_engine
 
 PG_ENV = "SANDBOX_TEST_PG_URL"

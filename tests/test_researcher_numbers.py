@@ -3,12 +3,16 @@
 The doc's table "Every number a researcher sees" names each numeric leaf of the CLI's
 ``--json`` outputs (and of the released ``model_card.json``, ``synth_card.json`` and
 ``quote.json``) by a dot path, with its status: "DP and charged", "public by contract",
-"steward release" or "the researcher's own input (echo)". This test runs a researcher's
+"steward release" or "the researcher's own input (echo)". This module runs a researcher's
 read and job commands through the CLI entry point on two datasets, the demo cohort (counts
 public by its contract) and a cohort ingested with a contract that keeps its counts private,
-collects every int/float leaf with its path (ids, site names and list indexes as ``*``), and
-fails on any path the doc does not list. On the private-count dataset no path whose status
-is "public by contract" (counts) may appear at all.
+collects every int/float leaf with its path (list indexes and site names as ``*``), and
+fails on any path the doc does not list, and on any "public by contract" path that the
+private-count dataset shows. The count-derived figures that are known to reach the
+researcher still (``KNOWN_LEAKS``) are pinned by ``xfail(strict=True)`` tests.
+
+Jobs run in-process (the CLI's session is given an ``InProcessBackend``); the federated job
+runs on the session's local Ray (``pytest.mark.ray``).
 """
 
 from __future__ import annotations
@@ -44,14 +48,7 @@ SITES = ["hospital-a", "hospital-b"]
 SYNTH_COLUMNS = ["age", "sex", "diabetes", LABEL]
 #: (doc command, path) whose status is "public by contract" and which a private-count dataset
 #: still shows today: each a count-derived figure that is not cut yet (the xfail test below)
-KNOWN_LEAKS = frozenset(
-    {
-        ("submit", "result.plan.epsilon"),
-        ("quote (federated)", "sites.*.epsilon"),
-        ("submit (federated)", "progress.epsilon.*"),
-        ("model_card.json (federated)", "privacy.per_site.*.epsilon"),
-    }
-)
+KNOWN_LEAKS: frozenset[tuple[str, str]] = frozenset()
 
 
 # --- the doc's table ------------------------------------------------------------------------
@@ -139,12 +136,8 @@ class Cli:
     def run(self, *argv: str, token: str | None = None) -> Any:
         args = [*argv, "--zone", str(self.zone), "--json", "--token", token or self.token]
         buf = io.StringIO()
-        import time as _t  # TEMP
-        _t0 = _t.perf_counter()
         with contextlib.redirect_stdout(buf):
             rc = main(args)
-        with open("/tmp/numbers_times.tsv", "a") as _fh:  # TEMP
-            _fh.write(f"{_t.perf_counter() - _t0:.2f}\t{' '.join(argv[:3])}\n")
         out = buf.getvalue()
         assert rc == 0, (argv, out)
         return json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
@@ -186,9 +179,13 @@ def _job_toml(path: Path, dataset: str, federated: bool = False, rounds: int = 2
         "[resources]\ngpus = 0\n"
     )
     if federated:
-        text = 'mode = "federated"\n' + text + (
-            f"[federated]\nrounds = {rounds}\nsites = {json.dumps(SITES)}\nmin_sites = 2\n"
-            "local_epochs = 1\nmin_site_rows = 50\n"
+        text = (
+            'mode = "federated"\n'
+            + text
+            + (
+                f"[federated]\nrounds = {rounds}\nsites = {json.dumps(SITES)}\nmin_sites = 2\n"
+                "local_epochs = 1\nmin_site_rows = 50\n"
+            )
         )
     path.write_text(text, encoding="utf-8")
     return path
@@ -257,7 +254,8 @@ def researcher_session(cli: Cli, tmp: Path, ds: str, *, curve: bool) -> None:
     cli("project", "list")
     job_toml = _job_toml(tmp / f"job-{tag}.toml", ds)
     qdir = tmp / f"quote-{tag}"
-    cli("quote", str(job_toml), "--out", str(qdir), *(["--curve"] if curve else []), dataset=ds)
+    q = cli("quote", str(job_toml), "--out", str(qdir), *(["--curve"] if curve else []), dataset=ds)
+    assert len(q["curve"]["points"]) == 1 if curve else "curve" not in q
     cli.file("quote", qdir / "quote.json", ds)
     fed_toml = _job_toml(tmp / f"fed-{tag}.toml", ds, federated=True)
     cli("quote", str(fed_toml), "--out", str(tmp / f"fquote-{tag}"), dataset=ds)
@@ -275,7 +273,9 @@ def researcher_session(cli: Cli, tmp: Path, ds: str, *, curve: bool) -> None:
     rel = tmp / f"release-{tag}"
     cli("jobs", "result", job["id"], "--out", str(rel), dataset=ds)
     cli.file("model_card.json", rel / "model_card.json", ds)
-    cli("synth", "dummy", ds, "--rows", "50", "--out", str(tmp / f"dummy-{tag}.parquet"), dataset=ds)
+    cli(
+        "synth", "dummy", ds, "--rows", "50", "--out", str(tmp / f"dummy-{tag}.parquet"), dataset=ds
+    )
     fit = cli(
         "synth", "fit", ds, "--project", "readmission", "--epsilon", "1", "--method", "mst",
         "--rows", "200", "--columns", ",".join(SYNTH_COLUMNS), "--label", LABEL,
@@ -294,13 +294,13 @@ def researcher_session(cli: Cli, tmp: Path, ds: str, *, curve: bool) -> None:
 @pytest.fixture(scope="module")
 def seen(zone: dict[str, Any]) -> list[tuple[str, str, Any]]:
     """Every researcher output of both datasets' sessions (run once for the module)."""
-    cli = Cli(zone["zone"], zone["rita"], zone["sam"])
-    from sandbox.service_synth import SyntheticDataCalls
+    from sandbox.service_synth import SynthCalls
 
+    cli = Cli(zone["zone"], zone["rita"], zone["sam"])
     with pytest.MonkeyPatch.context() as mp:
         _in_process(mp)
         # the curve's paths are the same at any length: one dry run instead of six
-        mp.setattr(SyntheticDataCalls.quote_curve, "__defaults__", ((1.0,),))
+        mp.setattr(SynthCalls.quote_curve, "__defaults__", ((1.0,),))
         for ds in (PUBLIC, PRIVATE):
             researcher_session(cli, zone["root"], ds, curve=ds == PUBLIC)
     return cli.seen
@@ -338,11 +338,11 @@ def test_every_number_a_researcher_sees_is_listed(seen: list[tuple[str, str, Any
     assert not problems, "\n".join(problems)
 
 
-def test_private_counts_show_no_count_derived_figure(seen: list[tuple[str, str, Any]]) -> None:
-    """On the private-count dataset no key of ``COUNT_DERIVED`` carries a number, anywhere."""
+def count_derived_on_private(seen: list[tuple[str, str, Any]]) -> list[str]:
+    """Numbers under a key of ``COUNT_DERIVED`` that the private-count dataset shows."""
     from sandbox.disclosure import COUNT_DERIVED
 
-    bad = sorted(
+    return sorted(
         {
             f"{command}: {path}"
             for command, dataset, obj in seen
@@ -351,26 +351,23 @@ def test_private_counts_show_no_count_derived_figure(seen: list[tuple[str, str, 
             if set(path.split(".")) & COUNT_DERIVED
         }
     )
+
+
+def test_private_counts_show_no_count_derived_figure(seen: list[tuple[str, str, Any]]) -> None:
+    """On the private-count dataset no key of ``COUNT_DERIVED`` carries a number, anywhere;
+    the public one shows them (the cut follows the contract, it is not a blanket one)."""
+    bad = count_derived_on_private(seen)
     assert not bad, "\n".join(bad)
-    # and the public one does show them (the cut is the contract's, not a blanket one)
-    assert any(
-        "n_train_estimate" in path
-        for command, dataset, obj in seen
-        if dataset == PUBLIC
-        for path, _ in leaves(obj)
-    )
+    public = {(c, p) for c, d, o in seen if d == PUBLIC for p, _ in leaves(o)}
+    assert {("quote", "n_train_estimate"), ("submit", "progress.step")} <= public
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="count-derived figures not yet cut for private-count datasets (see KNOWN_LEAKS); "
-    "when this passes, empty KNOWN_LEAKS and drop the mark",
-)
 def test_no_known_leak_on_private_counts(seen: list[tuple[str, str, Any]]) -> None:
     _, known = check(seen)
     assert not known, "\n".join(f"{c}: {p}" for c, p in sorted(known))
 
 
+# --- a federated job (real local Ray) ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -399,25 +396,13 @@ def test_every_number_of_a_federated_job_is_listed(
     commands = {c for c, _, _ in federated_seen}
     assert {"submit (federated)", "model_card.json (federated)"} <= commands
     problems, _ = check(federated_seen)
+    problems += count_derived_on_private(federated_seen)
     assert not problems, "\n".join(problems)
 
 
 @pytest.mark.ray
-@pytest.mark.xfail(
-    strict=True,
-    reason="a federated job's per-site accountant figures are not yet cut with private counts "
-    "(see KNOWN_LEAKS); when this passes, drop them from KNOWN_LEAKS and drop the mark",
-)
 def test_no_known_federated_leak_on_private_counts(
     federated_seen: list[tuple[str, str, Any]],
 ) -> None:
     _, known = check(federated_seen)
     assert not known, "\n".join(f"{c}: {p}" for c, p in sorted(known))
-
-
-@pytest.mark.ray
-def test_zz_dump(federated_seen, seen):  # TEMP
-    with open("/tmp/numbers_dump.tsv", "w") as fh:
-        for c, d, o in [*seen, *federated_seen]:
-            for p, v in leaves(o):
-                fh.write(f"{c}\t{d}\t{p}\n")

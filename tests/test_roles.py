@@ -27,6 +27,7 @@ access.request  .        .       x          .
 access.list     x        x       x          x
 access.approve  .        x       .          .
 access.deny     .        x       .          .
+access.revoke   .        x       .          .
 job.submit      .        .       x          .
 job.list        x        x       x          x
 job.status      x        x       x          x
@@ -92,6 +93,7 @@ def test_action_values_are_the_service_calls() -> None:
         "job.submit", "job.list", "job.status", "job.result", "job.cancel",
         "budget.show", "audit.list", "audit.verify", "synth.dummy", "query.run",
         "synth.fit", "synth.report", "synth.release", "job.quote", "dataset.cap",
+        "access.revoke",
     ]  # fmt: skip
 
 
@@ -105,6 +107,7 @@ def test_separation_of_duties() -> None:
         Action.ACCESS_DENY,
         Action.DATASET_INGEST,
         Action.DATASET_CAP,
+        Action.ACCESS_REVOKE,
     ):
         assert roles_for(decide) == (Role.STEWARD,)
 

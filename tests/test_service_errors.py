@@ -18,7 +18,7 @@ from connectors.errors import (
     SpecError,
     UserError,
 )
-from privacy.ledger import BudgetKey
+from privacy.budget_events import BudgetKey
 from sandbox.backend import InProcessBackend
 from sandbox.jobspec import parse_job_toml
 from sandbox.service import Service

@@ -24,13 +24,8 @@ from policies.decisions import (
 )
 from policies.identity import hash_token, looks_like_token, new_token, token_matches
 from policies.roles import Role
-from policies.store import (
-    AccessRequestRecord,
-    DatasetRecord,
-    StateStore,
-    User,
-    contract_columns,
-)
+from policies.store import StateStore
+from policies.store_records import AccessRequestRecord, DatasetRecord, User, contract_columns
 from privacy.sql import make_engine
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)

@@ -37,7 +37,7 @@ from connectors.preprocess import FeaturePlan
 from connectors.schema import SchemaContract
 from privacy.accountant import GaussianStep, epsilon_for
 from privacy.synth import SynthMethod, SynthResult, fit_and_sample, is_dp
-from privacy.synth.base import OTHER, Codec, plan_sigmas, project_to_simplex
+from privacy.synth.codec import OTHER, Codec, plan_sigmas, project_to_simplex
 
 PERSONS = 3_000
 DELTA = 1e-6

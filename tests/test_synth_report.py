@@ -21,13 +21,10 @@ import pytest
 
 from connectors.cohort import Canaries, cohort_contract, generate_cohort
 from connectors.errors import SchemaError, SpecError
-from privacy.synth.report import (
-    SynthReport,
-    TSTRModel,
-    build_report,
-    contract_metadata,
-    save_plots,
-)
+from privacy.synth.report import build_report
+from privacy.synth.report_contract import contract_metadata
+from privacy.synth.report_plots import save_plots
+from privacy.synth.report_types import SynthReport, TSTRModel
 
 LABEL = "readmitted_30d"
 N_TRAIN, N_TEST = 5_000, 2_500

@@ -13,7 +13,7 @@ from factories import FEATURES, LABEL, job_spec
 from connectors.cohort import Canaries
 from connectors.errors import PolicyDenied
 from privacy.accountant import GaussianStep, epsilon_for
-from privacy.ledger import BudgetKey
+from privacy.budget_events import BudgetKey
 from sandbox.backend import InProcessBackend
 from sandbox.jobs import JobState
 from sandbox.service import Service

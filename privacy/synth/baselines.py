@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from connectors.dummy import random_pseudonyms, to_arrow_within_domain
 from connectors.errors import BackendError, SpecError
 from connectors.schema import ColumnSpec, Role, SchemaContract
-from privacy.synth.base import OTHER, SynthMethod, SynthResult
+from privacy.synth.codec import OTHER, SynthMethod, SynthResult
 
 #: Training epochs for CTGAN and TVAE. Few, on CPU: the baselines are reference points, and
 #: on 2 shared cores 10 epochs over 50k rows already take minutes.
@@ -86,8 +86,9 @@ def fit_and_sample_sdv(
     epochs: int = BASELINE_EPOCHS,
 ) -> SynthResult:
     """Fit SDV's ``method`` on governed rows (one row per person) and sample ``rows`` rows
-    in the governed schema. NOT DP: see the module docstring. Called by
-    ``privacy.synth.base.fit_and_sample`` (which validates its arguments)."""
+    in the governed schema. NOT DP: see the module docstring. The registry's engine for the
+    three baselines: ``privacy.synth.base.fit_and_sample`` (which validates its arguments)
+    looks it up in ``privacy.synth.registry`` and calls it."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise SpecError("epochs", "must be an integer >= 1", "use e.g. 10")
     sdv = _sdv()

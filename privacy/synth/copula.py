@@ -3,7 +3,7 @@
 The model is SDV's GaussianCopula idea (per-column marginal CDFs, a Gaussian dependence
 structure between normal scores) with every parameter that touches rows replaced by a DP
 release. Input: ``codes``, one row per person (the reader guarantees one row per person; the
-codes are :class:`privacy.synth.base.Codec`'s contract bins and vocabularies), so adding or
+codes are :class:`privacy.synth.codec.Codec`'s contract bins and vocabularies), so adding or
 removing one person changes each histogram by 1 in one cell and the correlation sums by one
 person's bounded contribution.
 
@@ -26,7 +26,7 @@ Releases, in order, each recorded as a ``GaussianStep(sigma, 1.0, 1)``:
    projected onto the nearest correlation matrix (Higham 2002, alternating projections).
 
 The budget is split :data:`MARGINAL_SHARE` / :data:`CORRELATION_SHARE` of zCDP rho and
-calibrated with ``privacy.accountant`` (``base.plan_sigmas``). Sampling (post-processing):
+calibrated with ``privacy.accountant`` (``codec.plan_sigmas``). Sampling (post-processing):
 draw normals with the noisy correlation, map each through the standard normal CDF and the
 column's noisy inverse CDF to a code, and decode the code with the contract's bins.
 
@@ -44,7 +44,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from privacy.accountant import GaussianStep
-from privacy.synth.base import Codec, DPFit, plan_sigmas, project_to_simplex
+from privacy.synth.codec import Codec, DPFit, plan_sigmas, project_to_simplex
 
 #: Shares of the budget (zCDP rho). The marginals are accurate even on little budget (each bin
 #: holds many persons); the correlations carry the label link and are small numbers, so they

@@ -10,7 +10,7 @@ rows needs. The structure is a tree-augmented naive Bayes: ``label -> every colu
 tree among the other columns, each conditioned on the label.
 
 Input: ``codes``, one row per person (the reader guarantees one row per person; the codes
-come from :class:`privacy.synth.base.Codec`, i.e. the contract's bins and vocabularies). So
+come from :class:`privacy.synth.codec.Codec`, i.e. the contract's bins and vocabularies). So
 adding or removing one person changes every count table below by exactly 1 in one cell:
 each table has L2 sensitivity 1 and each selection score has sensitivity 1.
 
@@ -33,7 +33,7 @@ Releases, in order, each recorded as one ``GaussianStep(sigma, 1.0, 1)``:
 
 The split of the budget between the three is fixed in advance (:data:`ANCHOR_SHARE`,
 :data:`SELECT_SHARE`, :data:`TREE_SHARE`, as shares of zCDP rho); the common scale comes
-from ``privacy.accountant.calibrate_noise`` (see ``base.plan_sigmas``), so the composed RDP
+from ``privacy.accountant.calibrate_noise`` (see ``codec.plan_sigmas``), so the composed RDP
 epsilon at ``delta`` is at most the target.
 
 Estimation and sampling (post-processing of the noisy tables, no further cost): the label
@@ -55,7 +55,7 @@ import numpy as np
 
 from connectors.schema import Role
 from privacy.accountant import GaussianStep
-from privacy.synth.base import (
+from privacy.synth.codec import (
     Codec,
     ColumnCodec,
     DPFit,

@@ -117,3 +117,22 @@ def deny(
     with session(zone, token) as s:
         r = s.service.deny(s.user, request_id, reason)
     emit(r, as_json, lambda r: console.print(f"request {r.id} denied"))
+
+
+@app.command("revoke")
+def revoke(
+    grant_id: Annotated[str, typer.Argument(metavar="GRANT")],
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """End a grant now (stewards): no job may use it from here on; its spend stays spent."""
+    with session(zone, token) as s:
+        g = s.service.revoke_grant(s.user, grant_id)
+    emit(
+        g,
+        as_json,
+        lambda g: console.print(
+            f"grant {g.id} revoked: {g.project} may no longer use {g.dataset} under it"
+        ),
+    )

@@ -21,15 +21,15 @@ from sandbox.cli.common import (
 app = typer.Typer(help="Jobs and their releases.", no_args_is_help=True)
 
 
-def _metric_lines(r: dict[str, Any], title: str) -> None:
+def _metric_lines(evaluation: str | None, metrics: dict[str, Any], title: str) -> None:
     """Each DP metric as "0.702 (95% CI 0.655-0.748)", then "unreliable: <reason>" when the
     evaluation is flagged; "evaluation: skipped" when none was run (``--json`` has it all)."""
     from privacy.dp_metrics import describe_metrics
 
-    if r.get("evaluation") == "skipped":
+    if evaluation == "skipped":
         console.print("  evaluation: skipped (no DP metrics, no evaluation charge)")
         return
-    lines = describe_metrics(r.get("metrics"))
+    lines = describe_metrics(metrics)
     if not lines:
         return
     names = {"auroc": "AUROC", "accuracy": "accuracy", "ece": "ECE"}
@@ -42,22 +42,34 @@ def _metric_lines(r: dict[str, Any], title: str) -> None:
 
 
 def _summary(rec: Any) -> None:
-    r = rec.result or {}
+    from sandbox.results import DpsgdResult, FederatedResult, SynthResult, parse_result
+
+    r = parse_result(rec.result)
     console.print(f"job [bold]{rec.id}[/bold]: {rec.state}")
-    if r and r.get("mode") == "federated":
+    if isinstance(r, FederatedResult):
+        left_out = len(r.excluded) + len(r.left_out)
         console.print(
-            f"  federated: {r['rounds']} rounds; dropped {r.get('dropped') or 'none'}; left out {len(r.get('excluded') or [])}"
+            f"  federated: {r.rounds} rounds; dropped {', '.join(r.dropped) or 'none'}; "
+            f"left out {left_out}"
         )
-        for site, c in sorted(r["sites"].items()):
-            console.print(f"    {site}: epsilon {c['epsilon']:.3f} (delta {r['delta']:g})")
-        _metric_lines(r, "global DP metrics (all sites' histograms pooled)")
-    elif r:
-        console.print(
-            f"  epsilon spent {r['epsilon']:.3f} (delta {r['delta']:g}), {r['steps_taken']} steps, clipping {r['clipping']}"
-        )
-        _metric_lines(r, "DP metrics")
+        for site, c in sorted(r.sites.items()):
+            console.print(f"    {site}: epsilon {fmt3(c['epsilon'])} (delta {r.delta:g})")
+        _metric_lines(r.evaluation, r.metrics, "global DP metrics (all sites' histograms pooled)")
+    elif isinstance(r, DpsgdResult):
+        what = "dry run, nothing charged" if r.dry_run else "epsilon spent"
+        eps = f"{what} (on {r.dry_run})" if r.dry_run else f"{what} {fmt3(r.epsilon)}"
+        console.print(f"  {eps} (delta {r.delta:g}), clipping {r.clipping}")
+        _metric_lines(r.evaluation, r.metrics, "DP metrics")
+    elif isinstance(r, SynthResult):
+        charged = f"epsilon {fmt3(r.epsilon)}" if r.dp else "not DP: held for a steward"
+        console.print(f"  synthetic ({r.method}): {r.rows} rows; {charged}")
     if rec.error:
         console.print(f"  error: {rec.error}")
+
+
+def fmt3(value: Any) -> str:
+    """A figure at 3 significant digits (a withheld one as its note)."""
+    return f"{value:.3g}" if isinstance(value, int | float) else str(value)
 
 
 def register(app_root: typer.Typer) -> None:
@@ -209,6 +221,16 @@ def status(
     """One job's state, progress and released figures."""
     with session(zone, token) as s:
         rec = s.service.job_status(s.user, job_id)
+    emit(rec, as_json, _summary)
+
+
+@app.command("cancel")
+def cancel(
+    job_id: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Cancel a queued job of yours; its reservation is released (no row was read)."""
+    with session(zone, token) as s:
+        rec = s.service.cancel_job(s.user, job_id)
     emit(rec, as_json, _summary)
 
 

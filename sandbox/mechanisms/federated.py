@@ -4,7 +4,8 @@ Sites hold disjoint patients, so the ledger keeps one budget per site
 (``BudgetKey(project, dataset, site)``) and a federated job's spend on one hospital's patients
 is charged to that hospital's budget only (parallel composition). The flow mirrors DP-SGD:
 
-1. the grant decision (mechanism ``federated``) was taken by the service;
+1. the grant decision (mechanism ``federated``), then the site plan (``plan_sites``: which
+   sites take part, decided before any row is read);
 2. every site's epsilon is reserved up front, all or nothing (a site without budget refuses
    the whole job before any data is opened);
 3. Flower's Simulation Engine runs the ServerApp and one ClientApp per site on Ray;
@@ -25,18 +26,32 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from connectors.errors import BudgetExceeded, SpecError, ZoneError
-from privacy.ledger import BudgetKey
-from sandbox.jobs import JobRecord, JobState
-from training.federated.config import FederatedConfig
-
-if TYPE_CHECKING:
-    from sandbox.jobspec import JobSpec
-    from sandbox.service import ProgressFn, Service
+from connectors.schema import SchemaContract
+from policies.decisions import Mechanism
+from policies.roles import Actor
+from privacy.budget_events import BudgetKey
+from privacy.dp_metrics import describe_metrics
+from sandbox.context import ProgressFn, ZoneContext
+from sandbox.disclosure import redact_counts
+from sandbox.jobs import JobRecord
+from sandbox.jobspec import JobSpec
+from sandbox.mechanisms.base import Admission, JobMechanism, record_charge
+from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, check_columns, decide
+from sandbox.results import FederatedResult, JobResult
+from training.federated.config import (
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    ClientDPConfig,
+    FederatedConfig,
+    FederatedPayload,
+    Strategy,
+    load_payload,
+)
 
 #: a federated job may take this long before it is stopped (and charged what it spent)
 FEDERATED_TIMEOUT_S = 3600.0
@@ -82,8 +97,6 @@ def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
       count). With private counts every asked site takes part and is charged.
     - The config is built (and so checked) before the ledger reserves anything.
     """
-    from sandbox.service_synth import TRAIN_FRACTION
-
     f = spec.federated
     if f is None:
         raise SpecError(
@@ -118,13 +131,17 @@ def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
 
 
 def reserve_sites(
-    svc: Service, actor: Any, spec: JobSpec, sites: tuple[str, ...], job_id: str
-) -> dict[str, str]:
-    """Reserve every site's epsilon, all or nothing."""
-    done: dict[str, str] = {}
+    ctx: ZoneContext,
+    actor: Actor,
+    spec: JobSpec,
+    sites: tuple[str, ...],
+    job_id: str,
+    reserved: dict[str, str],
+) -> None:
+    """Reserve every site's epsilon, all or nothing (each one recorded in ``reserved``)."""
     try:
         for site in sites:
-            done[site] = svc.ledger.reserve(
+            reserved[site] = ctx.ledger.reserve(
                 BudgetKey(spec.project, spec.dataset, site),
                 spec.privacy.epsilon,
                 spec.privacy.delta,
@@ -132,17 +149,15 @@ def reserve_sites(
                 actor=actor.name,
             )
     except BudgetExceeded as exc:
-        for rid in done.values():
-            svc.ledger.release(
+        for rid in reserved.values():
+            ctx.ledger.release(
                 rid, actor=actor.name, reason="another site of the job was over budget"
             )
+        reserved.clear()
         raise BudgetExceeded(f"{exc} (no site was charged)") from None
-    return done
 
 
 def _config(spec: JobSpec, sites: tuple[str, ...]) -> FederatedConfig:
-    from training.federated.config import ClientDPConfig, Strategy
-
     f = spec.federated
     if f is None:
         raise SpecError(
@@ -183,17 +198,14 @@ def _config(spec: JobSpec, sites: tuple[str, ...]) -> FederatedConfig:
 
 
 def build_payload(
-    svc: Service,
+    ctx: ZoneContext,
     spec: JobSpec,
     contract_dict: dict[str, Any],
     dataset_path: str,
     plan: SitePlan,
     job_id: str,
 ) -> Path:
-    from connectors.schema import SchemaContract
-    from training.federated.config import FederatedPayload
-
-    job_dir = svc.zone.job_dir(job_id)
+    job_dir = ctx.zone.job_dir(job_id)
     job_dir.mkdir(parents=True, exist_ok=True)
     payload = FederatedPayload(
         job_id=job_id,
@@ -212,113 +224,189 @@ def build_payload(
     return path
 
 
-def run_federated(
-    svc: Service,
-    actor: Any,
-    job_id: str,
-    spec: JobSpec,
-    payload_path: Path,
-    reservations: dict[str, str],
-    on_progress: ProgressFn | None,
-) -> JobRecord:
-    from training.federated.simulation import run_federated_simulation
+class FederatedMechanism(JobMechanism):
+    kind = "federated"
 
-    rounds = spec.federated.rounds if spec.federated is not None else 0
-    svc.jobs.move(job_id, JobState.RUNNING)
+    def admit(
+        self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
+    ) -> Admission:
+        from sandbox.backend import Resources
 
-    def on_round(line: dict[str, Any]) -> None:
-        sites = line.get("sites", {})
-        if any(v.get("status") == "trained" for v in sites.values()):
-            svc.jobs.mark_data_opened(job_id)
-        # each round's charge is on the record (cumulative epsilon per site, from the accountant)
-        svc.audit.append(
-            actor.name,
-            "federated.round",
-            "ok",
-            job_id,
-            {
-                "round": int(line.get("round", 0)),
-                **{
-                    f"epsilon@{s}": float(v.get("epsilon") or 0.0) for s, v in sorted(sites.items())
+        spec: JobSpec = request
+        dataset = ctx.store.get_dataset(spec.dataset)
+        contract = SchemaContract.from_dict(dataset.contract)
+        check_columns(spec, contract)
+        grant = decide(ctx, actor, spec, Mechanism.FEDERATED)
+        # plan before reserving: a spec the planner refuses never holds budget
+        plan = plan_sites(spec, dataset)
+        resources = Resources(cpus=spec.resources.cpus, gpus=spec.resources.gpus)
+        ctx.backend.check_resources(resources)
+        reserve_sites(ctx, actor, spec, plan.sites, job_id, reserved)
+        payload_path = build_payload(ctx, spec, contract.to_dict(), dataset.path, plan, job_id)
+        return Admission(
+            project=spec.project,
+            dataset=spec.dataset,
+            spec=spec.to_dict(),
+            spec_hash=spec.spec_hash(),
+            reservations=dict(reserved),
+            work=payload_path,
+            resources=resources,
+            details={"grant": grant, "sites": len(plan.sites)},
+        )
+
+    def execute(
+        self,
+        ctx: ZoneContext,
+        actor: Actor,
+        job: JobRecord,
+        work: Any,
+        on_progress: ProgressFn | None,
+    ) -> JobResult:
+        from training.federated.simulation import run_federated_simulation
+
+        rounds = int((job.spec.get("federated") or {}).get("rounds", 0))
+        counts_public = ctx.store.get_dataset(job.dataset).counts_public
+
+        def on_round(line: dict[str, Any]) -> None:
+            sites = line.get("sites", {})
+            if any(v.get("status") == "trained" for v in sites.values()):
+                ctx.jobs.mark_data_opened(job.id)
+            # each round's charge is on the record (cumulative epsilon per site, from the
+            # accountant)
+            ctx.audit.append(
+                actor.name,
+                "federated.round",
+                "ok",
+                job.id,
+                {
+                    "round": int(line.get("round", 0)),
+                    **{
+                        f"epsilon@{s}": float(v.get("epsilon") or 0.0)
+                        for s, v in sorted(sites.items())
+                    },
+                    "dropped": ",".join(line.get("dropped", [])),
                 },
-                "dropped": ",".join(line.get("dropped", [])),
-            },
-        )
-        progress = {
-            "round": int(line.get("round", 0)),
-            "rounds": rounds,
-            "epsilon": {s: v.get("epsilon") for s, v in sites.items()},
-        }
-        svc.jobs.set_progress(job_id, progress)
-        if on_progress is not None:
-            on_progress(progress)
-
-    try:
-        result = run_federated_simulation(
-            payload_path, timeout_s=FEDERATED_TIMEOUT_S, zone_dir=svc.zone.root, on_round=on_round
-        )
-    except ZoneError as exc:
-        _settle_failed(svc, actor, job_id, payload_path, reservations, exc)
-        raise
-    summary = dict(result.summary)
-    charges = {}
-    excluded_at_site = {e.get("site") for e in summary.get("excluded") or [] if isinstance(e, dict)}
-    counts_public = svc.store.get_dataset(spec.dataset).counts_public
-    for site, rid in reservations.items():
-        info = summary.get("sites", {}).get(site)
-        spent = float(info["epsilon"]) if info else 0.0
-        if info and spent > 0:
-            # with private counts the accountant's figure (a function of the site's size)
-            # would tell the size through the budget: charge what was reserved instead
-            charge = spent if counts_public else svc.ledger.reservation(rid).epsilon
-            ev = svc.ledger.commit(
-                rid, charge, float(info.get("delta", spec.privacy.delta)), actor=actor.name
             )
-            charges[site] = {"epsilon": charge, "ledger_event": ev.event_id}
-        elif site in excluded_at_site or (info and info.get("touched") is not False):
-            # it read its rows, then was left out or trained nothing: that decision saw the
-            # data, so the site keeps its whole reservation (chokepoint 7)
-            r = svc.ledger.reservation(rid)
-            ev = svc.ledger.commit(rid, r.epsilon, r.delta, actor=actor.name)
-            charges[site] = {"epsilon": r.epsilon, "ledger_event": ev.event_id}
-        else:
-            svc.ledger.release(rid, actor=actor.name, reason="site never opened its rows")
-            charges[site] = {"epsilon": 0.0, "ledger_event": None}
-    audit = svc.audit.append(
-        actor.name,
-        "job.charge",
-        "ok",
-        job_id,
-        {
-            **{f"epsilon@{s}": c["epsilon"] for s, c in sorted(charges.items())},
-            "server_epsilon": result.server_epsilon,
-        },
-    )
-    out = {
-        "mode": "federated",
-        "sites": charges,
-        "epsilon": max((c["epsilon"] for c in charges.values()), default=0.0),
-        "delta": spec.privacy.delta,
-        "rounds": result.rounds,
-        "dropped": list(result.dropped),
-        "excluded": list(result.excluded),
-        # decided by the service from public site sizes, before any row was read
-        "left_out": _left_out(svc.zone.job_dir(job_id)),
-        "server_epsilon": result.server_epsilon,
-        "audit_seq": audit.seq,
-        "audit_hash": audit.hash,
-        "metrics": summary.get("global_dp_metrics") or {},
-        "evaluation": summary.get("evaluation"),
-    }
-    job_dir = svc.zone.job_dir(job_id)
-    _write_preprocessing(job_dir, payload_path)
-    card = write_federated_card(job_dir, svc.jobs.get(job_id), summary, out)
-    if not counts_public:
-        from sandbox.disclosure import redact_counts
+            progress: dict[str, Any] = {"round": int(line.get("round", 0)), "rounds": rounds}
+            if counts_public:
+                # a site's cumulative accountant figure is a function of its size
+                progress["epsilon"] = {s: v.get("epsilon") for s, v in sites.items()}
+            ctx.jobs.set_progress(job.id, progress)
+            if on_progress is not None:
+                on_progress(progress)
 
-        # the card leaves the zone: no per-site figure that gives a site's size back
-        card.write_text(json.dumps(redact_counts(json.loads(card.read_text())), indent=2))
-    return svc.jobs.move(job_id, JobState.SUCCEEDED, result=out)
+        run = run_federated_simulation(
+            Path(work), timeout_s=FEDERATED_TIMEOUT_S, zone_dir=ctx.zone.root, on_round=on_round
+        )
+        summary = dict(run.summary)
+        return FederatedResult(
+            # the sites' own figures, before the service charges them (``charge``)
+            sites={s: dict(v) for s, v in (summary.get("sites") or {}).items()},
+            epsilon=0.0,
+            delta=float(job.spec["privacy"]["delta"]),
+            rounds=run.rounds,
+            dropped=list(run.dropped),
+            excluded=list(summary.get("excluded") or []),
+            left_out=_left_out(ctx.zone.job_dir(job.id)),
+            server_epsilon=run.server_epsilon,
+            metrics=summary.get("global_dp_metrics") or {},
+            evaluation=summary.get("evaluation"),
+        )
+
+    def charge(
+        self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult
+    ) -> JobResult:
+        if not isinstance(result, FederatedResult):
+            raise SpecError("job", "is not a federated job", "see `sandbox jobs list`")
+        job_dir = ctx.zone.job_dir(job.id)
+        summary = _summary(job_dir)
+        counts_public = ctx.store.get_dataset(job.dataset).counts_public
+        excluded_at_site = {e.get("site") for e in result.excluded if isinstance(e, dict)}
+        charges: dict[str, dict[str, Any]] = {}
+        for r in ctx.ledger.open_reservations():
+            if r.job_id != job.id:
+                continue
+            site, rid = r.key.site, r.reservation_id
+            info = result.sites.get(site)
+            spent = float(info["epsilon"]) if info else 0.0
+            if info and spent > 0:
+                # with private counts the accountant's figure (a function of the site's size)
+                # would tell the size through the budget: charge what was reserved instead
+                charge = spent if counts_public else r.epsilon
+                ev = ctx.ledger.commit(
+                    rid, charge, float(info.get("delta", result.delta)), actor=actor.name
+                )
+                charges[site] = {"epsilon": charge, "ledger_event": ev.event_id}
+            elif site in excluded_at_site or (info and info.get("touched") is not False):
+                # it read its rows, then was left out or trained nothing: that decision saw
+                # the data, so the site keeps its whole reservation (chokepoint 7)
+                ev = ctx.ledger.commit(rid, r.epsilon, r.delta, actor=actor.name)
+                charges[site] = {"epsilon": r.epsilon, "ledger_event": ev.event_id}
+            else:
+                ctx.ledger.release(rid, actor=actor.name, reason="site never opened its rows")
+                charges[site] = {"epsilon": 0.0, "ledger_event": None}
+        record = record_charge(
+            ctx,
+            actor,
+            job,
+            {
+                **{f"epsilon@{s}": c["epsilon"] for s, c in sorted(charges.items())},
+                "server_epsilon": result.server_epsilon,
+            },
+            None,
+        )
+        charged = replace(
+            result,
+            sites=dict(sorted(charges.items())),
+            epsilon=max((c["epsilon"] for c in charges.values()), default=0.0),
+            charge=record,
+        )
+        _write_preprocessing(job_dir, job_dir / "payload.json")
+        card = write_federated_card(job_dir, job, summary, charged)
+        if not counts_public:
+            # the card leaves the zone: no per-site figure that gives a site's size back (the
+            # sites' own accountant figures are replaced by what each site was charged)
+            shown = redact_counts(json.loads(card.read_text()))
+            for site, info in (shown.get("privacy", {}).get("per_site") or {}).items():
+                if isinstance(info, dict) and site in charges:
+                    info["epsilon"] = charges[site]["epsilon"]
+                    if isinstance(info.get("plan"), dict):
+                        info["plan"]["epsilon"] = charges[site]["epsilon"]
+            card.write_text(json.dumps(shown, indent=2))
+        return charged
+
+    def settle_failed(
+        self, ctx: ZoneContext, actor: Actor, job: JobRecord, error: ZoneError
+    ) -> str:
+        """A site that read its rows keeps its whole reservation; the others are released."""
+        summary = _summary(ctx.zone.job_dir(job.id))
+        sites = summary.get("sites", {})
+        # a site left out at setup had read its rows to decide: it keeps its charge
+        excluded = {e.get("site") for e in summary.get("excluded") or [] if isinstance(e, dict)}
+        did = set()
+        for r in ctx.ledger.open_reservations():
+            if r.job_id != job.id:
+                continue
+            info = sites.get(r.key.site) or {}
+            touched = r.key.site in excluded or (
+                info.get("touched") is not False and float(info.get("epsilon") or 0) > 0
+            )
+            if touched:
+                ctx.ledger.commit(r.reservation_id, r.epsilon, r.delta, actor=actor.name)
+                did.add("committed")
+            else:
+                ctx.ledger.release(
+                    r.reservation_id,
+                    actor=actor.name,
+                    reason=f"failed before site data ({error.kind})",
+                )
+                did.add("released")
+        return ",".join(sorted(did)) or "none"
+
+
+def _summary(job_dir: Path) -> dict[str, Any]:
+    path = job_dir / "federated" / SUMMARY_FILE
+    return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
 def _left_out(job_dir: Path) -> dict[str, str]:
@@ -329,7 +417,6 @@ def _left_out(job_dir: Path) -> dict[str, str]:
 def _write_preprocessing(job_dir: Path, payload_path: Path) -> None:
     """The release's preprocessing: the same contract-only feature plan every site used."""
     from connectors.preprocess import FeaturePlan
-    from training.federated.config import load_payload
 
     payload = load_payload(payload_path.resolve())
     plan = FeaturePlan.from_contract(payload.contract, payload.config.features)
@@ -338,50 +425,11 @@ def _write_preprocessing(job_dir: Path, payload_path: Path) -> None:
     )
 
 
-def _settle_failed(
-    svc: Service,
-    actor: Any,
-    job_id: str,
-    payload_path: Path,
-    reservations: dict[str, str],
-    exc: ZoneError,
-) -> None:
-    from training.federated.config import SUMMARY_FILE
-
-    summary_path = payload_path.parent / "federated" / SUMMARY_FILE
-    sites: dict[str, Any] = {}
-    excluded: set[str] = set()
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        sites = summary.get("sites", {})
-        # a site left out at setup had read its rows to decide: it keeps its charge
-        excluded = {e.get("site") for e in summary.get("excluded") or [] if isinstance(e, dict)}
-    for site, rid in reservations.items():
-        info = sites.get(site) or {}
-        touched = site in excluded or (
-            info.get("touched") is not False and float(info.get("epsilon") or 0) > 0
-        )
-        r = svc.ledger.reservation(rid)
-        if touched:
-            svc.ledger.commit(rid, r.epsilon, r.delta, actor=actor.name)
-        else:
-            svc.ledger.release(
-                rid, actor=actor.name, reason=f"failed before site data ({exc.kind})"
-            )
-    rec = svc.jobs.get(job_id)
-    if rec.state not in (JobState.SUCCEEDED, JobState.FAILED):
-        svc.jobs.move(job_id, JobState.FAILED, error=str(exc))
-    svc.audit.append(actor.name, "job.fail", "error", job_id, {"error": exc.kind})
-
-
 def write_federated_card(
-    job_dir: Path, job: JobRecord, summary: dict[str, Any], out: dict[str, Any]
+    job_dir: Path, job: JobRecord, summary: dict[str, Any], out: FederatedResult
 ) -> Path:
     """The global model's card: every site's epsilon and delta, rounds, strategy, DP metrics."""
     import shutil
-
-    from privacy.dp_metrics import describe_metrics
-    from training.federated.config import WEIGHTS_FILE
 
     fed_dir = job_dir / "federated"
     if (fed_dir / WEIGHTS_FILE).exists():
@@ -397,7 +445,7 @@ def write_federated_card(
         "columns": sorted([*spec["features"], spec["label"]]),
         "model": spec["model"],
         "federated": {k: v for k, v in spec["federated"].items()},
-        "rounds_done": out["rounds"],
+        "rounds_done": out.rounds,
         "privacy": {
             "unit": "person (pseudonymous identifier), per site",
             "neighbouring_relation": "add/remove one person",
@@ -425,7 +473,7 @@ def write_federated_card(
         "excluded_sites": summary.get("excluded"),
         "dropped_sites": summary.get("dropped"),
         "spec_hash": job.spec_hash,
-        "audit_event": {"seq": out.get("audit_seq"), "hash": out.get("audit_hash")},
+        "audit_event": {"seq": out.charge.audit_seq, "hash": out.charge.audit_hash},
     }
     path = job_dir / "model_card.json"
     path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,95 @@
+"""Argument checks and refusal messages for ``privacy.ledger.Ledger``.
+
+A caller's bad epsilon, delta or name is a ``SpecError`` naming the field; an accountant's
+broken figure at commit is an ``IntegrityError`` (a backend fault, nothing written). ``fits``
+is the one comparison of a request with what is left, with ``REL_TOLERANCE`` of slack for float
+rounding (see the ledger's module docstring).
+"""
+
+from __future__ import annotations
+
+import math
+
+from connectors.errors import IntegrityError, SpecError
+from privacy.budget_events import MAX_NAME, Balance, BudgetKey
+
+#: relative slack for float rounding when comparing a request with what is left (see
+#: ``privacy.ledger``'s module docstring)
+REL_TOLERANCE = 1e-12
+
+#: the fix every refused reservation prints
+BUDGET_FIX = "ask the steward for more budget or lower privacy.epsilon"
+DELTA_FIX = "ask the steward for more budget or lower privacy.delta"
+
+
+def check_amount(value: object, field_name: str, *, positive: bool, below_one: bool) -> float:
+    """Validate one epsilon/delta figure given by a caller; SpecError names the field."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(field_name, "must be a number", "give a finite decimal number")
+    number = float(value)
+    if math.isnan(number) or math.isinf(number):
+        raise SpecError(field_name, "must be finite", "give a finite decimal number")
+    if positive and number <= 0:
+        raise SpecError(field_name, "must be greater than 0", "give a positive number")
+    if number < 0:
+        raise SpecError(field_name, "must not be negative", "give 0 or a positive number")
+    if below_one and number >= 1:
+        raise SpecError(field_name, "must be below 1", "give a delta well below 1/n")
+    return number
+
+
+def check_name(value: object, field_name: str, fix: str, *, limit: int = MAX_NAME) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(field_name, "is empty", fix)
+    if len(value) > limit:
+        raise SpecError(field_name, f"is longer than {limit} characters", "use a shorter id")
+    return value
+
+
+def check_spent(value: object, field_name: str, reservation_id: str) -> float:
+    """Validate an accountant's figure for ``commit``: a bad one is a backend fault."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        number = math.nan
+    else:
+        number = float(value)
+    if math.isnan(number) or math.isinf(number) or number < 0:
+        raise IntegrityError(
+            f"{field_name} for reservation {reservation_id} is not a finite non-negative "
+            "number: the accountant's figure is broken; nothing was written, the reservation "
+            "stays open (fix the accountant and commit again, or release if no data was read)"
+        )
+    return number
+
+
+def fits(amount: float, remaining: float, scale: float) -> bool:
+    return amount <= remaining + REL_TOLERANCE * scale
+
+
+def budget_refusal(
+    key: BudgetKey,
+    what: str,
+    requested: float,
+    remaining: float,
+    bal: Balance,
+    fix: str,
+) -> str:
+    granted = bal.granted_epsilon if what == "epsilon" else bal.granted_delta
+    spent = bal.spent_epsilon if what == "epsilon" else bal.spent_delta
+    reserved = bal.reserved_epsilon if what == "epsilon" else bal.reserved_delta
+    if granted == 0:
+        return (
+            f"budget {key}: requested {what} {requested:g} but no {what} has been granted "
+            f"on this key (remaining {what} 0); {fix}"
+        )
+    return (
+        f"budget {key}: requested {what} {requested:g} but only {max(remaining, 0.0):g} "
+        f"remains (granted {granted:g}, spent {spent:g}, reserved by open jobs "
+        f"{reserved:g}); {fix}"
+    )
+
+
+def unknown_reservation(reservation_id: str) -> str:
+    return (
+        f"reservation_id {reservation_id!r} is not in the ledger: "
+        "pass the id that reserve() returned for this job"
+    )

@@ -1,0 +1,80 @@
+"""What every part of the service works with: the zone's stores, its backend, its clock.
+
+``ZoneContext`` is built once by ``Service`` and handed to the job runner and to each
+mechanism, so none of them reaches into the ``Service`` object (and nothing here imports
+it). It also holds the three checks every call shares: the role check with its audit event
+(``act``), project membership (``check_member``) and the view a caller may have of a job
+(``job_view``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from connectors.errors import PolicyDenied, UserError, ZoneError
+from policies.audit import AuditLog
+from policies.roles import Action, Actor, require
+from policies.store import StateStore
+from privacy.ledger import Ledger
+from sandbox.backend import JobBackend
+from sandbox.disclosure import job_view, sees_everything
+from sandbox.jobs import JobRecord, JobStore
+from sandbox.zone import Zone
+
+#: what a progress callback receives: the job's progress record (never a data value)
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ZoneContext:
+    zone: Zone
+    store: StateStore
+    ledger: Ledger
+    audit: AuditLog
+    jobs: JobStore
+    backend: JobBackend
+    clock: Callable[[], datetime]
+
+    @contextmanager
+    def act(
+        self,
+        actor: Actor,
+        action: Action,
+        target: str = "",
+        details: Mapping[str, Any] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Check the role, run the body, write one audit event whatever happens."""
+        extra: dict[str, Any] = dict(details or {})
+        try:
+            require(actor.role, action)
+            yield extra
+        except UserError as exc:
+            extra["error"] = exc.kind
+            self.audit.append(actor.name, str(action), "denied", target, extra)
+            raise
+        except ZoneError as exc:
+            extra["error"] = exc.kind
+            self.audit.append(actor.name, str(action), "error", target, extra)
+            raise
+        else:
+            self.audit.append(actor.name, str(action), "ok", target, extra)
+
+    def check_member(self, actor: Actor, project: str) -> None:
+        """Stewards and operators see every project; everyone else only their own."""
+        if sees_everything(actor.role):
+            return
+        if actor.name not in self.store.project_view(project).members:
+            raise PolicyDenied(
+                f"{actor.name} is not a member of project {project}",
+                missing=("project membership",),
+                grantor="project owner",
+            )
+
+    def job_view(self, actor: Actor, rec: JobRecord) -> JobRecord:
+        """The job as ``actor`` may see it (``sandbox.disclosure``)."""
+        counts_public = self.store.get_dataset(rec.dataset).counts_public
+        return job_view(rec, role=actor.role, counts_public=counts_public)

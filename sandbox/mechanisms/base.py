@@ -1,0 +1,124 @@
+"""The contract every job mechanism implements: DP-SGD, federated, synthetic data, dry runs.
+
+The job runner (``sandbox.runner``) calls, in this order:
+
+1. ``admit`` (inside the runner's one guard, before anything runs): decide access (chokepoint
+   1), plan (everything a spec can be refused for), reserve the ledger (chokepoint 2) and
+   build the work. It returns an ``Admission``; the runner writes the job row (QUEUED). If
+   anything raises after a reservation was taken, the runner releases every reservation and
+   fails the job: nothing stays reserved or queued.
+2. ``execute`` (the job is RUNNING): hand the work to compute and wait for the typed result.
+   It may raise a ZoneError; the worker records ``data_opened`` before the first row.
+3. ``charge`` (success) commits the ledger from the result the service can vouch for and
+   writes the card (chokepoint 3: nothing is released before this); ``settle_failed``
+   (failure) commits every reservation of a job that read rows and releases the others.
+
+A mechanism never moves a job between states: the runner does, in one place.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from connectors.errors import ZoneError
+from policies.roles import Actor
+from sandbox.backend import Resources
+from sandbox.context import ProgressFn, ZoneContext
+from sandbox.jobs import JobRecord
+from sandbox.results import ChargeRecord, JobResult
+
+#: the label of a dataset-wide reservation (federated ones are labelled by site)
+WHOLE_DATASET = ""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What ``admit`` hands the runner: the job row's fields and the work to run."""
+
+    project: str
+    dataset: str
+    spec: dict[str, Any]
+    spec_hash: str
+    #: reservation ids by label (``WHOLE_DATASET`` or a site name); empty = charges nothing
+    reservations: Mapping[str, str]
+    #: what ``execute`` runs (a worker payload, or a federated payload path)
+    work: Any
+    resources: Resources = field(default_factory=lambda: Resources(cpus=1, gpus=0))
+    #: shown in the audit event of the submit
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+class JobMechanism(ABC):
+    #: the audit and result name of the mechanism
+    kind: str = "abstract"
+
+    @abstractmethod
+    def admit(
+        self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
+    ) -> Admission:
+        """Decide, plan, reserve (recording each reservation in ``reserved`` as it is taken,
+        so the runner can release them if a later step fails) and build the work."""
+
+    @abstractmethod
+    def execute(
+        self,
+        ctx: ZoneContext,
+        actor: Actor,
+        job: JobRecord,
+        work: Any,
+        on_progress: ProgressFn | None,
+    ) -> JobResult:
+        """Run the work to its end; the job is RUNNING."""
+
+    @abstractmethod
+    def charge(
+        self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult
+    ) -> JobResult:
+        """Commit the ledger for a succeeded job and write its card; the charged result."""
+
+    def settle_failed(
+        self, ctx: ZoneContext, actor: Actor, job: JobRecord, error: ZoneError
+    ) -> str:
+        """Close every reservation of a failed job: committed whole if it read rows (we
+        cannot prove it released less), released if not. Returns what the ledger did."""
+        return close_reservations(ctx, actor, job, opened=job.data_opened, error=error)
+
+
+def reservations_of(ctx: ZoneContext, job: JobRecord) -> list[str]:
+    """The job's open reservation ids (the ledger is the record, not the job row)."""
+    return [r.reservation_id for r in ctx.ledger.open_reservations() if r.job_id == job.id]
+
+
+def close_reservations(
+    ctx: ZoneContext, actor: Actor, job: JobRecord, *, opened: bool, error: ZoneError
+) -> str:
+    rids = reservations_of(ctx, job)
+    for rid in rids:
+        if opened:
+            r = ctx.ledger.reservation(rid)
+            ctx.ledger.commit(rid, r.epsilon, r.delta, actor=actor.name)
+        else:
+            ctx.ledger.release(rid, actor=actor.name, reason=f"failed before data ({error.kind})")
+    if not rids:
+        return "none"
+    return "committed" if opened else "released"
+
+
+def record_charge(
+    ctx: ZoneContext, actor: Actor, job: JobRecord, details: Mapping[str, Any], event: str | None
+) -> ChargeRecord:
+    """The audit event of a charge, and the record a card and a release point to."""
+    audit = ctx.audit.append(actor.name, "job.charge", "ok", job.id, dict(details))
+    return ChargeRecord(ledger_event=event, audit_seq=audit.seq, audit_hash=audit.hash)
+
+
+def is_charged(ctx: ZoneContext, job: JobRecord) -> bool:
+    """Every reservation of the job is closed and at least one was committed."""
+    if job.reservation_id is not None:
+        return ctx.ledger.reservation(job.reservation_id).state.value == "committed"
+    if reservations_of(ctx, job):
+        return False
+    return any(e.kind.value == "commit" and e.job_id == job.id for e in ctx.ledger.events())

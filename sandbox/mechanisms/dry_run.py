@@ -1,0 +1,123 @@
+"""A DP-SGD spec run for free on rows that are not real: dummy rows drawn from the contract,
+or a DP synthetic table already released to the project. Nothing is reserved or charged;
+the run's noise comes from a secret of its own, never shared with a charged run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from connectors.dummy import dummy_table
+from connectors.errors import NotFoundError, PolicyDenied, SpecError
+from connectors.external import read_user_table
+from connectors.ingest import ingest_table
+from connectors.schema import SchemaContract
+from policies.roles import Actor
+from sandbox.backend import Resources
+from sandbox.context import ProgressFn, ZoneContext
+from sandbox.jobs import JobRecord
+from sandbox.jobspec import JobSpec
+from sandbox.mechanisms.base import Admission, JobMechanism, is_charged
+from sandbox.mechanisms.dpsgd import check_columns, run_on_backend, worker_payload
+from sandbox.mechanisms.synthetic import governed_contract
+from sandbox.results import JobResult
+from sandbox.synth_worker import restricted_contract
+from sandbox.worker import run_dpsgd_job
+
+#: rows of a dummy dry run when the dataset's counts are private (a fixed, public size)
+DUMMY_ROWS = 5000
+#: the fewest dummy rows, so a tiny public dataset still gives a usable dry run
+MIN_DUMMY_ROWS = 2000
+
+
+@dataclass(frozen=True)
+class DryRunRequest:
+    spec: JobSpec
+    #: "dummy" or "synthetic:JOB"
+    on: str
+
+
+def synthetic_job(ctx: ZoneContext, job_id: str) -> JobRecord:
+    rec = ctx.jobs.get(job_id)
+    if (rec.result or {}).get("kind") != "synthetic":
+        raise NotFoundError(f"{job_id} is not a synthetic-data job; `sandbox jobs list` shows them")
+    return rec
+
+
+class DryRunMechanism(JobMechanism):
+    kind = "dry-run"
+
+    def admit(
+        self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
+    ) -> Admission:
+        req: DryRunRequest = request
+        spec, on = req.spec, req.on
+        if spec.federated is not None:
+            raise SpecError("--on", "dry runs cover DP-SGD jobs", "drop --on for federated jobs")
+        ctx.check_member(actor, spec.project)
+        rec = ctx.store.get_dataset(spec.dataset)
+        contract = governed_contract(SchemaContract.from_dict(rec.contract))
+        # the checks a submit runs on the spec, so a dry run never accepts what submit refuses
+        check_columns(spec, contract)
+        if on == "dummy":
+            # the dummy table is as large as the real one only when that size is public:
+            # a dry run's plan (sample rate, steps) would otherwise give the size back
+            size = max(MIN_DUMMY_ROWS, int(rec.persons)) if rec.counts_public else DUMMY_ROWS
+            table = dummy_table(contract, size, spec.training.seed)
+        elif on.startswith("synthetic:"):
+            src = synthetic_job(ctx, on.split(":", 1)[1])
+            if (
+                src.project != spec.project
+                or not (src.result or {}).get("dp")
+                or not is_charged(ctx, src)
+            ):
+                raise PolicyDenied(
+                    f"{on} is not a released DP synthetic table of project {spec.project}",
+                    missing=("a DP synthetic job of this project",),
+                    grantor="project researcher",
+                )
+            released = set((src.result or {}).get("columns") or [])
+            path = ctx.zone.job_dir(src.id) / "synthetic.parquet"
+            table = read_user_table(path, [c for c in contract.names if c in released])
+            contract = SchemaContract.from_dict(
+                restricted_contract(contract.to_dict(), list(table.column_names))
+            )
+        else:
+            raise SpecError("--on", "must be dummy or synthetic:JOB", "e.g. --on dummy")
+        dest = ctx.zone.job_dir(job_id) / "dry-run-data"
+        ingest_table(table, contract, dest, ctx.zone.secret())
+        payload = worker_payload(ctx, job_id, spec, contract, str(dest))
+        payload["dry_run"] = on
+        return Admission(
+            project=spec.project,
+            dataset=spec.dataset,
+            spec=spec.to_dict(),
+            spec_hash=spec.spec_hash(),
+            reservations={},
+            work=payload,
+            resources=Resources(cpus=spec.resources.cpus, gpus=0),
+            details={"dry_run": on},
+        )
+
+    def execute(
+        self,
+        ctx: ZoneContext,
+        actor: Actor,
+        job: JobRecord,
+        work: Any,
+        on_progress: ProgressFn | None,
+    ) -> JobResult:
+        cpus = float(job.spec["resources"].get("cpus", 1))
+        result: JobResult = run_on_backend(
+            ctx, job, run_dpsgd_job, work, Resources(cpus=cpus, gpus=0), on_progress
+        )
+        return result
+
+    def charge(
+        self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult
+    ) -> JobResult:
+        # dummy or already-released synthetic rows: nothing to charge
+        ctx.audit.append(
+            actor.name, "job.uncharged", "ok", job.id, {"dry_run": True, "kind": "dp-sgd"}
+        )
+        return result
