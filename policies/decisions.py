@@ -238,6 +238,20 @@ def _gaps(grant: GrantView, columns: frozenset[str], mechanism: Mechanism) -> tu
     return tuple(out)
 
 
+def _order(g: GrantView) -> tuple[object, ...]:
+    """A total order on grants (ids first; the rest only breaks ties between equal ids), so
+    a decision never depends on the order grants arrive in."""
+    return (
+        g.grant_id,
+        tuple(sorted(g.columns)),
+        tuple(sorted(m.value for m in g.mechanisms)),
+        g.epsilon,
+        g.delta,
+        g.expires_at.isoformat() if g.expires_at else "",
+        g.revoked,
+    )
+
+
 def decide_job_access(
     req: JobAccessRequest, project: ProjectView, grants: Sequence[GrantView], now: datetime
 ) -> Decision:
@@ -253,7 +267,7 @@ def decide_job_access(
 
     mine = sorted(
         (g for g in grants if g.project == req.project and g.dataset == req.dataset),
-        key=lambda g: g.grant_id,
+        key=_order,
     )
     where = f"project {req.project} on dataset {req.dataset}"
     if not mine:
@@ -289,7 +303,7 @@ def decide_job_access(
     # nothing covers it: report the live grant that comes closest, and exactly what it lacks
     live = [g for g in mine if g.live_at(now)]
     pool = live or mine
-    closest = min(pool, key=lambda g: (len(_gaps(g, req.columns, req.mechanism)), g.grant_id))
+    closest = min(pool, key=lambda g: (len(_gaps(g, req.columns, req.mechanism)), _order(g)))
     missing = _gaps(closest, req.columns, req.mechanism)
     if not live:
         missing += (f"unexpired, unrevoked grant on dataset {req.dataset}",)

@@ -31,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 from types import MappingProxyType
+from typing import Any
 
 from connectors.errors import PolicyDenied
 

@@ -183,7 +183,7 @@ class SynthCalls:
         with self.ctx.act(actor, Action.JOB_QUOTE, spec.project, {"dataset": spec.dataset}):
             rec = self.ctx.store.get_dataset(spec.dataset)
             if spec.federated is not None:
-                from sandbox.federated_run import plan_sites
+                from sandbox.mechanisms.federated import plan_sites
 
                 # the same planning the submit runs: what it refuses, the quote refuses
                 site_plan = plan_sites(spec, rec)

@@ -370,7 +370,7 @@ class FederatedMechanism(JobMechanism):
             for site, info in (shown.get("privacy", {}).get("per_site") or {}).items():
                 if isinstance(info, dict) and site in charges:
                     info["epsilon"] = charges[site]["epsilon"]
-                    if isinstance(info.get("plan"), dict):
+                    if isinstance(info.get("plan"), dict) and "epsilon" in info["plan"]:
                         info["plan"]["epsilon"] = charges[site]["epsilon"]
             card.write_text(json.dumps(shown, indent=2))
         return charged

@@ -19,6 +19,7 @@ from privacy.synth import SynthMethod, is_dp
 from privacy.synth.codec import Codec
 from sandbox.backend import Resources
 from sandbox.context import ProgressFn, ZoneContext
+from sandbox.disclosure import redact_counts
 from sandbox.jobs import JobRecord
 from sandbox.mechanisms.base import WHOLE_DATASET, Admission, JobMechanism, record_charge
 from sandbox.mechanisms.dpsgd import run_on_backend
@@ -213,5 +214,8 @@ class SyntheticMechanism(JobMechanism):
             event.event_id,
         )
         charged = replace(result, charge=charge)
-        write_synth_card(ctx.zone.job_dir(job.id), job, charged)
+        card = write_synth_card(ctx.zone.job_dir(job.id), job, charged)
+        if not ctx.store.get_dataset(job.dataset).counts_public:
+            # the card leaves the zone: the same cut as every researcher view
+            card.write_text(json.dumps(redact_counts(json.loads(card.read_text())), indent=2))
         return charged
