@@ -50,9 +50,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from connectors.cohort import cohort_contract, generate_cohort  # noqa: E402
-from connectors.engine_env import configure_engine_env  # noqa: E402
 from connectors.ingest import ingest_table  # noqa: E402
 from connectors.schema import SchemaContract  # noqa: E402
+from foundation.engine_env import configure_engine_env  # noqa: E402
 from training.federated.config import FederatedConfig, FederatedPayload  # noqa: E402
 from training.models import ModelConfig  # noqa: E402
 

@@ -39,8 +39,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from connectors.errors import SpecError
 from connectors.schema import SchemaContract
+from foundation.errors import SpecError
 
 # --- the fixed "world": the same for every seed, so seeds vary patients, not the hospitals ---
 

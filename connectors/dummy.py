@@ -42,8 +42,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from connectors.errors import SpecError
 from connectors.schema import ColumnSpec, Role, SchemaContract
+from foundation.errors import SpecError
 
 #: Sites used when the contract declares no vocabulary for its site column.
 DEFAULT_SITES = ("site-1", "site-2", "site-3")

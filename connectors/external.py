@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from connectors.errors import SchemaError, SpecError
+from foundation.errors import SchemaError, SpecError
 
 
 def read_user_table(path: Path, columns: Sequence[str]) -> pa.Table:

@@ -50,8 +50,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from connectors.errors import BackendError, NotFoundError, SchemaError, SpecError
 from connectors.schema import ColumnSpec, Role, RowsPerPerson, SchemaContract
+from foundation.errors import BackendError, NotFoundError, SchemaError, SpecError
 
 #: file name of the governed Parquet inside a dataset directory
 DATA_FILE = "data.parquet"

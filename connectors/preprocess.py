@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.errors import NotFoundError, SchemaError, SpecError
 from connectors.schema import ColumnSpec, Role, SchemaContract
+from foundation.errors import NotFoundError, SchemaError, SpecError
 
 PLAN_VERSION = 1
 # The scratch block (outputs x rows, float32) is sized to ~6 MiB: it stays in the last-level

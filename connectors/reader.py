@@ -46,10 +46,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from connectors.errors import NotFoundError, PolicyDenied, SchemaError, SpecError
 from connectors.ingest import DATA_FILE, LAYOUT_VERSION, METADATA_KEY
 from connectors.preprocess import FeaturePlan, StepKind
 from connectors.schema import RowsPerPerson, SchemaContract
+from foundation.errors import NotFoundError, PolicyDenied, SchemaError, SpecError
 
 # Rows per streamed batch: 64 Ki rows x ~30 outputs of float32 is ~8 MiB per tensor, large
 # enough that per-batch Python costs vanish and small enough to keep memory flat.

@@ -62,7 +62,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from connectors.errors import NotFoundError, SchemaError
+from foundation.errors import NotFoundError, SchemaError
 
 
 class Role(StrEnum):

@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from connectors.errors import SpecError
 from connectors.ingest import DATA_FILE
 from connectors.reader import DatasetHandle, Split, _hex_prefix, _splitmix64
 from connectors.schema import Role
+from foundation.errors import SpecError
 
 
 def load_table(

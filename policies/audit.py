@@ -12,7 +12,7 @@ the microsecond (``2026-01-31T12:00:00.000000+00:00``). Anyone can recompute the
 table alone with that rule.
 
 Appending reads the last row and inserts the next inside one transaction that holds the
-writers' lock (SQLite: ``BEGIN IMMEDIATE`` from ``privacy.sql.make_engine``; PostgreSQL:
+writers' lock (SQLite: ``BEGIN IMMEDIATE`` from ``foundation.sql.make_engine``; PostgreSQL:
 ``lock_key(conn, "audit")``), so concurrent writers never fork the chain; ``seq`` is the
 primary key, so even a writer on an engine without that lock fails rather than forks.
 ``append_in(conn, ...)`` writes the event inside the caller's own transaction, so a change and
@@ -47,9 +47,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, Text, select, type_coerce
 
-from connectors.errors import SpecError
+from foundation.clock import utcnow
+from foundation.errors import SpecError
+from foundation.sql import lock_key
 from policies.db import audit_events, create_schema
-from privacy.sql import lock_key
 
 #: ``prev_hash`` of the first line
 GENESIS_HASH = "0" * 64
@@ -71,10 +72,6 @@ class ChainProblem(StrEnum):
     EDITED = "edited"
     DROPPED = "dropped"
     REORDERED = "reordered"
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _iso(at: datetime) -> str:
@@ -239,7 +236,7 @@ def _row_hash(row: Row[Any]) -> str | None:
 class AuditLog:
     """The audit log on ``engine`` (creates its table if missing)."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
         self._engine = engine
         self._clock = clock
         create_schema(engine)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from connectors.errors import PolicyDenied, SpecError
+from foundation.errors import PolicyDenied, SpecError
 from policies.decisions import GrantView
 from policies.worst_case import Charges, KeySpend, NewGrant, WorstCase, grant_terms
 

@@ -1,6 +1,6 @@
 """The policy store's tables (SQLAlchemy Core), on SQLite or PostgreSQL.
 
-Open the engine with ``privacy.sql.make_engine`` and call ``create_schema(engine)`` (safe to
+Open the engine with ``foundation.sql.make_engine`` and call ``create_schema(engine)`` (safe to
 call again). Every timestamp column is ``UTCDateTime``: it refuses naive datetimes on the
 way in and hands back timezone-aware UTC ones on the way out, on both databases.
 
@@ -32,7 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 
 #: names people type: users, datasets, projects
 NAME_LEN = 64

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from connectors.errors import PolicyDenied, SpecError
+from foundation.errors import PolicyDenied, SpecError
 from policies.roles import ROLE_GRANTOR, Action, Role, is_allowed, roles_for
 
 #: who grants data access

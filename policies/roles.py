@@ -34,7 +34,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from connectors.errors import PolicyDenied
+from foundation.errors import PolicyDenied
 
 #: who can change a person's role (the ``grantor`` of a role denial)
 ROLE_GRANTOR = "zone operator"

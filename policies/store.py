@@ -1,7 +1,7 @@
 """The policy state store: users, datasets, projects, access requests and grants.
 
 ``StateStore(engine)`` persists the zone's governance state in the tables of ``policies.db``
-(SQLite by default, PostgreSQL by URL; open the engine with ``privacy.sql.make_engine``).
+(SQLite by default, PostgreSQL by URL; open the engine with ``foundation.sql.make_engine``).
 Every call is one transaction; every record it returns is a frozen dataclass with a JSON-safe
 ``to_dict()`` (never a token hash, never a dataset's storage path).
 
@@ -42,7 +42,7 @@ from sqlalchemy import Engine
 
 from policies.db import create_schema
 from policies.store_access import AccessMixin
-from policies.store_base import utcnow
+from foundation.clock import utcnow
 from policies.store_caps import CapsMixin
 from policies.store_datasets import DatasetsMixin
 from policies.store_projects import ProjectsMixin

@@ -15,7 +15,8 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from connectors.errors import NotFoundError, PolicyDenied, SpecError
+from foundation.errors import NotFoundError, PolicyDenied, SpecError
+from foundation.sql import lock_key
 from policies.caps import CapDecision
 from policies.db import access_requests, grants
 from policies.decisions import (
@@ -43,7 +44,6 @@ from policies.store_records import (
     request_from_row,
 )
 from policies.store_users import active_user
-from privacy.sql import lock_key
 
 _REQUEST_WITH_GRANT = select(access_requests, grants.c.id.label("grant_id")).outerjoin(
     grants, grants.c.request_id == access_requests.c.id

@@ -17,16 +17,12 @@ from typing import Any
 
 from sqlalchemy import Column, Connection, Engine, exists, select
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 
 #: names people type (users, datasets, projects): safe in ids, paths and URLs
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 #: how many known names a NotFoundError lists before "..."
 KNOWN_NAMES_SHOWN = 20
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def check_name(field: str, value: object) -> str:

@@ -15,7 +15,8 @@ from datetime import datetime
 
 from sqlalchemy import Connection, inspect, select
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
+from foundation.sql import lock_key
 from policies.caps import CapDecision, DatasetCap, decide_dataset_cap
 from policies.db import dataset_caps, grants
 from policies.decisions import GrantView
@@ -26,7 +27,6 @@ from policies.store_users import active_user
 from policies.worst_case import KeySpend, NewGrant, WorstCase, key_spends, person_worst_case
 from privacy.budget_events import BudgetKey, EventKind, LedgerEvent
 from privacy.ledger_schema import ledger_events
-from privacy.sql import lock_key
 
 
 def cap_lock(dataset: str) -> str:

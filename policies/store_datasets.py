@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, exists, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
-from connectors.errors import NotFoundError, SpecError
+from foundation.errors import NotFoundError, SpecError
 from policies.db import datasets
 from policies.store_base import StoreBase, check_count, check_name, check_text, known_names
 from policies.store_records import DatasetRecord, contract_columns, dataset_from_row, json_dumps

@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, exists, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
-from connectors.errors import NotFoundError, PolicyDenied, SpecError
+from foundation.errors import NotFoundError, PolicyDenied, SpecError
 from policies.db import project_members, projects
 from policies.decisions import ProjectStatus, ProjectView, check_project_transition
 from policies.store_base import StoreBase, check_name, check_text, known_names

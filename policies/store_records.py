@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 from policies.caps import DatasetCap
 from policies.decisions import GrantView, Mechanism, ProjectStatus, ProjectView, RequestState
 from policies.roles import Role

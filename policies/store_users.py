@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
-from connectors.errors import AuthError, NotFoundError, PolicyDenied, SpecError
+from foundation.errors import AuthError, NotFoundError, PolicyDenied, SpecError
 from policies.db import users
 from policies.identity import hash_token, looks_like_token, new_token, token_matches
 from policies.roles import ROLE_GRANTOR, Role

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 from policies.decisions import GrantView, Mechanism
 from privacy.budget_events import BudgetKey, EventKind, LedgerEvent, fold_balance
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 
 #: The RDP orders (alphas) every curve is evaluated at. Google's ``dp_accounting`` default grid
 #: (dense fractional orders 1.1..10.9, integers 11..63, then 128..1024) plus extra orders between

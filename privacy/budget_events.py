@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from connectors.errors import IntegrityError, SpecError
+from foundation.errors import IntegrityError, SpecError
 
 #: the longest project/dataset/site/actor/job name, and the longest grant id (column widths)
 MAX_NAME = 256

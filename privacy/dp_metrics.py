@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 
 if TYPE_CHECKING:
     from privacy.accountant import DPSGDPlan, GaussianStep

@@ -9,8 +9,8 @@ how events fold into balances (the basic composition across jobs) are in
 
 Atomicity
     ``reserve`` reads the balance and appends inside ONE transaction that holds the key's
-    write lock (SQLite: ``BEGIN IMMEDIATE`` emitted by :func:`privacy.sql.make_engine`'s
-    engine; PostgreSQL: :func:`privacy.sql.lock_key`), so racing jobs on any number of
+    write lock (SQLite: ``BEGIN IMMEDIATE`` emitted by :func:`foundation.sql.make_engine`'s
+    engine; PostgreSQL: :func:`foundation.sql.lock_key`), so racing jobs on any number of
     threads or processes can never together reserve more than was granted. ``commit`` and
     ``release`` take the same lock, and a unique constraint allows at most one closing event
     per reservation, so a reservation is never charged twice.
@@ -34,12 +34,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from connectors.errors import (
+from foundation.clock import utcnow
+from foundation.errors import (
     BudgetExceeded,
     IntegrityError,
     NotFoundError,
     SpecError,
 )
+from foundation.sql import lock_key
 from privacy.budget_events import (
     CLOSES_TO,
     MAX_ID,
@@ -64,24 +66,19 @@ from privacy.ledger_checks import (
     unknown_reservation,
 )
 from privacy.ledger_schema import PHASE, event_from_row, ledger_events, metadata
-from privacy.sql import lock_key
 
 __all__ = ["Ledger"]
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class Ledger:
-    """The privacy ledger on a SQLAlchemy engine (from :func:`privacy.sql.make_engine`).
+    """The privacy ledger on a SQLAlchemy engine (from :func:`foundation.sql.make_engine`).
 
     Every method is one transaction. Writers serialise per key (see the module docstring),
     so the same ledger may be used from many threads, and many processes may open their
     own ``Ledger`` on the same database.
     """
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utcnow) -> None:
         self._engine = engine
         self._clock = clock
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from connectors.errors import IntegrityError, SpecError
+from foundation.errors import IntegrityError, SpecError
 from privacy.budget_events import MAX_NAME, Balance, BudgetKey
 
 #: relative slack for float rounding when comparing a request with what is left (see

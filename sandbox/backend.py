@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from connectors.errors import ComputeError, ZoneError
+from foundation.errors import ComputeError, ZoneError
 
 Payload = dict[str, Any]
 WorkerFn = Callable[[Payload], dict[str, Any]]
@@ -61,7 +61,7 @@ class InProcessBackend(JobBackend):
         self._gpus = gpus
 
     def check_resources(self, resources: Resources) -> None:
-        from connectors.errors import SpecError
+        from foundation.errors import SpecError
 
         if resources.gpus > self._gpus:
             raise SpecError(

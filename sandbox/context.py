@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from connectors.errors import PolicyDenied, UserError, ZoneError
+from foundation.errors import PolicyDenied, UserError, ZoneError
 from policies.audit import AuditLog
 from policies.roles import Action, Actor, require
 from policies.store import StateStore

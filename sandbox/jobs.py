@@ -34,7 +34,8 @@ from sqlalchemy import (
     update,
 )
 
-from connectors.errors import IntegrityError, NotFoundError
+from foundation.clock import utcnow
+from foundation.errors import IntegrityError, NotFoundError
 
 
 class JobState(StrEnum):
@@ -119,10 +120,6 @@ class JobRecord:
         }
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _aware(dt: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything we store is UTC
     if dt is not None and dt.tzinfo is None:
@@ -183,7 +180,7 @@ class JobStore:
                     state=JobState.QUEUED.value,
                     reservation_id=reservation_id,
                     data_opened=False,
-                    created_at=_now(),
+                    created_at=utcnow(),
                 )
             )
         return self.get(jid)
@@ -212,9 +209,9 @@ class JobStore:
             check_transition(JobState(r.state), dst)
             values: dict[str, Any] = {"state": dst.value}
             if dst is JobState.RUNNING:
-                values["started_at"] = _now()
+                values["started_at"] = utcnow()
             if dst in TERMINAL:
-                values["finished_at"] = _now()
+                values["finished_at"] = utcnow()
             if "result" in fields:
                 values["result_json"] = json.dumps(fields.pop("result"), sort_keys=True)
             values.update(fields)

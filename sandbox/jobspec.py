@@ -16,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 from training.model_config import ModelConfig, ModelKind
 
 

@@ -5,7 +5,7 @@ its temp dir inside the system temp folder named after the zone). With ``--ray-a
 ``RAY_ADDRESS`` the zone attaches to an existing cluster instead.
 
 Errors: a worker's own ``ZoneError`` reaches the caller as itself (same type, one-line message
-and ``retryable``; see ``connectors.errors`` on pickling). Any other exception in a worker
+and ``retryable``; see ``foundation.errors`` on pickling). Any other exception in a worker
 becomes ``ComputeError(retryable=False)`` naming only its type, never its message (which may
 quote data). A worker that died (crash, lost node, cancellation) is a retryable
 ``ComputeError``.
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from connectors.engine_env import configure_engine_env, ray_temp_dir
-from connectors.errors import ComputeError, SpecError, ZoneError
+from foundation.engine_env import configure_engine_env, ray_temp_dir
+from foundation.errors import ComputeError, SpecError, ZoneError
 from sandbox.backend import JobBackend, Payload, Resources, WorkerFn
 
 #: how deep a chain of tasks calling tasks is unwrapped (a guard, not a limit anyone meets)

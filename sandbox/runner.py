@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from connectors.errors import ComputeError, NotFoundError, ZoneError
+from foundation.errors import ComputeError, NotFoundError, ZoneError
 from policies.roles import Action, Actor
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.jobs import JobRecord, JobState, new_job_id

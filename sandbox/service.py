@@ -10,18 +10,20 @@ event. Nothing outside the service, its runner and its mechanisms decides access
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from connectors.errors import (
+from connectors.schema import SchemaContract
+from foundation.clock import utcnow
+from foundation.errors import (
     IntegrityError,
     NotFoundError,
     PolicyDenied,
     SpecError,
     ZoneError,
 )
-from connectors.schema import SchemaContract
+from foundation.sql import make_engine
 from policies.audit import AuditLog
 from policies.decisions import Mechanism
 from policies.roles import Action, Actor, Role
@@ -29,7 +31,6 @@ from policies.store import StateStore
 from policies.worst_case import ledger_grant_id
 from privacy.budget_events import BudgetKey
 from privacy.ledger import Ledger
-from privacy.sql import make_engine
 from sandbox.backend import InProcessBackend, JobBackend
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.disclosure import dataset_view, sees_everything
@@ -42,17 +43,13 @@ from sandbox.service_synth import SynthCalls
 from sandbox.zone import Zone
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class Service:
     def __init__(
         self,
         zone: Zone,
         backend: JobBackend | None = None,
         *,
-        clock: Callable[[], datetime] = _now,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.engine = make_engine(zone.db_url)
         try:

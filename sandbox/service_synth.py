@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from connectors.errors import PolicyDenied, SpecError
 from connectors.schema import SchemaContract
+from foundation.errors import PolicyDenied, SpecError
 from policies.roles import Action, Actor, Role
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.jobs import JobRecord, JobState

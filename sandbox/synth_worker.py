@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from connectors.errors import IntegrityError
+from foundation.errors import IntegrityError
 from sandbox.results import SynthResult
 
 
@@ -35,13 +35,13 @@ def restricted_contract(contract_dict: dict[str, Any], columns: list[str]) -> di
 
 
 def run_synth_job(payload: dict[str, Any]) -> SynthResult:
-    from connectors.engine_env import configure_engine_env
     from connectors.external import write_table
     from connectors.reader import DatasetHandle, Split
     from connectors.schema import SchemaContract
     from connectors.tables import load_table
+    from foundation.engine_env import configure_engine_env
+    from foundation.sql import make_engine
     from privacy.accountant import epsilon_for
-    from privacy.sql import make_engine
     from privacy.synth.base import fit_and_sample, is_dp
     from privacy.synth.report import build_report
     from privacy.synth.report_plots import save_plots

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from connectors.errors import IntegrityError, SpecError
+from foundation.errors import IntegrityError, SpecError
 from sandbox.results import DpsgdResult
 
 #: share of the job's epsilon spent on the DP evaluation histogram: DP-SGD's accuracy barely
@@ -58,13 +58,13 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     import torch
     from safetensors.torch import save_file
 
-    from connectors.engine_env import configure_engine_env
     from connectors.preprocess import FeaturePlan
     from connectors.reader import DatasetHandle, Split, load_split
     from connectors.schema import SchemaContract
+    from foundation.engine_env import configure_engine_env
+    from foundation.sql import make_engine
     from privacy.accountant import GaussianStep, epsilon_for
     from privacy.dp_metrics import dp_binary_metrics, plan_job
-    from privacy.sql import make_engine
     from sandbox.jobs import JobStore
     from sandbox.jobspec import parse_job_spec
     from training.models import build_model

@@ -53,7 +53,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 
-from connectors.errors import NotFoundError, SpecError
+from foundation.errors import NotFoundError, SpecError
 
 ZONE_FILE = "zone.toml"
 DB_FILE = "state.db"
@@ -275,7 +275,7 @@ class Zone:
     @classmethod
     def create(cls, root: Path, db_url: str | None = None) -> Zone:
         """Make the zone's folders, secret and zone.toml, and write its id into its database."""
-        from privacy.sql import make_engine
+        from foundation.sql import make_engine
 
         root = root.resolve()
         if (root / ZONE_FILE).exists():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from connectors.engine_env import configure_engine_env
+from foundation.engine_env import configure_engine_env
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +41,8 @@ def engine_factory(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[[], Engine]]:
     """Makes a fresh, empty ledger database per call, on the parametrised backend."""
+    from foundation.sql import make_engine
     from privacy.ledger_schema import metadata
-    from privacy.sql import make_engine
 
     made: list[Engine] = []
     counter = itertools.count()

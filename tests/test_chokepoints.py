@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from factories import job_spec, make_world
 
-from connectors.errors import ComputeError, IntegrityError, PolicyDenied, SpecError, ZoneError
+from foundation.errors import ComputeError, IntegrityError, PolicyDenied, SpecError, ZoneError
 from privacy.budget_events import BudgetKey
 from sandbox.backend import InProcessBackend
 from sandbox.jobs import JobState
@@ -100,7 +100,7 @@ class FailAfterOpenBackend(InProcessBackend):
 
     def submit(self, fn: Any, payload: Any, resources: Any) -> Any:
         def opened_then_failed(p: dict[str, Any]) -> dict[str, Any]:
-            from privacy.sql import make_engine
+            from foundation.sql import make_engine
             from sandbox.jobs import JobStore
 
             JobStore(make_engine(p["db_url"])).mark_data_opened(p["job_id"])
@@ -196,7 +196,7 @@ def _row_reads(path: Path) -> list[str]:
 
 def test_only_connectors_reads_rows() -> None:
     offenders = {}
-    for pkg in ("sandbox", "privacy", "policies", "training"):
+    for pkg in ("sandbox", "privacy", "policies", "training", "foundation"):
         for f in (ROOT / pkg).rglob("*.py"):
             hits = _row_reads(f)
             if hits:
@@ -234,11 +234,12 @@ def test_dp_noise_is_fresh_for_every_run(tmp_path: Path) -> None:
 # which of our packages each package may import (docs/architecture.md: sandbox -> training,
 # policies -> privacy -> connectors; nothing imports sandbox)
 ALLOWED_IMPORTS = {
-    "connectors": {"connectors"},
-    "privacy": {"privacy", "connectors"},
-    "policies": {"policies", "privacy", "connectors"},
-    "training": {"training", "privacy", "connectors"},
-    "sandbox": {"sandbox", "training", "policies", "privacy", "connectors"},
+    "foundation": {"foundation"},
+    "connectors": {"connectors", "foundation"},
+    "privacy": {"privacy", "connectors", "foundation"},
+    "policies": {"policies", "privacy", "connectors", "foundation"},
+    "training": {"training", "privacy", "connectors", "foundation"},
+    "sandbox": {"sandbox", "training", "policies", "privacy", "connectors", "foundation"},
 }
 
 

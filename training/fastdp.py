@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 
 #: activations that act on each element alone, so each sample's row stays its own; exact
 #: types, and never in-place (see ``_in_place``)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 
 #: widest hidden layer we build: two 4096-wide layers already hold ~16.8M weights; DP-SGD's
 #: noise grows with the parameter count, so wider buys nothing on tabular data and only

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 from training.model_config import MAX_HIDDEN, ModelConfig, ModelKind
 
 __all__ = ["MAX_HIDDEN", "ModelConfig", "ModelKind", "build_model"]

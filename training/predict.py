@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from connectors.errors import SpecError
 from connectors.external import read_user_table, write_table
 from connectors.preprocess import FeaturePlan
+from foundation.errors import SpecError
 from training.models import ModelConfig, ModelKind, build_model
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 from training import fastdp
 
 #: rows per forward pass in ``predict_proba``: bounds activation memory (64k rows x a

@@ -39,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.errors import IntegrityError, SchemaError, SpecError
 from connectors.schema import SchemaContract
+from foundation.errors import IntegrityError, SchemaError, SpecError
 from privacy.accountant import epsilon_for
 from privacy.synth.codec import (
     MAX_ROWS,

@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.dummy import random_pseudonyms, to_arrow_within_domain
-from connectors.errors import BackendError, SpecError
 from connectors.schema import ColumnSpec, Role, SchemaContract
+from foundation.errors import BackendError, SpecError
 from privacy.synth.codec import OTHER, SynthMethod, SynthResult
 
 #: Training epochs for CTGAN and TVAE. Few, on CPU: the baselines are reference points, and
@@ -221,7 +221,7 @@ def _sdv() -> _SDV:
     if not os.environ.get("XDG_DATA_HOME"):
         raise BackendError(
             "SDV would write its usage log under the home directory: call "
-            "connectors.engine_env.configure_engine_env(zone_dir) (or set XDG_DATA_HOME) before "
+            "foundation.engine_env.configure_engine_env(zone_dir) (or set XDG_DATA_HOME) before "
             "running an SDV baseline",
             retryable=False,
         )

@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.dummy import random_pseudonyms, to_arrow_within_domain
-from connectors.errors import IntegrityError, SchemaError, SpecError
 from connectors.schema import ColumnSpec, Role, SchemaContract
+from foundation.errors import IntegrityError, SchemaError, SpecError
 from privacy.accountant import (
     NEIGHBOURING,
     UNIT,

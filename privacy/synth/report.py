@@ -57,9 +57,9 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from connectors.errors import SpecError
 from connectors.preprocess import FeaturePlan
 from connectors.schema import Role, SchemaContract
+from foundation.errors import SpecError
 from privacy.synth.report_contract import (
     binary_labels,
     contract_column,

@@ -18,8 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.errors import SchemaError, SpecError
 from connectors.schema import ColumnSpec, Role, SchemaContract
+from foundation.errors import SchemaError, SpecError
 
 #: the table name in the metadata dictionary given to sdmetrics
 TABLE_NAME = "data"

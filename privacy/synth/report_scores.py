@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from connectors.errors import SchemaError
 from connectors.preprocess import FeaturePlan, StepKind
 from connectors.schema import ColumnSpec, SchemaContract
+from foundation.errors import SchemaError
 from privacy.synth.report_contract import TABLE_NAME, contract_frame
 from privacy.synth.report_types import PairScore, TSTRModel
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, session, show_table
 
 app = typer.Typer(help="Governed datasets.", no_args_is_help=True)

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from connectors.errors import BackendError, ZoneError
+from foundation.errors import BackendError, ZoneError
 from sandbox.cli import (
     access,
     audit,

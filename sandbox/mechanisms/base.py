@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.errors import ZoneError
+from foundation.errors import ZoneError
 from policies.roles import Actor
 from sandbox.backend import Resources
 from sandbox.context import ProgressFn, ZoneContext

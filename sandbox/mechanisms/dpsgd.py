@@ -6,8 +6,8 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from connectors.errors import PolicyDenied, SpecError
 from connectors.schema import SchemaContract
+from foundation.errors import PolicyDenied, SpecError
 from policies.decisions import JobAccessRequest, Mechanism, decide_job_access
 from policies.roles import Actor
 from privacy.budget_events import BudgetKey

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectors.dummy import dummy_table
-from connectors.errors import NotFoundError, PolicyDenied, SpecError
 from connectors.external import read_user_table
 from connectors.ingest import ingest_table
 from connectors.schema import SchemaContract
+from foundation.errors import NotFoundError, PolicyDenied, SpecError
 from policies.roles import Actor
 from sandbox.backend import Resources
 from sandbox.context import ProgressFn, ZoneContext

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from connectors.errors import BudgetExceeded, SpecError, ZoneError
 from connectors.schema import SchemaContract
+from foundation.errors import BudgetExceeded, SpecError, ZoneError
 from policies.decisions import Mechanism
 from policies.roles import Actor
 from privacy.budget_events import BudgetKey

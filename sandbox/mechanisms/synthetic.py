@@ -9,9 +9,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from connectors.errors import PolicyDenied, SpecError
 from connectors.schema import Role as ColumnRole
 from connectors.schema import SchemaContract
+from foundation.errors import PolicyDenied, SpecError
 from policies.decisions import JobAccessRequest, Mechanism, decide_job_access
 from policies.roles import Action, Actor, Role
 from privacy.budget_events import BudgetKey

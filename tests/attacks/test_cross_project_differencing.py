@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from cli_runner import SANDBOX, ok, refused, sandbox
 
-from connectors.errors import PolicyDenied
+from foundation.errors import PolicyDenied
 from policies.decisions import RequestState
 from sandbox.service import Service
 from sandbox.zone import Zone

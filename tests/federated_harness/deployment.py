@@ -78,8 +78,8 @@ from typing import IO, Any
 import tomli_w  # ships with flwr; tomllib only reads
 
 import training.federated
-from connectors.engine_env import configure_engine_env
-from connectors.errors import ComputeError, SpecError
+from foundation.engine_env import configure_engine_env
+from foundation.errors import ComputeError, SpecError
 
 #: the Flower App folder that runs the zone's federated trainer (``flwr run`` builds it);
 #: it ships with the product, beside the ServerApp and ClientApp it names

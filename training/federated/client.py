@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 from training.federated.config import RUN_CONFIG_KEY, FederatedPayload, load_payload
 
 if TYPE_CHECKING:

@@ -54,8 +54,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from connectors.errors import SpecError
 from connectors.schema import SchemaContract
+from foundation.errors import SpecError
 from training.model_config import ModelConfig, ModelKind
 
 #: the run-config key under which Flower's apps find the payload file's absolute path

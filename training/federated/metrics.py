@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 from privacy.dp_metrics import (
     DEFAULT_BINS,
     SWAMP_SDS,

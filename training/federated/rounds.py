@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from connectors.errors import ComputeError, SpecError, ZoneError
+from foundation.errors import ComputeError, SpecError, ZoneError
 from training.federated.config import (
     EVALUATION_DONE,
     EVALUATION_SKIPPED,

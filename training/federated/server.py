@@ -54,7 +54,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from connectors.errors import ComputeError, SpecError
+from foundation.errors import ComputeError, SpecError
 from training.federated.client import SITE_RECORD
 from training.federated.config import ROUNDS_FILE, RUN_CONFIG_KEY, Strategy, load_payload
 from training.federated.rounds import Reply, ServerRun, State

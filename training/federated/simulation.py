@@ -14,7 +14,7 @@ Why a child process:
   child *attaches* to it by address, so that shutdown only disconnects the child and the
   zone's Ray, with its warm workers, stays up; Ray's own start (~4 s) is not paid again.
   Without one, the child starts a local, loopback-only Ray (``address="local"``, temp dir
-  from ``connectors.engine_env.ray_temp_dir``) and Flower stops it at the end.
+  from ``foundation.engine_env.ray_temp_dir``) and Flower stops it at the end.
 
 Each simulated client gets ``num_cpus``/``num_gpus`` from the job's config as Ray
 resources (default 1 CPU: Flower's default of 2 runs one client at a time on two cores).
@@ -43,7 +43,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from connectors.errors import ComputeError, SpecError
+from foundation.errors import ComputeError, SpecError
 from training.federated.config import (
     ROUNDS_FILE,
     STATUS_FILE,
@@ -220,7 +220,7 @@ def run_federated_simulation(
         if zone_dir is not None
         else Path(tempfile.gettempdir()) / "safe-zone-federated"
     )
-    from connectors.engine_env import configure_engine_env, ray_temp_dir
+    from foundation.engine_env import configure_engine_env, ray_temp_dir
 
     configure_engine_env(zone)
     address = _current_ray()
@@ -331,7 +331,7 @@ def _load_factory(ref: str) -> Callable[[str], Any]:
 def _child(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     result: dict[str, Any] = {"ray_reused": spec["ray_address"] is not None}
-    from connectors.engine_env import configure_engine_env
+    from foundation.engine_env import configure_engine_env
 
     configure_engine_env(Path(spec["zone_dir"]))
     try:

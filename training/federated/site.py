@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from connectors.errors import SpecError, ZoneError
+from foundation.errors import SpecError, ZoneError
 from training.federated.config import EVAL_SHARE, FederatedPayload, derive_seed
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from connectors.errors import SpecError
+from foundation.errors import SpecError
 from training.federated.config import ClientDPConfig
 from training.model_config import ModelConfig
 

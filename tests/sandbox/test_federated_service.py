@@ -1,0 +1,110 @@
+"""A federated job through the zone's service: per-site grants, reservations, charges, release."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from factories import FEATURES, LABEL, job_spec
+
+from foundation.errors import BudgetExceeded, PolicyDenied, SpecError
+from privacy.accountant import GaussianStep, epsilon_for
+from privacy.budget_events import BudgetKey
+from sandbox.jobs import JobState
+from sandbox.ray_backend import RayBackend
+from sandbox.service import Service
+
+pytestmark = pytest.mark.ray
+
+SITES = ["hospital-a", "hospital-b", "hospital-c"]
+
+
+def _fed_spec(**overrides):
+    fed = {"rounds": 2, "sites": SITES, "min_sites": 2, "local_epochs": 1, "strategy": "fedavg"}
+    fed.update(overrides.pop("federated", {}))
+    return job_spec(
+        mode="federated",
+        federated=fed,
+        **{"training.batch_size": 64, "model": {"kind": "logistic", "hidden": []}},
+        **overrides,
+    )
+
+
+def _world(root: Path, mechanisms=("federated",), epsilon=3.0):
+    svc, op = Service.init_zone(root, RayBackend(root))
+    operator = svc.authenticate(op)
+    _, st = svc.add_user(operator, "sam", "steward")
+    _, rt = svc.add_user(operator, "rita", "researcher")
+    steward, rita = svc.authenticate(st), svc.authenticate(rt)
+    svc.ingest_demo(steward, "cohort", 6000, seed=3)
+    svc.create_project(rita, "readmission", "risk")
+    req = svc.request_access(
+        rita, "readmission", "cohort", [*FEATURES, LABEL], list(mechanisms), epsilon, 1e-5
+    )
+    svc.approve(steward, req.id, expires_at=datetime.now(UTC) + timedelta(days=10))
+    return svc, steward, rita
+
+
+def test_federated_job_charges_each_site(tmp_path: Path, ray_local) -> None:
+    svc, steward, rita = _world(tmp_path / "zone")
+    ds = svc.store.get_dataset("cohort")
+    # a budget per hospital, none on the dataset as a whole (no other mechanism granted)
+    for site in ds.sites:
+        assert svc.ledger.balance(BudgetKey("readmission", "cohort", site)).granted_epsilon == 3.0
+    assert svc.ledger.balance(BudgetKey("readmission", "cohort")).granted_epsilon == 0
+
+    seen = []
+    job = svc.submit(rita, _fed_spec(), on_progress=seen.append)
+    assert job.state is JobState.SUCCEEDED
+    assert [p["round"] for p in seen] == [1, 2]
+    summary = json.loads((svc.zone.job_dir(job.id) / "federated" / "summary.json").read_text())
+    for site in SITES:
+        bal = svc.ledger.balance(BudgetKey("readmission", "cohort", site))
+        info = summary["sites"][site]
+        assert 0 < bal.spent_epsilon <= 1.0 + 1e-9
+        assert bal.reserved_epsilon == 0
+        # independent recomputation from the site's plan and the steps it took
+        plan = info["plan"]
+        history = [GaussianStep(plan["noise_multiplier"], plan["sample_rate"], info["steps"])]
+        if info.get("evals"):
+            history.append(GaussianStep(plan["eval_sigma"], 1.0, info["evals"]))
+        assert bal.spent_epsilon == pytest.approx(epsilon_for(history, 1e-6), rel=1e-6)
+    # sites not in the job are untouched
+    other = sorted(set(ds.sites) - set(SITES))[0]
+    assert svc.ledger.balance(BudgetKey("readmission", "cohort", other)).spent_epsilon == 0
+    rounds = [e for e in svc.audit.list(limit=500) if e.action == "federated.round"]
+    assert len(rounds) == 2
+
+    out = tmp_path / "release"
+    svc.job_result(rita, job.id, out)
+    card = json.loads((out / "model_card.json").read_text())
+    assert set(card["privacy"]["per_site"]) >= set(SITES)
+    assert card["federated"]["rounds"] == 2
+    from training.predict import ReleasedModel
+
+    assert ReleasedModel.load(out).plan.n_outputs > 0
+    assert svc.audit_verify(steward).ok
+    svc.close()
+
+
+def test_federated_needs_its_own_grant_and_budget(tmp_path: Path, ray_local) -> None:
+    svc, _, rita = _world(tmp_path / "zone", mechanisms=("dp-sgd",))
+    with pytest.raises(PolicyDenied, match="federated"):
+        svc.submit(rita, _fed_spec())
+    svc.close()
+    svc, _, rita = _world(tmp_path / "zone2", epsilon=0.5)
+    with pytest.raises(BudgetExceeded, match="no site was charged"):
+        svc.submit(rita, _fed_spec())
+    for site in SITES:
+        bal = svc.ledger.balance(BudgetKey("readmission", "cohort", site))
+        assert bal.reserved_epsilon == 0 and bal.spent_epsilon == 0
+    with pytest.raises(SpecError, match="federated.sites"):
+        svc.submit(
+            rita,
+            _fed_spec(
+                federated={"sites": ["hospital-zz"], "min_sites": 1}, **{"privacy.epsilon": 0.1}
+            ),
+        )
+    svc.close()
