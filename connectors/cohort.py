@@ -257,7 +257,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def _choose(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
     """One categorical draw per row of a row-stochastic matrix (inverse CDF, vectorised)."""
     cum = np.cumsum(probs, axis=1)
-    u = rng.random(probs.shape[0])[:, None] * cum[:, -1:]
+    u = np.asarray(rng.random(probs.shape[0]))[:, None] * cum[:, -1:]
     return np.minimum((cum < u).sum(axis=1), probs.shape[1] - 1)
 
 
@@ -383,9 +383,9 @@ def generate_cohort(
     logits[:, _CH["injury"]] += 0.15 * a
     chapter = _choose(rng, np.exp(logits - logits.max(axis=1, keepdims=True)))
     code = np.empty(n, dtype=np.int64)
-    for ch in range(len(CHAPTERS)):
-        rows = np.flatnonzero(chapter == ch)
-        members = np.flatnonzero(code_chapter == ch)
+    for ch_index in range(len(CHAPTERS)):
+        rows = np.flatnonzero(chapter == ch_index)
+        members = np.flatnonzero(code_chapter == ch_index)
         cdf = np.cumsum(code_probs[members])
         pick = np.searchsorted(cdf, rng.random(rows.size) * cdf[-1], side="right")
         code[rows] = members[np.minimum(pick, members.size - 1)]

@@ -26,7 +26,7 @@ def make_engine(url: str) -> Engine:
         )
 
         @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _on_connect(dbapi_conn, _record):
             # autocommit at the driver level: we emit BEGIN ourselves (below)
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
@@ -36,7 +36,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _on_begin(conn):  # type: ignore[no-untyped-def]
+        def _on_begin(conn):
             # take the write lock up front so read-then-append is atomic
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 

@@ -40,9 +40,9 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 
+from foundation.clock import utcnow
 from policies.db import create_schema
 from policies.store_access import AccessMixin
-from foundation.clock import utcnow
 from policies.store_caps import CapsMixin
 from policies.store_datasets import DatasetsMixin
 from policies.store_projects import ProjectsMixin

@@ -259,7 +259,7 @@ def run_demo(
         bal = next(b for b in svc.budget(rita, "readmission") if not b.key.site)
         step("sandbox audit verify   # as sam")
         verified = svc.audit_verify(steward)
-        summary = {
+        summary: dict[str, Any] = {
             "zone": str(root),
             "dataset": {"rows": ds.rows, "persons": ds.persons, "sites": len(ds.sites)},
             "grant": {"id": grant.id, "epsilon": grant.epsilon, "delta": grant.delta},

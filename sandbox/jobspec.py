@@ -259,7 +259,7 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
     m = _section(data, "model", True)
     kind_raw = m.get("kind")
     try:
-        kind = ModelKind(kind_raw)
+        kind = ModelKind(str(kind_raw))
     except (ValueError, TypeError):
         raise SpecError(
             "model.kind",

@@ -68,7 +68,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     from sandbox.jobs import JobStore
     from sandbox.jobspec import parse_job_spec
     from training.models import build_model
-    from training.trainer import DPSGDConfig, EpochProgress, predict_proba, train_dpsgd
+    from training.trainer import Device, DPSGDConfig, EpochProgress, predict_proba, train_dpsgd
 
     # DP noise and the Poisson draws come from the run's own secret, never from the spec:
     # the researcher knows the spec's seed, and a free dry run of the same spec must not
@@ -122,7 +122,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
         max_grad_norm=spec.privacy.max_grad_norm,
         noise_multiplier=dp.noise_multiplier,
         seed=dp_seed,
-        device=device,
+        device=Device(device),
     )
 
     def on_epoch(p: EpochProgress) -> None:

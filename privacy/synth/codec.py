@@ -483,7 +483,7 @@ def check_epsilon(epsilon: object) -> float:
             "must be a finite number > 0 for a DP method",
             "use e.g. 1.0 to 10.0",
         )
-    return float(epsilon)  # type: ignore[arg-type]
+    return float(epsilon)
 
 
 def check_int(name: str, value: object, low: int, high: int | None) -> None:

@@ -88,7 +88,7 @@ def show(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonO
     with session(zone, token) as s:
         d = s.service.show_dataset(s.user, name)
 
-    def human(rec: dict) -> None:  # type: ignore[type-arg]
+    def human(rec: dict) -> None:
         if "rows" in rec:
             console.print(
                 f"[bold]{rec['name']}[/bold]: {rec['rows']} rows, {rec['persons']} persons"

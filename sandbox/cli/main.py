@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except ZoneError as exc:
         code = 3 if isinstance(exc, BackendError) else 2
         if as_json:
-            out = {"error": exc.kind, "message": str(exc)}
+            out: dict[str, object] = {"error": exc.kind, "message": str(exc)}
             if isinstance(exc, BackendError):
                 out["retryable"] = exc.retryable
             typer.echo(json.dumps(out))

@@ -193,10 +193,12 @@ class DpsgdMechanism(JobMechanism):
             {"epsilon": epsilon, "delta": delta, "ledger_event": event.event_id},
             event.event_id,
         )
-        plan = dict(result.plan) if isinstance(result, DpsgdResult) else {}
+        if not isinstance(result, DpsgdResult):
+            raise SpecError("job", "is not a DP-SGD job", "see `sandbox jobs list`")
+        plan = dict(result.plan)
         if not dataset.counts_public:
             plan["epsilon"] = epsilon  # the plan's own figure has the size in its digits
-        charged = replace(result, epsilon=epsilon, plan=plan, charge=charge)  # type: ignore[type-var]
+        charged = replace(result, epsilon=epsilon, plan=plan, charge=charge)
         card = write_model_card(
             ctx.zone.job_dir(job.id), job, dataset, charged, backend=ctx.backend.name
         )

@@ -182,7 +182,8 @@ def _config(spec: JobSpec, sites: tuple[str, ...]) -> FederatedConfig:
         secure_aggregation=f.secure_aggregation,
         client_dp=(
             ClientDPConfig(
-                noise_multiplier=f.server_noise_multiplier, clipping_norm=f.server_clipping_norm
+                noise_multiplier=f.server_noise_multiplier,
+                clipping_norm=float(f.server_clipping_norm or 0.0),
             )
             if f.server_noise_multiplier is not None
             else None

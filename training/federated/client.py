@@ -251,7 +251,7 @@ def _handle_legacy_fit(msg: Message, context: Context, default_payload: str | No
     trained = outcome.status is SiteStatus.TRAINED and outcome.state is not None
     # a site that did not train still answers, with weight 0: SecAgg+ then sums it in with
     # no effect, instead of treating it as a dropout to be unmasked
-    values = [outcome.state[k] for k in names] if trained else arrays  # type: ignore[index]
+    values = [outcome.state[k] for k in names] if trained else arrays
     fitres = FitRes(
         status=Status(code=Code.OK, message=""),
         parameters=ndarrays_to_parameters(values),

@@ -384,8 +384,10 @@ class ServerRun:
                 self._update(site, dp_metrics=clean_metrics(metrics.to_dict()))
                 pooled.append((reply.histogram, sigma))
         pooled_seed = derive_seed(secret, "eval-interval", "pooled")
-        metrics = pooled_metrics(pooled, pooled_seed)
-        self.global_metrics = None if metrics is None else clean_metrics(metrics.to_dict())
+        pooled_result = pooled_metrics(pooled, pooled_seed)
+        self.global_metrics = (
+            None if pooled_result is None else clean_metrics(pooled_result.to_dict())
+        )
 
     def skip_evaluation(self) -> None:
         """``evaluate`` off: no evaluation message, no charge, no metrics."""

@@ -295,7 +295,7 @@ def _run_secagg(run: ServerRun, grid: Grid, context: Context) -> None:
 
     names = list(run.global_state)
 
-    class SecAggFedAvg(LegacyFedAvg):  # type: ignore[misc]
+    class SecAggFedAvg(LegacyFedAvg):
         """Legacy FedAvg whose aggregate is SecAgg+'s sum (already n-weighted)."""
 
         def __init__(self) -> None:

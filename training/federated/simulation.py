@@ -325,7 +325,7 @@ def _load_factory(ref: str) -> Callable[[str], Any]:
     module, _, attr = ref.partition(":")
     if not module or not attr:
         raise SpecError("client_factory", "must be 'module:function'")
-    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), attr)
 
 
 def _child(spec_path: str) -> int:

@@ -535,7 +535,7 @@ def evaluate_site(
             scores = predict_proba(model, X)
         seed = derive_seed(payload.secret, "eval", site)
         labels = y.numpy().astype(np.int64)
-        metrics, hist = site_evaluation(scores, labels, float(plan.eval_sigma), seed)
+        metrics, hist = site_evaluation(scores, labels, float(plan.eval_sigma or 0.0), seed)
         return EvalOutcome(
             site, SiteStatus.EVALUATED, after, True, histogram=hist, metrics=metrics.to_dict()
         )
