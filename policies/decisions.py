@@ -123,8 +123,8 @@ class ProjectView:
 class JobAccessRequest:
     """Someone wants to run ``mechanism`` over ``columns`` of ``dataset`` for ``project``.
 
-    ``action`` is the service call asking (``job.submit`` for training jobs, ``query.run``
-    for DP queries): the role must be allowed to call it.
+    ``action`` is the service call asking (``job.submit`` for training jobs, ``synth.fit``
+    for DP synthesis): the role must be allowed to call it.
     """
 
     user: str

@@ -8,16 +8,19 @@ project's members and grants (``policies.decisions``).
 
 The roles (the Five Safes' "safe people"):
 
-- **operator** runs the zone: adds and revokes users, reads and verifies the audit log,
-  lists what exists. Never touches data, never decides access.
+- **operator** runs the zone: adds and revokes users and reissues their tokens, reads and
+  verifies the audit log, lists and shows what exists (projects, their grants, dataset caps).
+  Never touches data, never decides access.
 - **steward** governs data: registers datasets, caps what one person of a dataset may be
   charged across all projects, approves or denies access requests, reads budgets and the
   audit log. Never submits jobs or queries (separation of duties: the person who grants
   access does not also spend it).
-- **researcher** owns projects: creates them, requests access, develops on dummy data,
-  submits training jobs, fetches released results, runs DP queries.
-- **analyst** explores approved data from the notebook kernel: DP queries and dummy data,
-  reading the jobs and results of projects they belong to. An analyst does *not* submit or
+- **researcher** owns projects: creates them, adds members and closes them (the project's
+  owner only, checked by the service), requests access, develops on dummy data, submits
+  training jobs, fetches released results.
+- **analyst** explores approved data from the notebook kernel: dummy data and quotes,
+  reading the jobs and results of projects they belong to (DP queries come later, with their
+  own action and code path). An analyst does *not* submit or
   cancel training jobs, create projects or request access: those belong to the researcher
   who owns the project, who adds the analyst as a member. (The architecture gives analysts
   "DP queries and synthetic data only, never raw rows"; a training job is neither.)
@@ -72,13 +75,16 @@ class Action(StrEnum):
     AUDIT_LIST = "audit.list"
     AUDIT_VERIFY = "audit.verify"
     SYNTH_DUMMY = "synth.dummy"
-    QUERY_RUN = "query.run"
     SYNTH_FIT = "synth.fit"
     SYNTH_REPORT = "synth.report"
     SYNTH_RELEASE = "synth.release"
     JOB_QUOTE = "job.quote"
     DATASET_CAP = "dataset.cap"
     ACCESS_REVOKE = "access.revoke"
+    PROJECT_MEMBER_ADD = "project.member.add"
+    PROJECT_CLOSE = "project.close"
+    USER_REISSUE = "user.reissue"
+    DATASET_CAP_SHOW = "dataset.cap.show"
 
 
 _A = Action
@@ -87,12 +93,14 @@ _A = Action
 # fmt: off
 PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
     Role.OPERATOR: frozenset({
-        _A.USER_ADD, _A.USER_REVOKE, _A.USER_LIST,
+        _A.USER_ADD, _A.USER_REVOKE, _A.USER_LIST, _A.USER_REISSUE,
         _A.AUDIT_LIST, _A.AUDIT_VERIFY,
-        _A.DATASET_LIST, _A.PROJECT_LIST, _A.ACCESS_LIST, _A.JOB_LIST, _A.JOB_STATUS,
+        _A.DATASET_LIST, _A.DATASET_CAP_SHOW,
+        _A.PROJECT_LIST, _A.PROJECT_SHOW, _A.ACCESS_LIST, _A.JOB_LIST, _A.JOB_STATUS,
     }),
     Role.STEWARD: frozenset({
-        _A.DATASET_INGEST, _A.DATASET_LIST, _A.DATASET_SHOW, _A.DATASET_CAP,
+        _A.DATASET_INGEST, _A.DATASET_LIST, _A.DATASET_SHOW,
+        _A.DATASET_CAP, _A.DATASET_CAP_SHOW,
         _A.ACCESS_LIST, _A.ACCESS_APPROVE, _A.ACCESS_DENY, _A.ACCESS_REVOKE,
         _A.AUDIT_LIST, _A.AUDIT_VERIFY,
         _A.BUDGET_SHOW,
@@ -103,10 +111,11 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
     Role.RESEARCHER: frozenset({
         _A.DATASET_LIST, _A.DATASET_SHOW,
         _A.PROJECT_CREATE, _A.PROJECT_LIST, _A.PROJECT_SHOW,
+        _A.PROJECT_MEMBER_ADD, _A.PROJECT_CLOSE,
         _A.ACCESS_REQUEST, _A.ACCESS_LIST,
         _A.JOB_SUBMIT, _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT, _A.JOB_CANCEL,
         _A.BUDGET_SHOW,
-        _A.SYNTH_DUMMY, _A.QUERY_RUN, _A.SYNTH_FIT, _A.SYNTH_REPORT, _A.JOB_QUOTE,
+        _A.SYNTH_DUMMY, _A.SYNTH_FIT, _A.SYNTH_REPORT, _A.JOB_QUOTE,
     }),
     Role.ANALYST: frozenset({
         _A.DATASET_LIST, _A.DATASET_SHOW,
@@ -114,7 +123,7 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.ACCESS_LIST,
         _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT,
         _A.BUDGET_SHOW,
-        _A.SYNTH_DUMMY, _A.QUERY_RUN, _A.SYNTH_REPORT, _A.JOB_QUOTE,
+        _A.SYNTH_DUMMY, _A.SYNTH_REPORT, _A.JOB_QUOTE,
     }),
 })
 # fmt: on

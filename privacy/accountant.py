@@ -27,7 +27,6 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from foundation.errors import SpecError
 
@@ -125,6 +124,9 @@ def _rdp_curve(step: GaussianStep) -> np.ndarray:
     if step.steps == 0:
         # Opacus multiplies the per-step curve by ``steps``; skip it so that 0 * inf is never nan.
         return np.zeros(len(RDP_ORDERS))
+    # opacus imports torch (seconds): loaded when a figure is computed, not when a CLI starts
+    from opacus.accountants.analysis.rdp import compute_rdp
+
     curve = np.asarray(
         compute_rdp(
             q=step.sample_rate,
@@ -149,6 +151,8 @@ def _epsilon_from_curve(curve: np.ndarray, delta: float) -> float:
     # process-global state (not thread-safe).
     orders = [RDP_ORDERS[0] - 0.05, *RDP_ORDERS, RDP_ORDERS[-1] + 1.0]
     rdp = np.concatenate(([np.inf], curve, [np.inf]))
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     eps, _order = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     eps = float(eps)
     if math.isnan(eps):

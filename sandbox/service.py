@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from connectors.cohort import cohort_contract, generate_cohort
+from connectors.ingest import ingest_file, ingest_table
 from connectors.schema import SchemaContract
 from foundation.clock import utcnow
 from foundation.errors import (
@@ -25,9 +27,12 @@ from foundation.errors import (
 )
 from foundation.sql import make_engine
 from policies.audit import AuditLog
+from policies.caps import within_cap
+from policies.db import create_schema
 from policies.decisions import Mechanism
-from policies.roles import Action, Actor, Role
+from policies.roles import ROLE_GRANTOR, Action, Actor, Role
 from policies.store import StateStore
+from policies.store_records import AccessRequestRecord, GrantRecord, ProjectRecord
 from policies.worst_case import ledger_grant_id
 from privacy.budget_events import BudgetKey
 from privacy.ledger import Ledger
@@ -36,8 +41,8 @@ from sandbox.context import ProgressFn, ZoneContext
 from sandbox.disclosure import dataset_view, sees_everything
 from sandbox.jobs import JobRecord, JobState, JobStore
 from sandbox.jobspec import JobSpec, Mode
-from sandbox.mechanisms.base import is_charged
-from sandbox.release import RELEASED_FILES, SYNTH_FILES
+from sandbox.mechanisms.base import close_reservations, is_charged
+from sandbox.release import RELEASED_FILES, SYNTH_FILES, release_artefacts
 from sandbox.runner import JobRunner
 from sandbox.service_synth import SynthCalls
 from sandbox.zone import Zone
@@ -84,7 +89,6 @@ class Service:
         cls, root: Path, backend: JobBackend | None = None, db_url: str | None = None
     ) -> tuple[Service, str]:
         """Create a zone and its operator; returns the service and the operator's token."""
-        from policies.db import create_schema
 
         zone = Zone.create(root, db_url)
         svc = cls(zone, backend)
@@ -142,7 +146,6 @@ class Service:
     def ingest_dataset(
         self, actor: Actor, name: str, source: Path, contract: SchemaContract
     ) -> Any:
-        from connectors.ingest import ingest_file
 
         with self.ctx.act(actor, Action.DATASET_INGEST, name) as extra:
             self._check_new_dataset(name)
@@ -154,8 +157,6 @@ class Service:
     def ingest_demo(
         self, actor: Actor, name: str, patients: int, seed: int = 0, canaries: Any = None
     ) -> Any:
-        from connectors.cohort import cohort_contract, generate_cohort
-        from connectors.ingest import ingest_table
 
         with self.ctx.act(actor, Action.DATASET_INGEST, name, {"demo": True}) as extra:
             if patients < 100:
@@ -301,7 +302,6 @@ class Service:
         reserved), the ``epsilon_left`` under the cap and ``over_cap``: true when that already
         goes over the new cap (the grants stay, and every new grant on the dataset is refused
         until the worst case is back under it)."""
-        from policies.caps import within_cap
 
         details = {"epsilon": epsilon, "delta": delta}
         with self.ctx.act(actor, Action.DATASET_CAP, dataset, details) as extra:
@@ -351,7 +351,6 @@ class Service:
         """Cancel a job that has not started: its reservations are released (no row was
         read). A running job is refused: embedded mode runs it inside the submitting
         process, which alone can stop it (Ctrl-C there fails it and settles its charge)."""
-        from sandbox.mechanisms.base import close_reservations
 
         with self.ctx.act(actor, Action.JOB_CANCEL, job_id) as extra:
             rec = self.jobs.get(job_id)
@@ -387,7 +386,6 @@ class Service:
 
     def job_result(self, actor: Actor, job_id: str, out: Path) -> dict[str, Any]:
         """The release gate: only a succeeded job whose spend is committed leaves the zone."""
-        from sandbox.release import release_artefacts
 
         with self.ctx.act(actor, Action.JOB_RESULT, job_id) as extra:
             rec = self.jobs.get(job_id)
@@ -460,3 +458,124 @@ class Service:
             # the action ran ("ok"); whether the chain held is part of the record
             extra.update(chain_ok=bool(report.ok))
             return report
+
+    # -- project show, members and closing; a request, the grants; token reissue; caps ------
+
+    def show_project(self, actor: Actor, name: str) -> dict[str, Any]:
+        """A project's purpose, owner, status and members, and every grant it was given
+        (revoked and expired ones too, each marked ``revoked`` and ``live`` at the service's
+        clock): for its members, stewards and operators."""
+        with self.ctx.act(actor, Action.PROJECT_SHOW, name):
+            rec = self.store.get_project(name)
+            self.ctx.check_member(actor, name)
+            now = self.clock()
+            grants = [self._grant_row(g, now) for g in self.store.list_grants(project=name)]
+            return {**rec.to_dict(), "grants": grants}
+
+    def add_project_member(self, actor: Actor, project: str, user: str) -> ProjectRecord:
+        """The project's owner adds a researcher or an analyst (an active user) to an active
+        project; adding a member twice changes nothing. Stewards and operators are never
+        members: they see every project already, and their role may not spend."""
+        with self.ctx.act(actor, Action.PROJECT_MEMBER_ADD, project, {"member": user}):
+            self._check_owner(actor, self.store.get_project(project), "add members")
+            try:
+                role = self.store.get_user(user).role
+            except NotFoundError:
+                raise NotFoundError(f"unknown user {user!r}; an operator adds users") from None
+            if role not in (Role.RESEARCHER, Role.ANALYST):
+                raise PolicyDenied(
+                    f"{user} is a {role.value}; project members are researchers and analysts",
+                    missing=(f"role researcher or analyst for {user}",),
+                    grantor=ROLE_GRANTOR,
+                )
+            # the store checks the user is active and the project still active
+            return self.store.add_member(project, user, actor.name)
+
+    def close_project(self, actor: Actor, name: str) -> ProjectRecord:
+        """The project's owner closes it: it keeps its history, takes no new members, files
+        no access request and runs no job (``decide_job_access`` refuses a closed project);
+        its grants are not revoked (a steward's call) and still count against their
+        datasets' caps."""
+        with self.ctx.act(actor, Action.PROJECT_CLOSE, name):
+            self._check_owner(actor, self.store.get_project(name), "close it")
+            return self.store.close_project(name)
+
+    def show_request(self, actor: Actor, request_id: str) -> AccessRequestRecord:
+        """One access request whole (its columns, mechanisms, budget, state, who decided it
+        when and why, the quote attached, its grant): for the project's members, stewards
+        and operators."""
+        with self.ctx.act(actor, Action.ACCESS_LIST, request_id) as extra:
+            req = self.store.get_request(request_id)
+            extra.update(project=req.project)
+            self.ctx.check_member(actor, req.project)
+            return req
+
+    def list_grants(
+        self, actor: Actor, project: str | None = None, dataset: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Grants, oldest first, each marked ``revoked`` and ``live`` at the service's clock:
+        every grant for stewards and operators, those of the actor's projects for everyone
+        else (naming a project the actor is not a member of is refused)."""
+        details: dict[str, Any] = {"grants": True}
+        details.update({k: v for k, v in (("project", project), ("dataset", dataset)) if v})
+        with self.ctx.act(actor, Action.ACCESS_LIST, project or "", details):
+            if project is not None:
+                self.store.get_project(project)
+                self.ctx.check_member(actor, project)
+            if dataset is not None:
+                self.store.get_dataset(dataset)
+            grants = self.store.list_grants(project, dataset)
+            if not sees_everything(actor.role):
+                mine = {p.name for p in self.store.list_projects(actor.name)}
+                grants = [g for g in grants if g.project in mine]
+            now = self.clock()
+            return [self._grant_row(g, now) for g in grants]
+
+    def reissue_token(self, actor: Actor, name: str) -> dict[str, Any]:
+        """A new token for ``name`` (an operator's call), shown once: the old one stops
+        working. A revoked user is active again (``reactivated``)."""
+        with self.ctx.act(actor, Action.USER_REISSUE, name) as extra:
+            was_active = self.store.get_user(name).active
+            user, token = self.store.reissue_token(name)
+            extra.update(reactivated=not was_active)
+            return {"user": user, "token": token, "reactivated": not was_active}
+
+    def dataset_caps(self, actor: Actor, dataset: str) -> dict[str, Any]:
+        """``dataset``'s zone-wide cap now (``None`` if never set), every cap set on it
+        (oldest first), one person's worst case at the service's clock, the ``epsilon_left``
+        under the cap and ``over_cap``; sets nothing (stewards and operators)."""
+        with self.ctx.act(actor, Action.DATASET_CAP_SHOW, dataset):
+            cap = self.store.dataset_cap(dataset)
+            history = self.store.dataset_cap_history(dataset)
+            worst = self.store.worst_case(dataset, self.clock())
+            left = None if cap is None else max(cap.epsilon - worst.epsilon, 0.0)
+            over = cap is not None and (
+                not within_cap(worst.epsilon, cap.epsilon)
+                or (cap.delta is not None and not within_cap(worst.delta, cap.delta))
+            )
+            return {
+                "dataset": dataset,
+                "cap": cap,
+                "history": history,
+                "worst_case": worst,
+                "epsilon_left": left,
+                "over_cap": over,
+            }
+
+    @staticmethod
+    def _check_owner(actor: Actor, project: ProjectRecord, what: str) -> None:
+        if actor.name != project.owner:
+            raise PolicyDenied(
+                f"{actor.name} is not the owner of project {project.name}; only the project"
+                f" owner may {what}",
+                missing=(f"ownership of project {project.name}",),
+                grantor="project owner",
+            )
+
+    @staticmethod
+    def _grant_row(grant: GrantRecord, now: datetime) -> dict[str, Any]:
+        return {
+            **grant.to_dict(),
+            "revoked": grant.revoked_at is not None,
+            "live": grant.view().live_at(now),
+        }

@@ -18,16 +18,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from connectors.dummy import dummy_table
+from connectors.external import write_table
 from connectors.schema import SchemaContract
 from foundation.errors import PolicyDenied, SpecError
 from policies.roles import Action, Actor, Role
+from privacy.dp_metrics import plan_job
 from sandbox.context import ProgressFn, ZoneContext
+from sandbox.disclosure import redact_counts, sees_everything
 from sandbox.jobs import JobRecord, JobState
 from sandbox.jobspec import JobSpec
 from sandbox.mechanisms.dpsgd import TRAIN_FRACTION
 from sandbox.mechanisms.dry_run import DryRunMechanism, DryRunRequest, synthetic_job
+from sandbox.mechanisms.federated import plan_sites
 from sandbox.mechanisms.synthetic import SyntheticMechanism, SynthRequest
 from sandbox.runner import JobRunner
+from sandbox.worker import EVAL_SHARE
+from training.federated.config import EVAL_SHARE as FED_EVAL_SHARE
 
 #: epsilons a quote's utility curve tries by default
 CURVE_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -45,8 +52,6 @@ class SynthCalls:
     def synth_dummy(
         self, actor: Actor, dataset: str, rows: int, out: Path, seed: int = 0
     ) -> dict[str, Any]:
-        from connectors.dummy import dummy_table
-        from connectors.external import write_table
 
         with self.ctx.act(actor, Action.SYNTH_DUMMY, dataset, {"rows": rows}):
             if not 1 <= rows <= 10_000_000:
@@ -176,21 +181,15 @@ class SynthCalls:
         The sample rate needs the training split's size: the quote uses the dataset card's
         person count times the split's train share (the worker uses the exact count, so the
         real figure may differ in the last digits; it never exceeds the job's epsilon)."""
-        from privacy.dp_metrics import plan_job
-        from sandbox.disclosure import redact_counts, sees_everything
-        from sandbox.worker import EVAL_SHARE
 
         with self.ctx.act(actor, Action.JOB_QUOTE, spec.project, {"dataset": spec.dataset}):
             rec = self.ctx.store.get_dataset(spec.dataset)
             if spec.federated is not None:
-                from sandbox.mechanisms.federated import plan_sites
-
                 # the same planning the submit runs: what it refuses, the quote refuses
                 site_plan = plan_sites(spec, rec)
                 per_site: dict[str, Any] = {
                     site: {"left_out": reason} for site, reason in site_plan.left_out.items()
                 }
-                from training.federated.config import EVAL_SHARE as FED_EVAL_SHARE
 
                 for site in site_plan.sites:
                     n_train = max(1, int(rec.sites[site] * TRAIN_FRACTION))

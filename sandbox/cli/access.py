@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -134,5 +134,68 @@ def revoke(
         as_json,
         lambda g: console.print(
             f"grant {g.id} revoked: {g.project} may no longer use {g.dataset} under it"
+        ),
+    )
+
+
+@app.command("show")
+def show(
+    request_id: Annotated[str, typer.Argument(metavar="ID")],
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one access request whole: what was asked, its state, who decided it and why,
+    the quote attached (the project's members, stewards, operators)."""
+    with session(zone, token) as s:
+        r = s.service.show_request(s.user, request_id)
+
+    def human(r: Any) -> None:
+        console.print(
+            f"[bold]{r.id}[/bold] ({r.state.value}): {r.project} on {r.dataset},"
+            f" requested by {r.requested_by} at {r.created_at:%Y-%m-%d %H:%M}"
+        )
+        console.print("columns: " + ", ".join(sorted(r.columns)))
+        console.print("mechanisms: " + ", ".join(sorted(m.value for m in r.mechanisms)))
+        console.print(f"epsilon {r.epsilon:g}, delta {r.delta:g}")
+        if r.decided_by is not None:
+            when = f" at {r.decided_at:%Y-%m-%d %H:%M}" if r.decided_at else ""
+            console.print(f"decided by {r.decided_by}{when}: {r.reason}")
+        if r.grant_id is not None:
+            console.print(f"grant: {r.grant_id}")
+        if r.quote is not None:
+            console.print("quote: " + json.dumps(r.quote, sort_keys=True))
+
+    emit(r, as_json, human)
+
+
+@app.command("grants")
+def grants(
+    project: Annotated[str | None, typer.Option("--project", help="one project's grants")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="one dataset's grants")] = None,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List grants (all for stewards and operators, your projects' for everyone else)."""
+    with session(zone, token) as s:
+        gs = s.service.list_grants(s.user, project=project, dataset=dataset)
+    emit(
+        {"grants": gs},
+        as_json,
+        lambda o: show_table(
+            gs,
+            [
+                "id",
+                "project",
+                "dataset",
+                "columns",
+                "mechanisms",
+                "epsilon",
+                "delta",
+                "expires_at",
+                "revoked",
+                "live",
+            ],
         ),
     )

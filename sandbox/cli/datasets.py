@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -153,5 +153,34 @@ def cap(
             )
         else:
             console.print(f"left under the cap: epsilon {o['epsilon_left']:g}")
+
+    emit(out, as_json, human)
+
+
+@app.command("caps")
+def caps(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a dataset's cap per person and every cap set on it, with one person's current
+    worst case (stewards, operators); sets nothing."""
+    with session(zone, token) as s:
+        out = s.service.dataset_caps(s.user, name)
+
+    def human(o: dict[str, Any]) -> None:
+        c, w = o["cap"], o["worst_case"]
+        if c is None:
+            console.print(f"dataset {o['dataset']} has no cap")
+        else:
+            d = "" if c.delta is None else f", delta {c.delta:g}"
+            console.print(f"dataset {c.dataset} capped at epsilon {c.epsilon:g}{d} per person")
+        console.print(f"one person's worst case now: epsilon {w.epsilon:g}, delta {w.delta:g}")
+        if o["over_cap"]:
+            console.print("[bold]over the cap[/bold]: every new grant on it is refused")
+        elif o["epsilon_left"] is not None:
+            console.print(f"left under the cap: epsilon {o['epsilon_left']:g}")
+        if o["history"]:
+            show_table(
+                [h.to_dict() for h in o["history"]],
+                ["set_at", "set_by", "epsilon", "delta"],
+                title="caps set, oldest first",
+            )
 
     emit(out, as_json, human)

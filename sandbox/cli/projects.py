@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -34,4 +34,61 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
         {"projects": ps},
         as_json,
         lambda o: show_table([p.to_dict() for p in ps], ["name", "owner", "status", "purpose"]),
+    )
+
+
+@app.command("show")
+def show(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a project: purpose, owner, status, members and its grants (members, stewards,
+    operators)."""
+    with session(zone, token) as s:
+        p = s.service.show_project(s.user, name)
+
+    def human(p: dict[str, Any]) -> None:
+        console.print(f"[bold]{p['name']}[/bold] ({p['status']}), owner {p['owner']}")
+        console.print(f"purpose: {p['purpose']}")
+        console.print("members: " + ", ".join(p["members"]))
+        if not p["grants"]:
+            console.print("no grants yet")
+            return
+        show_table(
+            p["grants"],
+            ["id", "dataset", "columns", "mechanisms", "epsilon", "delta", "expires_at", "revoked"],
+            title="grants",
+        )
+
+    emit(p, as_json, human)
+
+
+@app.command("add-member")
+def add_member(
+    name: str,
+    user: str,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a researcher or an analyst to your project (its owner only)."""
+    with session(zone, token) as s:
+        p = s.service.add_project_member(s.user, name, user)
+    emit(
+        p,
+        as_json,
+        lambda p: console.print(f"project {p.name} members: {', '.join(p.members)}"),
+    )
+
+
+@app.command("close")
+def close(
+    name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Close your project (its owner only): it keeps its history and runs nothing more."""
+    with session(zone, token) as s:
+        p = s.service.close_project(s.user, name)
+    emit(
+        p,
+        as_json,
+        lambda p: console.print(
+            f"project {p.name} closed: no new members, access requests or jobs"
+        ),
     )

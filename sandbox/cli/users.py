@@ -54,3 +54,22 @@ def revoke(
     with session(zone, token) as s:
         s.service.revoke_user(s.user, name)
     emit({"revoked": name}, as_json, lambda o: console.print(f"user {name} revoked"))
+
+
+@app.command("reissue")
+def reissue(
+    name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Give a user a new token (operators); prints it once. The old token stops working, and
+    a revoked user is active again."""
+    with session(zone, token) as s:
+        out = s.service.reissue_token(s.user, name)
+    again = " (reactivated: the user was revoked)" if out["reactivated"] else ""
+    emit(
+        out,
+        as_json,
+        lambda o: console.print(
+            f"user {name}: new token (shown once): [bold]{o['token']}[/bold];"
+            f" the old one no longer works{again}"
+        ),
+    )

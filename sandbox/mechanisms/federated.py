@@ -30,12 +30,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from connectors.preprocess import FeaturePlan
 from connectors.schema import SchemaContract
 from foundation.errors import BudgetExceeded, SpecError, ZoneError
 from policies.decisions import Mechanism
 from policies.roles import Actor
 from privacy.budget_events import BudgetKey
 from privacy.dp_metrics import describe_metrics
+from sandbox.backend import Resources
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.disclosure import redact_counts
 from sandbox.jobs import JobRecord
@@ -231,7 +233,6 @@ class FederatedMechanism(JobMechanism):
     def admit(
         self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
     ) -> Admission:
-        from sandbox.backend import Resources
 
         spec: JobSpec = request
         dataset = ctx.store.get_dataset(spec.dataset)
@@ -417,7 +418,6 @@ def _left_out(job_dir: Path) -> dict[str, str]:
 
 def _write_preprocessing(job_dir: Path, payload_path: Path) -> None:
     """The release's preprocessing: the same contract-only feature plan every site used."""
-    from connectors.preprocess import FeaturePlan
 
     payload = load_payload(payload_path.resolve())
     plan = FeaturePlan.from_contract(payload.contract, payload.config.features)

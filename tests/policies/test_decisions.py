@@ -124,15 +124,14 @@ def test_role_that_may_not_submit_is_denied() -> None:
 
 
 def test_action_is_what_the_role_is_checked_against() -> None:
-    g = grant(mechanisms=frozenset({Mechanism.DP_QUERY}))
-    q = job(user="ana", role=Role.ANALYST, mechanism=Mechanism.DP_QUERY, action=Action.QUERY_RUN)
-    assert decide(q, [g]).allowed
-    steward = job(
-        user="sam", role=Role.STEWARD, mechanism=Mechanism.DP_QUERY, action=Action.QUERY_RUN
-    )
-    assert decide(steward, [g], project_view=project(members=frozenset({"sam"}))).missing == (
-        "role researcher or analyst for query.run",
-    )
+    g = grant(mechanisms=frozenset({Mechanism.SYNTHETIC}))
+    with_sam = project(members=frozenset({"rita", "ana", "sam"}))
+    fit = job(user="sam", role=Role.STEWARD, mechanism=Mechanism.SYNTHETIC, action=Action.SYNTH_FIT)
+    assert decide(fit, [g], project_view=with_sam).allowed
+    submit = replace(fit, action=Action.JOB_SUBMIT)
+    assert decide(submit, [g], project_view=with_sam).missing == ("role researcher for job.submit",)
+    ana = job(user="ana", role=Role.ANALYST, mechanism=Mechanism.SYNTHETIC, action=Action.SYNTH_FIT)
+    assert decide(ana, [g]).missing == ("role steward or researcher for synth.fit",)
 
 
 def test_non_member_is_denied_and_told_to_ask_the_owner() -> None:

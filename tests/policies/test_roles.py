@@ -12,36 +12,39 @@ from policies.roles import PERMISSIONS, Action, Role, is_allowed, require, roles
 # Written out by hand from the design (roles.py's docstring), not derived from PERMISSIONS.
 # x = allowed, . = refused
 EXPECTED_GRID = """
-action          operator steward researcher analyst
-user.add        x        .       .          .
-user.revoke     x        .       .          .
-user.list       x        x       .          .
-dataset.ingest  .        x       .          .
-dataset.list    x        x       x          x
-dataset.show    .        x       x          x
-dataset.cap     .        x       .          .
-project.create  .        .       x          .
-project.list    x        x       x          x
-project.show    .        x       x          x
-access.request  .        .       x          .
-access.list     x        x       x          x
-access.approve  .        x       .          .
-access.deny     .        x       .          .
-access.revoke   .        x       .          .
-job.submit      .        .       x          .
-job.list        x        x       x          x
-job.status      x        x       x          x
-job.result      .        .       x          x
-job.cancel      .        .       x          .
-budget.show     .        x       x          x
-audit.list      x        x       .          .
-audit.verify    x        x       .          .
-synth.dummy     .        .       x          x
-query.run       .        .       x          x
-synth.fit       .        x       x          .
-synth.report    .        x       x          x
-synth.release   .        x       .          .
-job.quote       .        .       x          x
+action              operator steward researcher analyst
+user.add            x        .       .          .
+user.revoke         x        .       .          .
+user.list           x        x       .          .
+user.reissue        x        .       .          .
+dataset.ingest      .        x       .          .
+dataset.list        x        x       x          x
+dataset.show        .        x       x          x
+dataset.cap         .        x       .          .
+dataset.cap.show    x        x       .          .
+project.create      .        .       x          .
+project.list        x        x       x          x
+project.show        x        x       x          x
+project.member.add  .        .       x          .
+project.close       .        .       x          .
+access.request      .        .       x          .
+access.list         x        x       x          x
+access.approve      .        x       .          .
+access.deny         .        x       .          .
+access.revoke       .        x       .          .
+job.submit          .        .       x          .
+job.list            x        x       x          x
+job.status          x        x       x          x
+job.result          .        .       x          x
+job.cancel          .        .       x          .
+budget.show         .        x       x          x
+audit.list          x        x       .          .
+audit.verify        x        x       .          .
+synth.dummy         .        .       x          x
+synth.fit           .        x       x          .
+synth.report        .        x       x          x
+synth.release       .        x       .          .
+job.quote           .        .       x          x
 """
 
 
@@ -91,15 +94,16 @@ def test_action_values_are_the_service_calls() -> None:
         "project.create", "project.list", "project.show",
         "access.request", "access.list", "access.approve", "access.deny",
         "job.submit", "job.list", "job.status", "job.result", "job.cancel",
-        "budget.show", "audit.list", "audit.verify", "synth.dummy", "query.run",
+        "budget.show", "audit.list", "audit.verify", "synth.dummy",
         "synth.fit", "synth.report", "synth.release", "job.quote", "dataset.cap",
-        "access.revoke",
+        "access.revoke", "project.member.add", "project.close", "user.reissue",
+        "dataset.cap.show",
     ]  # fmt: skip
 
 
 def test_separation_of_duties() -> None:
     # who grants access never spends it; who runs the zone never decides access or sees data
-    for spend in (Action.JOB_SUBMIT, Action.QUERY_RUN, Action.ACCESS_REQUEST):
+    for spend in (Action.JOB_SUBMIT, Action.JOB_CANCEL, Action.ACCESS_REQUEST):
         assert not is_allowed(Role.STEWARD, spend)
         assert not is_allowed(Role.OPERATOR, spend)
     for decide in (
@@ -130,7 +134,7 @@ def test_denial_names_action_role_and_who_can() -> None:
 
 def test_denial_lists_every_role_that_may() -> None:
     with pytest.raises(PolicyDenied) as info:
-        require(Role.STEWARD, Action.QUERY_RUN)
+        require(Role.STEWARD, Action.JOB_RESULT)
     assert "roles that may: researcher, analyst" in info.value.reason
 
 
