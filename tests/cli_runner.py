@@ -1,4 +1,7 @@
-"""The installed ``sandbox`` command in a subprocess, as an attacker (or a script) meets it."""
+"""The installed ``sandbox`` command in a subprocess, as an attacker (or a script) meets it.
+
+Shared by ``tests/attacks`` and ``tests/sandbox`` (``tests/`` is on pytest's ``pythonpath``).
+"""
 
 from __future__ import annotations
 
