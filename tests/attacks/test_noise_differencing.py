@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,9 +88,12 @@ def _weights(zone: Path, token: str, job: str, out: Path) -> np.ndarray:
     return np.concatenate([tensors[k].ravel() for k in sorted(tensors)]).astype(np.float64)
 
 
-def test_free_twins_never_share_the_charged_runs_noise(tmp_path: Path) -> None:
+def test_free_twins_never_share_the_charged_runs_noise(tmp_path: Path, ray_local: Any) -> None:
     zone = tmp_path / "zone"
     rita = _zone(zone)
+    # the CLI attaches to the test session's Ray (a cluster by address, as an operator's
+    # would be) rather than starting one per command
+    ray = ("--ray-address", ray_local.get_runtime_context().gcs_address)
     # (nearly) everyone in one batch, from the quote's training-split estimate (the demo's
     # counts are public); 95% so that the exact split is never smaller than the batch
     quote = ok(
@@ -100,11 +104,13 @@ def test_free_twins_never_share_the_charged_runs_noise(tmp_path: Path) -> None:
 
     twins = []
     for i in range(2):
-        rec = ok(sandbox("submit", str(spec), "--on", "dummy", "--json", zone=zone, token=rita))
+        rec = ok(
+            sandbox("submit", str(spec), "--on", "dummy", *ray, "--json", zone=zone, token=rita)
+        )
         assert rec["state"] == "succeeded"
         plan = rec["result"]["plan"]
         twins.append((_weights(zone, rita, rec["id"], tmp_path / f"twin{i}"), plan))
-    charged = ok(sandbox("submit", str(spec), "--json", zone=zone, token=rita))
+    charged = ok(sandbox("submit", str(spec), *ray, "--json", zone=zone, token=rita))
     assert charged["state"] == "succeeded"
     w_real = _weights(zone, rita, charged["id"], tmp_path / "real")
 
