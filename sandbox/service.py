@@ -27,14 +27,9 @@ from foundation.errors import (
 )
 from foundation.sql import make_engine
 from policies.audit import AuditLog
-from policies.caps import within_cap
 from policies.db import create_schema
-from policies.decisions import Mechanism
-from policies.roles import ROLE_GRANTOR, Action, Actor, Role
+from policies.roles import Action, Actor, Role
 from policies.store import StateStore
-from policies.store_records import AccessRequestRecord, GrantRecord, ProjectRecord
-from policies.worst_case import ledger_grant_id
-from privacy.budget_events import BudgetKey
 from privacy.ledger import Ledger
 from sandbox.backend import InProcessBackend, JobBackend
 from sandbox.context import ProgressFn, ZoneContext
@@ -44,11 +39,12 @@ from sandbox.jobspec import JobSpec, Mode
 from sandbox.mechanisms.base import close_reservations, is_charged
 from sandbox.release import RELEASED_FILES, SYNTH_FILES, release_artefacts
 from sandbox.runner import JobRunner
+from sandbox.service_access import AccessCalls
 from sandbox.service_synth import SynthCalls
 from sandbox.zone import Zone
 
 
-class Service:
+class Service(AccessCalls):
     def __init__(
         self,
         zone: Zone,
@@ -199,141 +195,6 @@ class Service:
         with self.ctx.act(actor, Action.DATASET_SHOW, name):
             return dataset_view(self.store.get_dataset(name), role=actor.role)
 
-    # -- projects and access ------------------------------------------------------------------
-
-    def create_project(self, actor: Actor, name: str, purpose: str) -> Any:
-        with self.ctx.act(actor, Action.PROJECT_CREATE, name):
-            return self.store.create_project(name, purpose, actor.name)
-
-    def list_projects(self, actor: Actor) -> list[Any]:
-        with self.ctx.act(actor, Action.PROJECT_LIST):
-            mine = None if sees_everything(actor.role) else actor.name
-            return self.store.list_projects(mine)
-
-    def request_access(
-        self,
-        actor: Actor,
-        project: str,
-        dataset: str,
-        columns: list[str],
-        mechanisms: list[str],
-        epsilon: float,
-        delta: float,
-        quote: dict[str, Any] | None = None,
-    ) -> Any:
-        with self.ctx.act(
-            actor, Action.ACCESS_REQUEST, project, {"dataset": dataset, "epsilon": epsilon}
-        ):
-            # a steward's or operator's view does not make them a member who may ask
-            if actor.name not in self.store.project_view(project).members:
-                raise PolicyDenied(
-                    f"{actor.name} is not a member of project {project}",
-                    missing=("project membership",),
-                    grantor="project owner",
-                )
-            try:
-                mechs = [Mechanism(m) for m in mechanisms]
-            except ValueError:
-                raise SpecError(
-                    "--mechanism",
-                    "is not a known mechanism",
-                    f"use one of: {', '.join(m.value for m in Mechanism)}",
-                ) from None
-            return self.store.request_access(
-                project, dataset, columns, mechs, epsilon, delta, actor.name, quote
-            )
-
-    def list_requests(self, actor: Actor, pending_only: bool = False) -> list[Any]:
-        with self.ctx.act(actor, Action.ACCESS_LIST):
-            if sees_everything(actor.role):
-                return self.store.list_requests(pending_only=pending_only)
-            mine = {p.name for p in self.store.list_projects(actor.name)}
-            return [
-                r for r in self.store.list_requests(pending_only=pending_only) if r.project in mine
-            ]
-
-    def approve(
-        self,
-        actor: Actor,
-        request_id: str,
-        epsilon: float | None = None,
-        delta: float | None = None,
-        expires_at: datetime | None = None,
-    ) -> Any:
-        with self.ctx.act(actor, Action.ACCESS_APPROVE, request_id) as extra:
-            if expires_at is not None and expires_at <= self.clock():
-                raise SpecError("--expires", "is in the past", "give a future date (YYYY-MM-DD)")
-            # the dataset's zone-wide cap (every grant ever made on it, and what the ledger
-            # shows spent under expired and revoked ones), decided before anything is written
-            # (store.approve decides again in the transaction that writes the grant, against a
-            # racing approval)
-            cap = self.store.cap_decision(request_id, epsilon, delta, now=self.clock())
-            extra.update(
-                dataset=cap.dataset,
-                worst_case_epsilon=cap.after.epsilon,
-                **({} if cap.cap is None else {"cap_epsilon": cap.cap.epsilon}),
-            )
-            cap.raise_if_denied()
-            grant = self.store.approve(
-                request_id, actor.name, epsilon=epsilon, delta=delta, expires_at=expires_at
-            )
-            # the budget lives in the ledger; the grant row says what it covers. Federated
-            # training spends per hospital (disjoint patients): one budget per site.
-            keys = []
-            if grant.mechanisms - {Mechanism.FEDERATED}:
-                keys.append((BudgetKey(grant.project, grant.dataset), grant.id))
-            if Mechanism.FEDERATED in grant.mechanisms:
-                sites = sorted(self.store.get_dataset(grant.dataset).sites)
-                keys += [
-                    (BudgetKey(grant.project, grant.dataset, s), ledger_grant_id(grant.id, s))
-                    for s in sites
-                ]
-            for key, gid in keys:
-                self.ledger.grant(key, grant.epsilon, grant.delta, actor=actor.name, grant_id=gid)
-            extra.update(grant=grant.id, epsilon=grant.epsilon)
-            return grant
-
-    def set_dataset_cap(
-        self, actor: Actor, dataset: str, epsilon: float, delta: float | None = None
-    ) -> dict[str, Any]:
-        """Cap what one person of ``dataset`` may be charged across every project (a steward's
-        call). Returns the cap, one person's current worst case (``store.worst_case``: live
-        grants in full, expired and revoked ones by what the ledger shows they spent or
-        reserved), the ``epsilon_left`` under the cap and ``over_cap``: true when that already
-        goes over the new cap (the grants stay, and every new grant on the dataset is refused
-        until the worst case is back under it)."""
-
-        details = {"epsilon": epsilon, "delta": delta}
-        with self.ctx.act(actor, Action.DATASET_CAP, dataset, details) as extra:
-            try:
-                cap = self.store.set_dataset_cap(dataset, epsilon, delta, by=actor.name)
-            except SpecError as exc:  # name the CLI option, not the store's field
-                raise SpecError(f"--{exc.field}", exc.problem, exc.fix) from None
-            worst = self.store.worst_case(dataset, self.clock())
-            over = not within_cap(worst.epsilon, cap.epsilon) or (
-                cap.delta is not None and not within_cap(worst.delta, cap.delta)
-            )
-            extra.update(worst_case_epsilon=worst.epsilon, over_cap=over)
-            left = max(cap.epsilon - worst.epsilon, 0.0)
-            return {"cap": cap, "worst_case": worst, "over_cap": over, "epsilon_left": left}
-
-    def deny(self, actor: Actor, request_id: str, reason: str) -> Any:
-        with self.ctx.act(actor, Action.ACCESS_DENY, request_id):
-            if not reason.strip():
-                raise SpecError(
-                    "--reason", "is required", "say why, so the researcher can fix the request"
-                )
-            return self.store.deny(request_id, actor.name, reason)
-
-    def revoke_grant(self, actor: Actor, grant_id: str) -> Any:
-        """A steward ends a grant now: no job, quote or synthesis may use it from here on
-        (the access decision ignores revoked grants). What it already spent stays spent, and
-        it counts against the dataset's cap (``policies.caps``)."""
-        with self.ctx.act(actor, Action.ACCESS_REVOKE, grant_id) as extra:
-            grant = self.store.revoke_grant(grant_id, actor.name)
-            extra.update(project=grant.project, dataset=grant.dataset)
-            return grant
-
     # -- jobs -------------------------------------------------------------------------------
 
     def submit(
@@ -459,78 +320,6 @@ class Service:
             extra.update(chain_ok=bool(report.ok))
             return report
 
-    # -- project show, members and closing; a request, the grants; token reissue; caps ------
-
-    def show_project(self, actor: Actor, name: str) -> dict[str, Any]:
-        """A project's purpose, owner, status and members, and every grant it was given
-        (revoked and expired ones too, each marked ``revoked`` and ``live`` at the service's
-        clock): for its members, stewards and operators."""
-        with self.ctx.act(actor, Action.PROJECT_SHOW, name):
-            rec = self.store.get_project(name)
-            self.ctx.check_member(actor, name)
-            now = self.clock()
-            grants = [self._grant_row(g, now) for g in self.store.list_grants(project=name)]
-            return {**rec.to_dict(), "grants": grants}
-
-    def add_project_member(self, actor: Actor, project: str, user: str) -> ProjectRecord:
-        """The project's owner adds a researcher or an analyst (an active user) to an active
-        project; adding a member twice changes nothing. Stewards and operators are never
-        members: they see every project already, and their role may not spend."""
-        with self.ctx.act(actor, Action.PROJECT_MEMBER_ADD, project, {"member": user}):
-            self._check_owner(actor, self.store.get_project(project), "add members")
-            try:
-                role = self.store.get_user(user).role
-            except NotFoundError:
-                raise NotFoundError(f"unknown user {user!r}; an operator adds users") from None
-            if role not in (Role.RESEARCHER, Role.ANALYST):
-                raise PolicyDenied(
-                    f"{user} is a {role.value}; project members are researchers and analysts",
-                    missing=(f"role researcher or analyst for {user}",),
-                    grantor=ROLE_GRANTOR,
-                )
-            # the store checks the user is active and the project still active
-            return self.store.add_member(project, user, actor.name)
-
-    def close_project(self, actor: Actor, name: str) -> ProjectRecord:
-        """The project's owner closes it: it keeps its history, takes no new members, files
-        no access request and runs no job (``decide_job_access`` refuses a closed project);
-        its grants are not revoked (a steward's call) and still count against their
-        datasets' caps."""
-        with self.ctx.act(actor, Action.PROJECT_CLOSE, name):
-            self._check_owner(actor, self.store.get_project(name), "close it")
-            return self.store.close_project(name)
-
-    def show_request(self, actor: Actor, request_id: str) -> AccessRequestRecord:
-        """One access request whole (its columns, mechanisms, budget, state, who decided it
-        when and why, the quote attached, its grant): for the project's members, stewards
-        and operators."""
-        with self.ctx.act(actor, Action.ACCESS_LIST, request_id) as extra:
-            req = self.store.get_request(request_id)
-            extra.update(project=req.project)
-            self.ctx.check_member(actor, req.project)
-            return req
-
-    def list_grants(
-        self, actor: Actor, project: str | None = None, dataset: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Grants, oldest first, each marked ``revoked`` and ``live`` at the service's clock:
-        every grant for stewards and operators, those of the actor's projects for everyone
-        else (naming a project the actor is not a member of is refused)."""
-        details: dict[str, Any] = {"grants": True}
-        details.update({k: v for k, v in (("project", project), ("dataset", dataset)) if v})
-        with self.ctx.act(actor, Action.ACCESS_LIST, project or "", details):
-            if project is not None:
-                self.store.get_project(project)
-                self.ctx.check_member(actor, project)
-            if dataset is not None:
-                self.store.get_dataset(dataset)
-            grants = self.store.list_grants(project, dataset)
-            if not sees_everything(actor.role):
-                mine = {p.name for p in self.store.list_projects(actor.name)}
-                grants = [g for g in grants if g.project in mine]
-            now = self.clock()
-            return [self._grant_row(g, now) for g in grants]
-
     def reissue_token(self, actor: Actor, name: str) -> dict[str, Any]:
         """A new token for ``name`` (an operator's call), shown once: the old one stops
         working. A revoked user is active again (``reactivated``)."""
@@ -539,43 +328,3 @@ class Service:
             user, token = self.store.reissue_token(name)
             extra.update(reactivated=not was_active)
             return {"user": user, "token": token, "reactivated": not was_active}
-
-    def dataset_caps(self, actor: Actor, dataset: str) -> dict[str, Any]:
-        """``dataset``'s zone-wide cap now (``None`` if never set), every cap set on it
-        (oldest first), one person's worst case at the service's clock, the ``epsilon_left``
-        under the cap and ``over_cap``; sets nothing (stewards and operators)."""
-        with self.ctx.act(actor, Action.DATASET_CAP_SHOW, dataset):
-            cap = self.store.dataset_cap(dataset)
-            history = self.store.dataset_cap_history(dataset)
-            worst = self.store.worst_case(dataset, self.clock())
-            left = None if cap is None else max(cap.epsilon - worst.epsilon, 0.0)
-            over = cap is not None and (
-                not within_cap(worst.epsilon, cap.epsilon)
-                or (cap.delta is not None and not within_cap(worst.delta, cap.delta))
-            )
-            return {
-                "dataset": dataset,
-                "cap": cap,
-                "history": history,
-                "worst_case": worst,
-                "epsilon_left": left,
-                "over_cap": over,
-            }
-
-    @staticmethod
-    def _check_owner(actor: Actor, project: ProjectRecord, what: str) -> None:
-        if actor.name != project.owner:
-            raise PolicyDenied(
-                f"{actor.name} is not the owner of project {project.name}; only the project"
-                f" owner may {what}",
-                missing=(f"ownership of project {project.name}",),
-                grantor="project owner",
-            )
-
-    @staticmethod
-    def _grant_row(grant: GrantRecord, now: datetime) -> dict[str, Any]:
-        return {
-            **grant.to_dict(),
-            "revoked": grant.revoked_at is not None,
-            "live": grant.view().live_at(now),
-        }
