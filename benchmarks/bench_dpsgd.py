@@ -37,8 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout without an install
 
+from training.dpsgd_config import Clipping, DPSGDConfig  # noqa: E402
 from training.models import ModelConfig, ModelKind, build_model  # noqa: E402
-from training.trainer import Clipping, DPSGDConfig, poisson_batch, train_dpsgd  # noqa: E402
+from training.trainer import poisson_batch, train_dpsgd  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ROWS, FEATURES, HIDDEN, BATCH = 50_000, 40, (256, 256), 512

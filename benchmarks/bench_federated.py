@@ -53,7 +53,8 @@ from connectors.cohort import cohort_contract, generate_cohort  # noqa: E402
 from connectors.ingest import ingest_table  # noqa: E402
 from connectors.schema import SchemaContract  # noqa: E402
 from foundation.engine_env import configure_engine_env  # noqa: E402
-from training.federated.config import FederatedConfig, FederatedPayload  # noqa: E402
+from training.federated.config import FederatedConfig  # noqa: E402
+from training.federated.payload import FederatedPayload  # noqa: E402
 from training.models import ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -167,8 +168,8 @@ def timed_flower(path: Path, *, memory_at: tuple[int, ...] = ()) -> dict[str, An
 
 def planning_seconds(path: Path) -> float:
     """CPU time of every site's DP planning (the same calls the sites make at setup)."""
-    from training.federated.config import load_payload
-    from training.federated.site import make_plan
+    from training.federated.payload import load_payload
+    from training.federated.site_plan import make_plan
 
     payload = load_payload(path)
     summary = json.loads((payload.out_dir / "summary.json").read_text())

@@ -61,9 +61,10 @@ def main() -> None:
     import torch
 
     from connectors.cohort import cohort_contract, generate_cohort
+    from connectors.dataset_handle import DatasetHandle
     from connectors.ingest import ingest_table
     from connectors.preprocess import FeaturePlan
-    from connectors.reader import DatasetHandle, load_tensors
+    from connectors.reader import load_tensors
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-parquet-"))
     contract = cohort_contract()

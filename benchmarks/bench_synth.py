@@ -50,7 +50,8 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from connectors.cohort import cohort_contract, generate_cohort  # noqa: E402
-from connectors.ingest import DATA_FILE, ingest_table  # noqa: E402
+from connectors.governed_file import DATA_FILE  # noqa: E402
+from connectors.ingest import ingest_table  # noqa: E402
 from connectors.schema import SchemaContract  # noqa: E402
 from foundation.engine_env import configure_engine_env  # noqa: E402
 

@@ -42,7 +42,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from connectors.schema import ColumnSpec, Role, SchemaContract
+from connectors.schema import SchemaContract
+from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import SpecError
 
 #: Sites used when the contract declares no vocabulary for its site column.

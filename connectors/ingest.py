@@ -16,60 +16,34 @@ What happens, in order (nothing is written until every check has passed):
    secret. Direct identifiers are dropped. The table is cast to the contract's
    ``governed_arrow_schema()`` exactly.
 
-Layout of a governed dataset (``dest_dir``)::
-
-    dest_dir/data.parquet     one file, rows sorted by (site, pseudonym)
-
-Why one sorted file: every row group holds rows of a single site (groups are cut at site
-boundaries), so each group's site statistics have min == max and a site filter skips whole
-groups from the footer alone, without the file-per-site directory names that would put site
-values into paths. Sorting by pseudonym inside a site puts a person's rows side by side and
-drops the source's row order (which can carry admission order). The footer's key-value
-metadata (key ``safe_zone``) holds the contract and the counts (rows, persons, rows per site)
-so that summaries never read rows.
-
-Writing is atomic: the file is written into a temporary directory beside ``dest_dir`` and
-renamed into place; a failed ingest removes it and leaves nothing at ``dest_dir``.
+The checks of steps 1-3 are in ``connectors.ingest_sources`` (reading the source) and
+``connectors.ingest_checks`` (conversion and values); the governed file's layout (one file
+sorted by site and pseudonym, counts in the footer) and its atomic write are in
+``connectors.governed_file``.
 """
 
 from __future__ import annotations
 
-import csv
 import hmac
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from connectors.schema import ColumnSpec, Role, RowsPerPerson, SchemaContract
-from foundation.errors import BackendError, NotFoundError, SchemaError, SpecError
+from connectors.governed_file import LAYOUT_VERSION, _write_atomically
+from connectors.ingest_checks import _check_unique, _check_values, _conform
+from connectors.ingest_sources import _check_column_names, _read_csv, _read_parquet
+from connectors.schema import RowsPerPerson, SchemaContract
+from connectors.schema_columns import Role
+from foundation.errors import NotFoundError, SpecError
 
-#: file name of the governed Parquet inside a dataset directory
-DATA_FILE = "data.parquet"
-#: footer key-value metadata key holding the contract and counts (JSON)
-METADATA_KEY = b"safe_zone"
-#: version of the governed layout, so a future reader can refuse what it does not know
-LAYOUT_VERSION = 1
-# 128 Ki rows per row group: a float32 column chunk is ~0.5 MiB, so a site filter prunes at
-# a fine grain and decoding spreads over threads, while per-group costs (footer entries,
-# page headers, per-group read calls) stay well under 1% of a read.
-ROW_GROUP_ROWS = 131_072
 #: the zone's secret must be long enough that pseudonyms cannot be brute-forced
 MIN_SECRET_BYTES = 16
 # HMAC input is prefixed so a pseudonym can never equal a MAC the zone computes elsewhere
 # with the same secret (tokens, audit chain) over the same bytes.
 _PSEUDONYM_DOMAIN = b"safe-zone/pseudonym/v1\x00"
-
-_CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
 
 
 @dataclass(frozen=True)
@@ -169,253 +143,6 @@ def _check_dest(dest: Path) -> Path:
     return dest
 
 
-def _check_column_names(names: list[str], contract: SchemaContract) -> None:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise SchemaError(
-                f"column {name!r} appears twice in the source; rename or remove one",
-                column=name,
-            )
-        seen.add(name)
-    declared = set(contract.names)
-    for name in names:
-        if name not in declared:
-            raise SchemaError(
-                f"column {name!r} is in the source but not declared in the contract; "
-                "declare it with a role, or remove it from the source",
-                column=name,
-            )
-    for name in contract.names:
-        if name not in seen:
-            raise SchemaError(
-                f"column {name!r} is declared in the contract but missing from the source",
-                column=name,
-            )
-
-
-# --- reading sources --------------------------------------------------------------------------
-
-
-def _read_csv(source: Path, contract: SchemaContract) -> pa.Table:
-    header = _csv_header(source)
-    if not set(header) & set(contract.names):
-        # without a header the first data row would be echoed below as "column names"
-        raise SchemaError(
-            "the CSV's first row names none of the contract's columns; CSV sources need a "
-            "header row with the declared column names"
-        )
-    _check_column_names(header, contract)
-    # Every column is read as raw bytes and converted by _conform, so every conversion error
-    # is ours (column + row) and never pyarrow's (which quotes the value). Only an unquoted
-    # empty field is missing; a quoted "" is an empty string.
-    options = pacsv.ConvertOptions(
-        column_types={name: pa.binary() for name in header},
-        null_values=[""],
-        strings_can_be_null=True,
-        quoted_strings_can_be_null=False,
-    )
-    read = pacsv.ReadOptions(column_names=header, skip_rows=1)
-    parse = pacsv.ParseOptions(newlines_in_values=True)
-    failed = False
-    try:
-        table = pacsv.read_csv(
-            source, read_options=read, parse_options=parse, convert_options=options
-        )
-    except _CAST_ERRORS:
-        failed = True
-    if failed:  # raised outside the except block so pyarrow's message is not even __context__
-        raise _csv_structure_error(source, len(header))
-    return table
-
-
-def _csv_header(source: Path) -> list[str]:
-    """The header row, decoded on its own (a bad byte further down is reported by row later)."""
-    with source.open("rb") as handle:
-        first = handle.readline()
-    header: list[str] | None = None
-    try:
-        header = next(csv.reader([first.decode("utf-8-sig").rstrip("\r\n")]), None)
-    except (UnicodeDecodeError, csv.Error):
-        header = None
-    if not header:
-        raise SchemaError("the CSV source has no readable header row (UTF-8, comma-separated)")
-    return header
-
-
-def _csv_structure_error(source: Path, n_columns: int) -> SchemaError:
-    """Find the first malformed CSV record ourselves; pyarrow's parse errors quote the row."""
-    row = 0
-    problem = ""
-    try:
-        with source.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
-            reader = csv.reader(handle, strict=True)
-            next(reader, None)
-            for record in reader:
-                row += 1
-                if len(record) != n_columns:
-                    problem = f"has {len(record)} fields where the header has {n_columns}"
-                    break
-    except csv.Error:
-        row += 1
-        problem = "has broken quoting"
-    if problem:
-        return SchemaError(f"CSV data row {row} {problem}", row=row)
-    return SchemaError("the CSV source could not be parsed (check quoting and field counts)")
-
-
-def _read_parquet(source: Path, contract: SchemaContract) -> pa.Table:
-    failed = False
-    try:
-        names = list(pq.read_schema(source).names)
-    except (*_CAST_ERRORS, OSError):
-        failed = True
-    if failed:
-        raise SchemaError("the Parquet source is not a readable Parquet file")
-    _check_column_names(names, contract)
-    try:
-        table = pq.read_table(source, columns=list(contract.names))
-    except (*_CAST_ERRORS, OSError):
-        failed = True
-    if failed:
-        raise SchemaError("the Parquet source could not be decoded (damaged file?)")
-    return table
-
-
-# --- converting and checking ------------------------------------------------------------------
-
-
-def _first_failing(array: pa.Array, ok: Callable[[pa.Array], bool]) -> int:
-    """Index of the first element on which the elementwise check ``ok`` fails.
-
-    Halving search: the failing element is in the left half or else in the right, so the
-    total work is about twice one pass over the array.
-    """
-    lo, hi = 0, len(array)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(array.slice(lo, mid - lo)):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _castable(target: pa.DataType) -> Callable[[pa.Array], bool]:
-    def ok(array: pa.Array) -> bool:
-        try:
-            pc.cast(array, target, safe=True)
-        except _CAST_ERRORS:
-            return False
-        return True
-
-    return ok
-
-
-def _cast_or_locate(
-    column: pa.ChunkedArray, target: pa.DataType, spec: ColumnSpec, what: str
-) -> pa.ChunkedArray:
-    problem: type[Exception] | None = None
-    try:
-        return pc.cast(column, target, safe=True)
-    except _CAST_ERRORS as exc:
-        problem = type(exc)
-    # raised outside the except block: pyarrow's message (which quotes the value) must not
-    # travel even as the new error's __context__
-    if problem is pa.ArrowNotImplementedError:
-        raise SchemaError(
-            f"column {spec.name!r}: its source type cannot be converted to the declared type "
-            f"{spec.type} (fix the contract's type or the source)",
-            column=spec.name,
-        )
-    index = _first_failing(column.combine_chunks(), _castable(target))
-    raise SchemaError(
-        f"column {spec.name!r}: data row {index + 1} {what}",
-        column=spec.name,
-        row=index + 1,
-    )
-
-
-def _conform(column: pa.ChunkedArray, spec: ColumnSpec) -> pa.ChunkedArray:
-    """Convert one source column to its declared type, naming column and row on failure."""
-    if pa.types.is_dictionary(column.type):
-        column = pc.cast(column, column.type.value_type)
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        # CSV bytes: first they must be text at all
-        column = _cast_or_locate(column, pa.string(), spec, "is not valid UTF-8 text")
-    target = spec.arrow_type
-    if column.type == target:
-        return column
-    return _cast_or_locate(column, target, spec, f"does not parse as the declared type {spec.type}")
-
-
-def _first_true(mask: pa.ChunkedArray | pa.Array) -> int:
-    """Index of the first true element of a boolean mask (nulls count as false), or -1."""
-    found = pc.index(pc.fill_null(mask, False), True).as_py()
-    return -1 if found is None else int(found)
-
-
-def _check_values(column: pa.ChunkedArray, spec: ColumnSpec) -> None:
-    name = spec.name
-    if not spec.is_nullable and column.null_count:
-        row = _first_true(pc.is_null(column)) + 1
-        why = (
-            f"{spec.role.value} values can never be missing"
-            if spec.role in (Role.IDENTIFIER, Role.SITE, Role.LABEL)
-            else "the column is declared nullable = false"
-        )
-        raise SchemaError(
-            f"column {name!r}: data row {row} is missing, but {why}", column=name, row=row
-        )
-    if spec.role in (Role.IDENTIFIER, Role.SITE) and spec.type == "string":
-        row = _first_true(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)) + 1
-        if row:
-            raise SchemaError(
-                f"column {name!r}: data row {row} is blank; a {spec.role.value} must name something",
-                column=name,
-                row=row,
-            )
-    if spec.is_float:
-        row = _first_true(pc.is_nan(column)) + 1
-        if row:
-            raise SchemaError(
-                f"column {name!r}: data row {row} is NaN; write a missing value as an empty field",
-                column=name,
-                row=row,
-            )
-    low, high = spec.min, spec.max
-    if spec.role is Role.LABEL and spec.is_integer and low is None and high is None:
-        # an integer label without a declared domain is a 0/1 outcome (connectors.schema):
-        # a 2 must not slip in here and be clipped to 1 later
-        low, high = 0.0, 1.0
-    if low is not None and high is not None:
-        outside = pc.or_(pc.less(column, low), pc.greater(column, high))
-        row = _first_true(outside) + 1
-        if row:
-            raise SchemaError(
-                f"column {name!r}: data row {row} lies outside the declared domain "
-                f"[{low:g}, {high:g}] (correct the row or widen the contract's domain)",
-                column=name,
-                row=row,
-            )
-
-
-def _check_unique(codes: np.ndarray, n_distinct: int, name: str) -> None:
-    """With rows_per_person = "one", a repeated identifier is a contract breach."""
-    if n_distinct == codes.size:
-        return
-    # dictionary codes are handed out in order of first appearance, so a row repeats an
-    # earlier identifier exactly when its code is not above every code before it
-    running = np.maximum.accumulate(codes)
-    row = int(np.flatnonzero(codes[1:] <= running[:-1])[0]) + 2
-    raise SchemaError(
-        f"column {name!r}: data row {row} repeats an earlier identifier, but the contract "
-        'says rows_per_person = "one" (declare "many" if people have several rows)',
-        column=name,
-        row=row,
-    )
-
-
 def _pseudonyms(distinct: pa.Array, secret: bytes) -> pa.Array:
     """Pseudonym of each distinct identifier (hashed once each, however many rows it has)."""
     key = bytes(secret)
@@ -501,59 +228,3 @@ def _cross_site_persons(table: pa.Table, id_name: str | None, site_name: str | N
     per_person = table.group_by(id_name).aggregate([(site_name, "count_distinct")])
     sites_each = per_person.column(f"{site_name}_count_distinct")
     return int(pc.sum(pc.greater(sites_each, 1)).as_py() or 0)
-
-
-def _write_atomically(
-    governed: pa.Table,
-    dest: Path,
-    slices: list[int],
-    metadata: dict[str, object],
-    id_name: str | None,
-) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.ingest-", dir=dest.parent))
-    try:
-        target = tmp / DATA_FILE
-        schema = governed.schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
-        # pseudonyms are all distinct: a dictionary page for them would only be discarded
-        dictionary_columns = [n for n in governed.column_names if n != id_name]
-        with pq.ParquetWriter(
-            target,
-            schema,
-            compression="snappy",
-            use_dictionary=dictionary_columns,
-            write_statistics=True,
-        ) as writer:
-            start = 0
-            # one write per site: a row group never spans two sites (see the module docstring)
-            for count in slices:
-                writer.write_table(governed.slice(start, count), row_group_size=ROW_GROUP_ROWS)
-                start += count
-        with target.open("rb") as handle:
-            os.fsync(handle.fileno())
-        if dest.exists():
-            dest.rmdir()  # empty (checked before any work); rename replaces no directory
-        os.rename(tmp, dest)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BackendError(
-            f"could not write the governed dataset at {dest}: {exc.strerror}", retryable=True
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(dest.parent)
-    return dest / DATA_FILE
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems cannot open directories; the rename already happened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # best effort: durability of the directory entry, not correctness
-    finally:
-        os.close(fd)

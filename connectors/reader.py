@@ -26,19 +26,18 @@ What a read does, and why:
   read as dictionaries, so their strings are never materialised.
   ``benchmarks/bench_parquet.py`` measures this against ``pyarrow.parquet.read_table``.
 
-``dataset_summary`` answers rows, persons and rows per site from the footer alone.
+The handle is ``connectors.dataset_handle.DatasetHandle``; ``connectors.governed_file``
+checks the file against the contract from its footer (and ``dataset_summary`` answers rows,
+persons and rows per site from the footer alone).
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,10 +45,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from connectors.ingest import DATA_FILE, LAYOUT_VERSION, METADATA_KEY
-from connectors.preprocess import FeaturePlan, StepKind
+from connectors.dataset_handle import DatasetHandle
+from connectors.governed_file import _check_schema, _data_file, _footer_info, _read_metadata
+from connectors.preprocess import FeaturePlan
+from connectors.preprocess_steps import StepKind
 from connectors.schema import RowsPerPerson, SchemaContract
-from foundation.errors import NotFoundError, PolicyDenied, SchemaError, SpecError
+from foundation.errors import SchemaError, SpecError
 
 # Rows per streamed batch: 64 Ki rows x ~30 outputs of float32 is ~8 MiB per tensor, large
 # enough that per-batch Python costs vanish and small enough to keep memory flat.
@@ -68,72 +69,6 @@ class Split(StrEnum):
 
     TRAIN = "train"
     TEST = "test"
-
-
-class _OpenLatch:
-    """Runs ``on_open`` at most once per handle, even with concurrent readers.
-
-    The handle's fields are frozen; this latch only remembers whether the callback has run.
-    A callback that raises leaves the latch open, so the read is refused and a retry calls
-    it again.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._done = False
-
-    def fire(self, callback: Callable[[], None] | None) -> None:
-        with self._lock:
-            if self._done:
-                return
-            if callback is not None:
-                callback()
-            self._done = True
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    # a lock cannot be pickled; a handle sent to another process starts with a fresh lock
-    def __getstate__(self) -> dict[str, bool]:
-        return {"done": self._done}
-
-    def __setstate__(self, state: dict[str, bool]) -> None:
-        self._lock = threading.Lock()
-        self._done = bool(state.get("done", False))
-
-
-@dataclass(frozen=True)
-class DatasetHandle:
-    """Permission to read one governed dataset, tied to the job or grant that gave it."""
-
-    name: str
-    #: the dataset directory written by ingest, or its ``data.parquet``
-    path: Path
-    contract: SchemaContract
-    #: the job or grant id that authorised this read; required
-    authorization: str
-    #: called exactly once, before the first row is read (the job runner records data access)
-    on_open: Callable[[], None] | None = None
-    _latch: _OpenLatch = field(init=False, repr=False, compare=False, default_factory=_OpenLatch)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.authorization, str) or not self.authorization.strip():
-            raise PolicyDenied(
-                f"reading dataset {self.name!r} needs an authorization",
-                missing=("authorization (a job or grant id)",),
-                grantor="data steward",
-            )
-        if not isinstance(self.contract, SchemaContract):
-            raise SpecError("contract", "must be a SchemaContract", "pass the dataset's contract")
-        if self.on_open is not None and not callable(self.on_open):
-            raise SpecError("on_open", "must be callable or None", "pass a function")
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def opened(self) -> bool:
-        """Whether ``on_open`` has run (a row read has started through this handle)."""
-        return self._latch.done
 
 
 # --- public reads -----------------------------------------------------------------------------
@@ -188,74 +123,7 @@ def iter_batches(
     return read.batches(batch_rows)
 
 
-def dataset_summary(path: str | Path, contract: SchemaContract) -> dict[str, Any]:
-    """Rows, persons and rows per site of a governed dataset, from its footer alone."""
-    file = _data_file(Path(path), "dataset")
-    metadata = _read_metadata(file)
-    schema = metadata.schema.to_arrow_schema()
-    _check_schema(schema, contract)
-    info = _footer_info(schema)
-    if int(info["rows"]) != metadata.num_rows:
-        raise SchemaError("the governed file's footer counts disagree with its row groups")
-    return {
-        "rows": int(info["rows"]),
-        "persons": int(info["persons"]),
-        "sites": {str(k): int(v) for k, v in dict(info["sites"]).items()},
-        "row_groups": metadata.num_row_groups,
-        "columns": list(schema.names),
-    }
-
-
 # --- the read itself --------------------------------------------------------------------------
-
-
-def _data_file(path: Path, name: str) -> Path:
-    file = path / DATA_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise NotFoundError(f"dataset {name!r} has no governed data at {path}")
-    return file
-
-
-def _read_metadata(file: Path) -> pq.FileMetaData:
-    metadata: pq.FileMetaData | None
-    try:
-        metadata = pq.read_metadata(file)
-    except (pa.ArrowInvalid, OSError):
-        metadata = None
-    if metadata is None:  # raised outside the except block: pyarrow's message stays behind
-        raise SchemaError(f"{file.name} is not a readable Parquet file; re-ingest the dataset")
-    return metadata
-
-
-def _footer_info(schema: pa.Schema) -> dict[str, Any]:
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        raise SchemaError("the file is not a governed dataset (no ingest footer); ingest it first")
-    info = json.loads(raw)
-    if info.get("layout") != LAYOUT_VERSION:
-        raise SchemaError("the governed file has an unknown layout version; re-ingest it")
-    return info
-
-
-def _check_schema(schema: pa.Schema, contract: SchemaContract) -> None:
-    expected = contract.governed_arrow_schema()
-    for want in expected:
-        if want.name not in schema.names:
-            raise SchemaError(
-                f"column {want.name!r} of the contract is missing from the governed file",
-                column=want.name,
-            )
-        if schema.field(want.name).type != want.type:
-            raise SchemaError(
-                f"column {want.name!r} has a different type in the governed file than in the "
-                "contract; re-ingest with this contract",
-                column=want.name,
-            )
-    for name in schema.names:
-        if name not in expected.names:
-            raise SchemaError(
-                f"column {name!r} in the governed file is not in the contract", column=name
-            )
 
 
 def _site_list(sites: Sequence[str] | None, contract: SchemaContract) -> tuple[str, ...] | None:

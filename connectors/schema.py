@@ -6,6 +6,10 @@ declared vocabularies (``categories``) and declared fills. Preprocessing takes i
 from here and never from rows, because a range or vocabulary computed on real rows would be
 an uncharged release (see ``docs/privacy-model.md``).
 
+This module holds the contract as a whole (``SchemaContract``: TOML in, Arrow schemas out, the
+dataset-level rules); one column's declaration and its rules (``ColumnSpec``, ``Role``,
+``ARROW_TYPES``) are in ``connectors.schema_columns``.
+
 A contract looks like::
 
     [dataset]                       # optional
@@ -15,7 +19,7 @@ A contract looks like::
                                     # person and per-site counts? (default private)
 
     [columns.subject_id]
-    type = "string"                 # an Arrow type name, see ARROW_TYPES
+    type = "string"                 # an Arrow type name, see schema_columns.ARROW_TYPES
     role = "identifier"             # see Role
 
     [columns.age]
@@ -50,36 +54,18 @@ contract is built from something a data file said.
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import pyarrow as pa
 
-from foundation.errors import NotFoundError, SchemaError
-
-
-class Role(StrEnum):
-    """What a column is for; decides how the zone may use it."""
-
-    #: the privacy unit: one person (pseudonymised at ingest, then the unit of every bound)
-    IDENTIFIER = "identifier"
-    #: names, addresses, phone numbers: dropped at ingest, never stored in governed data
-    DIRECT_IDENTIFIER = "direct-identifier"
-    #: the hospital / data partner; the unit of federated and parallel composition
-    SITE = "site"
-    #: a prediction target; never usable as a feature
-    LABEL = "label"
-    #: usable as a model input
-    FEATURE = "feature"
-    #: special-category data (e.g. ethnicity): kept, but policies may restrict its use
-    SENSITIVE = "sensitive"
+from connectors.schema_columns import ColumnSpec, Role, _check_name, _fail
+from foundation.errors import NotFoundError
 
 
 class RowsPerPerson(StrEnum):
@@ -89,368 +75,9 @@ class RowsPerPerson(StrEnum):
     MANY = "many"
 
 
-#: Arrow type names a contract may use. A read-only mapping, so it is not mutable state.
-ARROW_TYPES: Mapping[str, pa.DataType] = MappingProxyType(
-    {
-        "string": pa.string(),
-        "bool": pa.bool_(),
-        "int8": pa.int8(),
-        "int16": pa.int16(),
-        "int32": pa.int32(),
-        "int64": pa.int64(),
-        "float32": pa.float32(),
-        "float64": pa.float64(),
-        "date32": pa.date32(),
-        "timestamp[s]": pa.timestamp("s"),
-        "timestamp[ms]": pa.timestamp("ms"),
-        "timestamp[us]": pa.timestamp("us"),
-        "timestamp[ns]": pa.timestamp("ns"),
-    }
-)
-
-_INTEGER_TYPES = frozenset({"int8", "int16", "int32", "int64"})
-_FLOAT_TYPES = frozenset({"float32", "float64"})
-_NUMERIC_TYPES = _INTEGER_TYPES | _FLOAT_TYPES
-_TEMPORAL_TYPES = frozenset(
-    {"date32", "timestamp[s]", "timestamp[ms]", "timestamp[us]", "timestamp[ns]"}
-)
-
-_COLUMN_KEYS = (
-    "type",
-    "role",
-    "min",
-    "max",
-    "categories",
-    "fill",
-    "missing_rate",
-    "positive_rate",
-    "nullable",
-    "description",
-)
 _DATASET_KEYS = ("description", "rows_per_person", "counts")
 _TOP_KEYS = ("dataset", "columns")
-
-# "__" and "=" are reserved by preprocessing's output names (``age__missing``, ``sex=F``),
-# so forbidding them in column names keeps every output name unique.
-_MAX_NAME_CHARS = 128
-_BAD_NAME = re.compile(r"__|=|[\x00-\x1f\x7f]")
 _TOML_LOCATION = re.compile(r"\(at line (\d+), column (\d+)\)")
-
-
-def _fail(key: str, problem: str, fix: str, column: str | None = None) -> SchemaError:
-    return SchemaError(f"schema contract: {key}: {problem} (fix: {fix})", column=column)
-
-
-def _is_number(value: object) -> bool:
-    # bool is a subclass of int in Python; `min = true` must not pass as a number
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _finite_float(value: object, key: str, column: str) -> float:
-    if not _is_number(value):
-        raise _fail(key, "must be a number", "write a plain integer or decimal", column)
-    try:
-        out = float(value)  # type: ignore[arg-type]
-    except OverflowError:
-        out = math.inf
-    if not math.isfinite(out):
-        raise _fail(key, "must be a finite number", "write a finite integer or decimal", column)
-    return out
-
-
-def _rate(value: object, key: str, column: str) -> float:
-    out = _finite_float(value, key, column)
-    if not 0.0 <= out <= 1.0:
-        raise _fail(key, "must lie between 0 and 1", "write a proportion such as 0.15", column)
-    return out
-
-
-@dataclass(frozen=True)
-class ColumnSpec:
-    """One declared column. ``type`` is a key of ``ARROW_TYPES``."""
-
-    name: str
-    type: str
-    role: Role
-    min: float | None = None
-    max: float | None = None
-    categories: tuple[str, ...] | None = None
-    fill: float | None = None
-    missing_rate: float | None = None
-    positive_rate: float | None = None
-    #: None means "the role's default": identifier, site and label are non-null, others nullable
-    nullable: bool | None = None
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        _check_name(self.name)
-        key = f"columns.{self.name}"
-        if not isinstance(self.type, str) or self.type not in ARROW_TYPES:
-            raise _fail(
-                f"{key}.type",
-                "is not a supported Arrow type name",
-                "use one of " + ", ".join(ARROW_TYPES),
-                self.name,
-            )
-        if not isinstance(self.role, Role):
-            try:
-                object.__setattr__(self, "role", Role(self.role))
-            except (ValueError, TypeError):
-                raise _fail(
-                    f"{key}.role",
-                    "is not a known role",
-                    "use one of " + ", ".join(r.value for r in Role),
-                    self.name,
-                ) from None
-        for field in ("min", "max", "fill", "missing_rate", "positive_rate"):
-            value = getattr(self, field)
-            if value is not None:
-                check = _rate if field.endswith("_rate") else _finite_float
-                object.__setattr__(self, field, check(value, f"{key}.{field}", self.name))
-        if self.categories is not None:
-            cats = self.categories
-            if isinstance(cats, str) or not isinstance(cats, tuple | list):
-                raise _fail(
-                    f"{key}.categories", "must be a list of strings", 'write ["A", "B"]', self.name
-                )
-            if not cats or not all(isinstance(c, str) for c in cats):
-                raise _fail(
-                    f"{key}.categories",
-                    "must be a non-empty list of strings",
-                    'write ["A", "B"]',
-                    self.name,
-                )
-            if len(set(cats)) != len(cats):
-                raise _fail(
-                    f"{key}.categories", "lists a category twice", "remove the repeat", self.name
-                )
-            object.__setattr__(self, "categories", tuple(cats))
-        if self.nullable is not None and not isinstance(self.nullable, bool):
-            raise _fail(
-                f"{key}.nullable", "must be true or false", "write true or false", self.name
-            )
-        if not isinstance(self.description, str):
-            raise _fail(f"{key}.description", "must be a string", 'write "..."', self.name)
-        self._check_role_rules(key)
-
-    # -- the rules that relate keys to type and role --------------------------------------
-    def _check_role_rules(self, key: str) -> None:
-        t, role, name = self.type, self.role, self.name
-        structural = role in (Role.IDENTIFIER, Role.DIRECT_IDENTIFIER)
-        if structural:
-            for field in ("min", "max", "categories", "fill", "positive_rate"):
-                if getattr(self, field) is not None:
-                    raise _fail(
-                        f"{key}.{field}",
-                        f"is not allowed on a {role.value} column",
-                        f"remove {field}",
-                        name,
-                    )
-        if role is Role.IDENTIFIER and t not in _INTEGER_TYPES and t != "string":
-            raise _fail(
-                f"{key}.type",
-                "an identifier must be a string or integer type",
-                'declare type = "string"',
-                name,
-            )
-        if role is Role.SITE and t != "string":
-            raise _fail(
-                f"{key}.type", "a site column must be a string", 'declare type = "string"', name
-            )
-        if role is Role.LABEL and t not in _INTEGER_TYPES and t != "bool":
-            raise _fail(
-                f"{key}.type",
-                "a label must be an integer or bool type",
-                'encode the outcome as 0/1 and declare type = "int8"',
-                name,
-            )
-        if role in (Role.IDENTIFIER, Role.SITE, Role.LABEL):
-            if self.nullable is True:
-                raise _fail(
-                    f"{key}.nullable",
-                    f"a {role.value} column can never be null",
-                    "remove nullable (or set it to false)",
-                    name,
-                )
-            if self.missing_rate not in (None, 0.0):
-                raise _fail(
-                    f"{key}.missing_rate",
-                    f"a {role.value} column can never be missing",
-                    "remove missing_rate",
-                    name,
-                )
-        elif self.nullable is False and self.missing_rate not in (None, 0.0):
-            raise _fail(
-                f"{key}.missing_rate",
-                "is above 0 on a column declared nullable = false",
-                "remove one of the two",
-                name,
-            )
-        if self.positive_rate is not None and role is not Role.LABEL:
-            raise _fail(f"{key}.positive_rate", "is only meaningful on a label", "remove it", name)
-        if (self.min is not None or self.max is not None) and t not in _NUMERIC_TYPES:
-            raise _fail(
-                f"{key}.min",
-                "a domain (min/max) needs an integer or float column",
-                "remove min and max, or change the type",
-                name,
-            )
-        if (self.min is None) != (self.max is None):
-            missing = "max" if self.max is None else "min"
-            raise _fail(
-                f"{key}.{missing}",
-                "is missing: min and max are declared together",
-                f"add {missing}",
-                name,
-            )
-        if self.min is not None and self.max is not None and self.min >= self.max:
-            raise _fail(
-                f"{key}.min",
-                "must be below max",
-                "declare min < max (the full plausible range)",
-                name,
-            )
-        if self.categories is not None and t != "string":
-            raise _fail(
-                f"{key}.categories",
-                "is only allowed on a string column",
-                "remove categories, or declare min/max for a numeric column",
-                name,
-            )
-        if self.categories is not None and role is Role.LABEL:
-            raise _fail(f"{key}.categories", "is not allowed on a label", "remove it", name)
-        if self.fill is not None:
-            if t not in _NUMERIC_TYPES and t != "bool":
-                raise _fail(
-                    f"{key}.fill",
-                    "is only allowed on numeric and bool columns",
-                    "remove fill (missing categories get their own indicator)",
-                    name,
-                )
-            if t == "bool" and self.fill not in (0.0, 1.0):
-                raise _fail(f"{key}.fill", "a bool fill must be 0 or 1", "write 0 or 1", name)
-            if (
-                self.min is not None
-                and self.max is not None
-                and not (self.min <= self.fill <= self.max)
-            ):
-                raise _fail(
-                    f"{key}.fill", "lies outside the declared [min, max]", "move it inside", name
-                )
-        if role is Role.FEATURE:
-            if t in _NUMERIC_TYPES and self.min is None:
-                raise _fail(
-                    f"{key}.min",
-                    "a numeric feature needs a declared domain",
-                    "declare min and max (plausible bounds, not ones computed from the data)",
-                    name,
-                )
-            if t == "string" and self.categories is None:
-                raise _fail(
-                    f"{key}.categories",
-                    "a string feature needs a declared vocabulary",
-                    'declare categories = ["..."] (values outside it map to "other")',
-                    name,
-                )
-
-    # -- derived facts ---------------------------------------------------------------------
-    @property
-    def arrow_type(self) -> pa.DataType:
-        return ARROW_TYPES[self.type]
-
-    @property
-    def is_nullable(self) -> bool:
-        if self.role in (Role.IDENTIFIER, Role.SITE, Role.LABEL):
-            return False
-        return True if self.nullable is None else self.nullable
-
-    @property
-    def is_numeric(self) -> bool:
-        return self.type in _NUMERIC_TYPES
-
-    @property
-    def is_integer(self) -> bool:
-        return self.type in _INTEGER_TYPES
-
-    @property
-    def is_float(self) -> bool:
-        return self.type in _FLOAT_TYPES
-
-    @property
-    def is_temporal(self) -> bool:
-        return self.type in _TEMPORAL_TYPES
-
-    def to_dict(self) -> dict[str, Any]:
-        """The column's TOML table as JSON-safe values, without the name."""
-        out: dict[str, Any] = {"type": self.type, "role": self.role.value}
-        for field in ("min", "max", "fill", "missing_rate", "positive_rate"):
-            value = getattr(self, field)
-            if value is not None:
-                out[field] = value
-        if self.categories is not None:
-            out["categories"] = list(self.categories)
-        if self.nullable is not None:
-            out["nullable"] = self.nullable
-        if self.description:
-            out["description"] = self.description
-        return out
-
-    @classmethod
-    def from_dict(cls, name: str, table: object) -> ColumnSpec:
-        key = f"columns.{name}"
-        if not isinstance(table, Mapping):
-            raise _fail(key, "must be a table", f"write [{key}] with type and role", name)
-        unknown = [k for k in table if k not in _COLUMN_KEYS]
-        if unknown:
-            raise _fail(
-                f"{key}.{unknown[0]}" if isinstance(unknown[0], str) else key,
-                "is not a known column key",
-                "use only " + ", ".join(_COLUMN_KEYS),
-                name,
-            )
-        for required in ("type", "role"):
-            if required not in table:
-                raise _fail(f"{key}.{required}", "is missing", f"add {required} = ...", name)
-        role = table["role"]
-        if not isinstance(role, str) or role not in {r.value for r in Role}:
-            raise _fail(
-                f"{key}.role",
-                "is not a known role",
-                "use one of " + ", ".join(r.value for r in Role),
-                name,
-            )
-        categories = table.get("categories")
-        if isinstance(categories, list):
-            categories = tuple(categories)
-        return cls(
-            name=name,
-            type=table["type"],
-            role=Role(role),
-            min=table.get("min"),
-            max=table.get("max"),
-            categories=categories,
-            fill=table.get("fill"),
-            missing_rate=table.get("missing_rate"),
-            positive_rate=table.get("positive_rate"),
-            nullable=table.get("nullable"),
-            description=table.get("description", ""),
-        )
-
-
-def _check_name(name: object) -> None:
-    if not isinstance(name, str) or not name or name != name.strip():
-        raise _fail(
-            "columns",
-            "a column name is empty, not a string, or has surrounding spaces",
-            "name every column with visible characters",
-        )
-    if len(name) > _MAX_NAME_CHARS or _BAD_NAME.search(name):
-        raise _fail(
-            f"columns.{name}" if len(name) <= _MAX_NAME_CHARS else "columns",
-            f'a column name may not contain "__", "=" or control characters, '
-            f"nor exceed {_MAX_NAME_CHARS} characters",
-            "rename the column (in the data file too)",
-        )
 
 
 @dataclass(frozen=True)

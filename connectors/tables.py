@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from connectors.ingest import DATA_FILE
-from connectors.reader import DatasetHandle, Split, _hex_prefix, _splitmix64
-from connectors.schema import Role
+from connectors.dataset_handle import DatasetHandle
+from connectors.governed_file import DATA_FILE
+from connectors.reader import Split, _hex_prefix, _splitmix64
+from connectors.schema_columns import Role
 from foundation.errors import SpecError
 
 

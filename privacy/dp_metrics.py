@@ -14,7 +14,7 @@ post-processing of one Gaussian-noised histogram:
 - **Noise:** independent N(0, sigma^2) on every cell, drawn from the caller's ``rng``.
 - **Charge:** the caller charges ``GaussianStep(sigma, 1.0, 1)`` to the ledger *before* the
   result leaves the zone (``plan_dpsgd`` calibrates ``eval_sigma`` for exactly that). A job
-  that does not want the evaluation plans without it (:func:`plan_job` with
+  that does not want the evaluation plans without it (``privacy.job_plan.plan_job`` with
   ``evaluate=False``): no histogram, no charge, the whole epsilon goes to training.
 
 Everything reported (AUROC, accuracy, ECE, n) is computed from the noisy counts only, so it
@@ -23,38 +23,8 @@ costs nothing further. No raw score, label or exact count is returned.
 **Honest figures at small n.** A point estimate alone misleads when the noise is as large
 as the counts: 220 test persons under sigma 18 gave "AUROC 1.000, accuracy 1.000" for a model
 whose AUROC is 0.62. So every metric comes with a 95% interval and the result carries an
-``unreliable`` flag with a reason:
-
-- **Interval:** a parametric bootstrap of the released histogram (:data:`REDRAWS` redraws).
-  Each redraw adds to the noisy histogram (a) Poisson test-set sampling, centred, with each
-  cell's noisy count (raised to 0) as its mean, and (b) fresh N(0, sigma^2) noise on every
-  cell, and recomputes the metrics. So the interval covers both the DP noise and the sampling
-  error of a finite test set (it targets the model's performance on the population the test
-  persons come from, and so also covers the AUROC of the test persons themselves). AUROC and
-  accuracy take the 2.5 and 97.5 percentiles of the redraws. ECE is biased upward under
-  noise (it averages absolute gaps of noisy rates) and every redraw carries that bias twice,
-  so its interval is the basic (reflected) bootstrap interval ``[2m - q97.5, 2m - q2.5]``,
-  which removes a bias the redraws share with the estimate. A metric that is undefined (no
-  noisy positives or negatives, nothing counted) in more than :data:`MAX_UNDEFINED_SHARE` of
-  the redraws gets its whole range [0, 1] as interval. ``n_noisy``'s interval is the DP
-  noise's alone (``+- 1.96 sigma sqrt(2 bins)``): the test set's size is not a sample.
-  The redraws use the caller's ``rng`` after the histogram's noise: they are post-processing
-  of the released histogram, cost no privacy, and are as unpredictable as the noise.
-  What the interval does not cover: the binning (ties within a bin count half; on
-  calibrated cohorts the binned AUROC is ~0.003 below the exact one) and, for ECE, the bin
-  centre standing in for the bin's mean score (at most 0.047, see below).
-- **Unreliable** (``unreliable: true`` and ``unreliable_reason``), by these rules in turn:
-
-  1. a metric is undefined under the noise, in the estimate or in more than
-     :data:`MAX_UNDEFINED_SHARE` of the redraws; or the noisy count of positives or of
-     negatives is below :data:`SWAMP_SDS` noise standard deviations of that count
-     (``sigma * sqrt(bins)``, the noise of a sum of ``bins`` cells). Reason:
-     :data:`SWAMPED`, "the evaluation noise swamps the test counts".
-  2. the 95% interval of AUROC, accuracy or ECE is wider than :data:`MAX_RELIABLE_WIDTH`
-     (0.25: an AUROC "between 0.55 and 0.80" says little). Reason: the metric and the width.
-
-  At 220 test persons (~30 positives) under sigma 18, rule 1 fires in nearly every run; at
-  10,000 persons under sigma 10 neither rule fires and the AUROC interval is ~0.03 wide.
+``unreliable`` flag with a reason: ``privacy.dp_intervals`` says how the intervals are
+drawn and by which rules the flag is raised.
 
 ECE leaves out the bins whose noisy count (both labels) is within :data:`ECE_MIN_BIN_SDS`
 noise standard deviations (``sigma * sqrt 2``) of zero: their "positive rate" is noise, and
@@ -69,16 +39,24 @@ generator, not a discrete/secure sampler; the guarantee is the idealised mechani
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from foundation.errors import SpecError
-
-if TYPE_CHECKING:
-    from privacy.accountant import DPSGDPlan, GaussianStep
+from privacy.dp_intervals import (
+    CONFIDENCE,
+    MAX_RELIABLE_WIDTH,
+    METRICS,
+    REDRAWS,
+    SWAMP_SDS,
+    SWAMPED,
+    Z_975,
+    bootstrap_interval,
+    interval_method,
+    redraw_histograms,
+)
 
 #: Threshold for accuracy. Bins are even in number so that it is a bin edge and "predicted
 #: positive" is exactly "score >= 0.5", with no bin straddling the threshold.
@@ -88,37 +66,8 @@ LOGIT_RANGE = 6.0
 #: 32 bins of 0.375 logits: enough resolution for AUROC, few enough cells that the noise of
 #: the occupied ones stays small (each cell carries N(0, sigma^2))
 DEFAULT_BINS = 32
-
-#: redraws of the parametric bootstrap behind every interval (~10 ms at 32 bins)
-REDRAWS = 1000
-#: the intervals' coverage
-CONFIDENCE = 0.95
-#: rule 1: a class whose noisy count is below this many noise sd (sigma * sqrt(bins)) is swamped
-SWAMP_SDS = 2.0
-#: rule 2: an interval (AUROC, accuracy or ECE) wider than this marks the evaluation unreliable
-MAX_RELIABLE_WIDTH = 0.25
-#: a metric undefined in more than this share of the redraws gets its whole range as interval
-MAX_UNDEFINED_SHARE = 0.025
 #: ECE leaves out bins whose noisy count is within this many noise sd (sigma * sqrt 2) of 0
 ECE_MIN_BIN_SDS = 2.0
-#: the reason of rule 1, as the card and the CLI print it
-SWAMPED = "the evaluation noise swamps the test counts"
-
-
-#: how the intervals were made (written next to them)
-def _interval_method(redraws: int) -> str:
-    return (
-        f"{CONFIDENCE:.0%} parametric bootstrap, {redraws} redraws of the Gaussian noise and of "
-        "Poisson test-set sampling around the noisy counts (percentile; basic for ECE); "
-        "n_noisy: the noise alone"
-    )
-
-
-INTERVAL_METHOD = _interval_method(REDRAWS)
-#: the bounded metrics, in display order
-METRICS = ("auroc", "accuracy", "ece")
-
-_Z = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
 def _bin_index(scores: np.ndarray, bins: int) -> np.ndarray:
@@ -174,7 +123,7 @@ class DPMetrics:
         }
         out["unreliable"] = bool(self.unreliable)
         out["unreliable_reason"] = self.unreliable_reason
-        out["ci_method"] = _interval_method(self.redraws)
+        out["ci_method"] = interval_method(self.redraws)
         return out
 
 
@@ -286,36 +235,6 @@ def _ece(h: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def _redraws(noisy: np.ndarray, sigma: float, rng: np.random.Generator, redraws: int) -> np.ndarray:
-    """``(redraws, 2, bins)``: the noisy histogram + centred Poisson sampling + fresh noise."""
-    mean = np.maximum(noisy, 0.0)
-    shape = (redraws, *noisy.shape)
-    sampled = rng.poisson(np.broadcast_to(mean, shape)).astype(np.float64) - mean
-    out = noisy + sampled
-    if sigma > 0:
-        out = out + rng.normal(0.0, sigma, size=shape)
-    return out
-
-
-def _interval(
-    point: float, draws: np.ndarray, *, basic: bool = False
-) -> tuple[tuple[float, float], bool]:
-    """``((low, high), defined)``: the bootstrap interval of a [0, 1] metric; its whole range
-    (and ``defined`` False) when the metric is undefined in the estimate or too many redraws."""
-    undefined = float(np.mean(np.isnan(draws))) if draws.size else 1.0
-    if math.isnan(point) or undefined > MAX_UNDEFINED_SHARE:
-        return (0.0, 1.0), False
-    tail = (1.0 - CONFIDENCE) / 2.0 * 100.0
-    q_lo, q_hi = (float(q) for q in np.nanpercentile(draws, [tail, 100.0 - tail]))
-    if basic:
-        q_lo, q_hi = 2.0 * point - q_hi, 2.0 * point - q_lo
-    lo = min(max(q_lo, 0.0), 1.0)
-    hi = min(max(q_hi, 0.0), 1.0)
-    # the interval always holds its own estimate (the percentiles of a lopsided redraw
-    # distribution can miss it by a hair)
-    return (min(lo, point), max(hi, point)), True
-
-
 def metrics_from_histogram(
     noisy: np.ndarray,
     sigma: float,
@@ -343,12 +262,12 @@ def metrics_from_histogram(
     total = float(noisy.sum())
     n_sd = sigma * math.sqrt(2.0 * bins)
     n_noisy = max(0.0, total)
-    n_noisy_ci = (max(0.0, total - _Z * n_sd), max(0.0, total + _Z * n_sd))
+    n_noisy_ci = (max(0.0, total - Z_975 * n_sd), max(0.0, total + Z_975 * n_sd))
 
-    draws = _redraws(noisy, sigma, rng, redraws)
-    auroc_ci, auroc_ok = _interval(auroc, _auroc(draws))
-    accuracy_ci, accuracy_ok = _interval(accuracy, _accuracy(draws))
-    ece_ci, ece_ok = _interval(ece, _ece(draws, sigma), basic=True)
+    draws = redraw_histograms(noisy, sigma, rng, redraws)
+    auroc_ci, auroc_ok = bootstrap_interval(auroc, _auroc(draws))
+    accuracy_ci, accuracy_ok = bootstrap_interval(accuracy, _accuracy(draws))
+    ece_ci, ece_ok = bootstrap_interval(ece, _ece(draws, sigma), basic=True)
 
     class_sd = sigma * math.sqrt(bins)
     smaller_class = min(float(noisy[0].sum()), float(noisy[1].sum()))
@@ -405,112 +324,3 @@ def dp_binary_metrics(
     """
     noisy = noisy_histogram(scores, labels, sigma, rng, bins=bins)
     return metrics_from_histogram(noisy, float(sigma), rng)
-
-
-# --- display --------------------------------------------------------------------------------
-
-
-def format_metric(value: float | None, interval: Any) -> str:
-    """``0.702 (95% CI 0.655-0.748)``: three significant digits; an undefined metric reads
-    ``undefined``."""
-
-    def g(x: float) -> str:
-        return f"{x:#.3g}"
-
-    head = "undefined" if value is None or math.isnan(value) else g(float(value))
-    if interval is None:
-        return head
-    lo, hi = (float(x) for x in interval)
-    return f"{head} ({CONFIDENCE:.0%} CI {g(lo)}-{g(hi)})"
-
-
-def describe_metrics(metrics: Mapping[str, Any] | None) -> dict[str, str]:
-    """Display lines of a :meth:`DPMetrics.to_dict` (or an older dict without intervals):
-    ``{"auroc": "0.702 (95% CI 0.655-0.748)", ..., "unreliable": "<reason>"}``; the
-    ``unreliable`` entry only when flagged. Empty for no metrics (a skipped evaluation)."""
-    if not metrics:
-        return {}
-    ci = metrics.get("ci95") or {}
-    out = {
-        name: format_metric(metrics.get(name), ci.get(name)) for name in METRICS if name in metrics
-    }
-    if metrics.get("unreliable"):
-        out["unreliable"] = str(metrics.get("unreliable_reason") or SWAMPED)
-    return out
-
-
-# --- planning a job with or without its evaluation -------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainingOnlyPlan:
-    """A DP-SGD plan with no evaluation release: the whole target goes to training.
-
-    The same figures (and ``to_dict`` keys) as ``privacy.accountant.DPSGDPlan``, with
-    ``eval_sigma`` None; :meth:`history` holds the training step only."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    steps_per_epoch: int
-    epsilon: float
-    delta: float
-    target_epsilon: float
-    eval_sigma: None = None
-
-    @property
-    def training_step(self) -> GaussianStep:
-        from privacy.accountant import GaussianStep
-
-        return GaussianStep(self.noise_multiplier, self.sample_rate, self.steps)
-
-    def history(self) -> tuple[GaussianStep, ...]:
-        return (self.training_step,)
-
-    def to_dict(self) -> dict[str, Any]:
-        from privacy.accountant import NEIGHBOURING, UNIT, Accountant
-
-        out = asdict(self)
-        out.update(accountant=Accountant.RDP.value, neighbouring=NEIGHBOURING, unit=UNIT)
-        return out
-
-
-def plan_job(
-    target_epsilon: float,
-    delta: float,
-    n_persons: int,
-    batch_size: int,
-    epochs: int,
-    *,
-    evaluate: bool,
-    eval_share: float,
-) -> DPSGDPlan | TrainingOnlyPlan:
-    """``plan_dpsgd`` (training + one evaluation release taking ``eval_share`` of the
-    target) when ``evaluate``; otherwise a :class:`TrainingOnlyPlan` calibrated with the
-    same checks for training alone. (``plan_dpsgd`` refuses ``eval_share = 0``: it always
-    plans the evaluation release.)"""
-    from privacy import accountant as acc
-
-    if evaluate:
-        return acc.plan_dpsgd(
-            target_epsilon, delta, n_persons, batch_size, epochs, eval_share=eval_share
-        )
-    acc._check_epsilon(target_epsilon)
-    acc._check_delta(delta)
-    sample_rate, steps_per_epoch, steps = acc.dpsgd_schedule(n_persons, batch_size, epochs)
-    if delta >= 1.0 / n_persons:
-        # as plan_dpsgd: delta >= 1/n admits mechanisms that publish some person's record
-        raise SpecError(
-            "privacy.delta", f"delta must be below 1/persons ({n_persons})", "use e.g. 1e-6"
-        )
-    sigma = acc.calibrate_noise(target_epsilon, delta, sample_rate, steps)
-    epsilon = acc.epsilon_for([acc.GaussianStep(sigma, sample_rate, steps)], delta)
-    return TrainingOnlyPlan(
-        noise_multiplier=sigma,
-        sample_rate=sample_rate,
-        steps=steps,
-        steps_per_epoch=steps_per_epoch,
-        epsilon=epsilon,
-        delta=delta,
-        target_epsilon=target_epsilon,
-    )

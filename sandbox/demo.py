@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from privacy.dp_metrics import describe_metrics
+from privacy.dp_intervals import describe_metrics
 from sandbox.jobspec import parse_job_toml
 
 DEMO_FEATURES = [

@@ -24,7 +24,7 @@ SYNTH_FILES = ("synthetic.parquet", "synth_card.json")
 def write_model_card(
     job_dir: Path, job: JobRecord, dataset: Any, result: DpsgdResult, *, backend: str
 ) -> Path:
-    from privacy.dp_metrics import INTERVAL_METHOD, describe_metrics
+    from privacy.dp_intervals import INTERVAL_METHOD, describe_metrics
 
     plan = result.plan
     spec = job.spec

@@ -23,7 +23,7 @@ from connectors.external import write_table
 from connectors.schema import SchemaContract
 from foundation.errors import PolicyDenied, SpecError
 from policies.roles import Action, Actor, Role
-from privacy.dp_metrics import plan_job
+from privacy.job_plan import plan_job
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.disclosure import redact_counts, sees_everything
 from sandbox.jobs import JobRecord, JobState

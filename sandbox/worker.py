@@ -58,17 +58,21 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     import torch
     from safetensors.torch import save_file
 
+    from connectors.dataset_handle import DatasetHandle
     from connectors.preprocess import FeaturePlan
-    from connectors.reader import DatasetHandle, Split, load_split
+    from connectors.reader import Split, load_split
     from connectors.schema import SchemaContract
     from foundation.engine_env import configure_engine_env
     from foundation.sql import make_engine
     from privacy.accountant import GaussianStep, epsilon_for
-    from privacy.dp_metrics import dp_binary_metrics, plan_job
+    from privacy.dp_metrics import dp_binary_metrics
+    from privacy.job_plan import plan_job
     from sandbox.jobs import JobStore
     from sandbox.jobspec import parse_job_spec
+    from training.dpsgd_config import Device, DPSGDConfig, EpochProgress
     from training.models import build_model
-    from training.trainer import Device, DPSGDConfig, EpochProgress, predict_proba, train_dpsgd
+    from training.scoring import predict_proba
+    from training.trainer import train_dpsgd
 
     # DP noise and the Poisson draws come from the run's own secret, never from the spec:
     # the researcher knows the spec's seed, and a free dry run of the same spec must not

@@ -62,7 +62,7 @@ def test_denied_job_never_opens_data(tmp_path: Path) -> None:
 
 def test_handle_requires_authorization(tmp_path: Path) -> None:
     from connectors.cohort import cohort_contract
-    from connectors.reader import DatasetHandle
+    from connectors.dataset_handle import DatasetHandle
 
     with pytest.raises(PolicyDenied):
         DatasetHandle(name="cohort", path=tmp_path, contract=cohort_contract(), authorization="")

@@ -29,7 +29,7 @@ The formula holds only when every layer sees one row per sample and nothing mixe
 so ``supports`` accepts exactly: an ``nn.Linear``, or an ``nn.Sequential`` (nested allowed)
 of ``nn.Linear`` and the parameter-free element-wise activations below, each Linear used
 once, no shared or frozen parameters, no buffers. Exact types only: a subclass may override
-``forward``. Anything else goes to Opacus (``training.trainer`` chooses).
+``forward``. Anything else goes to Opacus (``training.clipping`` chooses).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DP-SGD for binary classifiers on in-memory tensors: the zone's one Opacus user.
+"""DP-SGD for binary classifiers on in-memory tensors: Poisson sampling and the loop.
 
 One step, exactly as the accountant (``privacy.accountant``) models it:
 
@@ -24,7 +24,8 @@ from the OS's cryptographic generator, and a fixed seed is for tests, benchmarks
 steward's replay with a seed only the zone holds. torch's generators themselves are not
 cryptographic and the noise is floating point (like Opacus outside its ``secure_mode``).
 
-Opacus's per-sample gradient machinery is used here and nowhere else in the zone.
+Each row's gradient is clipped by a backend of ``training.clipping``; the config and result
+types are ``training.dpsgd_config``'s and scoring a trained model is ``training.scoring``'s.
 """
 
 from __future__ import annotations
@@ -32,141 +33,15 @@ from __future__ import annotations
 import math
 import secrets
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Protocol
+from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from foundation.errors import SpecError
-from training import fastdp
-
-#: rows per forward pass in ``predict_proba``: bounds activation memory (64k rows x a
-#: 4096-wide layer is 1 GiB of float32) while keeping per-call overhead negligible
-PREDICT_BATCH_ROWS = 65_536
-
-
-class Device(StrEnum):
-    CPU = "cpu"
-    CUDA = "cuda"  # the current CUDA device; tensors, model and noise all live there
-
-
-class Clipping(StrEnum):
-    #: training.fastdp: per-sample norms from layer inputs and output gradients, one
-    #: clipped matrix product per layer; Sequential stacks of Linear + activations
-    BOOK_KEEPING = "book-keeping"
-    #: Opacus ghost clipping (norms without per-sample gradients for Linear/Embedding,
-    #: per-sample gradients for other layers), then a second, reweighted backward pass
-    OPACUS_GHOST = "opacus-ghost"
-    #: Opacus per-sample gradients for every parameter, clipped and summed here; handles
-    #: shared parameters and layers called more than once
-    OPACUS_HOOKS = "opacus-hooks"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPSGDConfig:
-    """One DP-SGD run. ``sample_rate``, ``steps`` and ``noise_multiplier`` come from the
-    accountant's plan; changing any of them changes the epsilon spent."""
-
-    #: q: each row's probability of joining a step's batch, in (0, 1]
-    sample_rate: float
-    #: steps to take, exactly (>= 1)
-    steps: int
-    lr: float
-    #: C: each row's gradient is clipped to this L2 norm (> 0)
-    max_grad_norm: float
-    #: noise standard deviation as a multiple of C (>= 0; 0 is not private)
-    noise_multiplier: float
-    #: None: sampling and noise seeded from the OS's cryptographic generator (jobs). An
-    #: int (>= 0) makes the run reproducible; never one the analyst chose or can see.
-    seed: int | None = None
-    device: Device = Device.CPU
-    #: steps between progress reports; None: round(1 / sample_rate), one expected pass
-    steps_per_epoch: int | None = None
-    #: the divisor of the noisy sum; None: sample_rate * rows. Post-processing only: it
-    #: does not change epsilon
-    expected_batch_size: float | None = None
-    #: None: the fastest exact way for the model (book-keeping, else ghost, else hooks)
-    clipping: Clipping | None = None
-
-    def __post_init__(self) -> None:
-        if not _is_number(self.sample_rate) or not 0 < self.sample_rate <= 1:
-            raise SpecError("dpsgd.sample_rate", "must be a number in (0, 1]")
-        if not _is_int(self.steps) or self.steps < 1:
-            raise SpecError("dpsgd.steps", "must be a whole number >= 1")
-        if not _is_number(self.lr) or self.lr <= 0:
-            raise SpecError("dpsgd.lr", "must be a finite number > 0")
-        if not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0:
-            raise SpecError("dpsgd.max_grad_norm", "must be a finite number > 0")
-        if not _is_number(self.noise_multiplier) or self.noise_multiplier < 0:
-            raise SpecError("dpsgd.noise_multiplier", "must be a finite number >= 0")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise SpecError("dpsgd.seed", "must be a whole number >= 0, or None")
-        try:
-            object.__setattr__(self, "device", Device(self.device))
-        except ValueError:
-            raise SpecError(
-                "dpsgd.device", "is not a known device", "use 'cpu' or 'cuda'"
-            ) from None
-        if self.steps_per_epoch is not None and (
-            not _is_int(self.steps_per_epoch) or self.steps_per_epoch < 1
-        ):
-            raise SpecError("dpsgd.steps_per_epoch", "must be a whole number >= 1, or None")
-        if self.expected_batch_size is not None and (
-            not _is_number(self.expected_batch_size) or self.expected_batch_size <= 0
-        ):
-            raise SpecError("dpsgd.expected_batch_size", "must be a finite number > 0, or None")
-        if self.clipping is not None:
-            try:
-                object.__setattr__(self, "clipping", Clipping(self.clipping))
-            except ValueError:
-                raise SpecError(
-                    "dpsgd.clipping",
-                    "is not a known clipping method",
-                    f"use one of: {', '.join(c.value for c in Clipping)}, or None",
-                ) from None
-
-
-@dataclass(frozen=True)
-class EpochProgress:
-    """Reported once per epoch. ``loss`` is the mean training loss over the rows drawn in
-    the epoch, computed from raw rows without noise: not a DP release. Show it inside the
-    zone only (a steward's view), never to the analyst."""
-
-    epoch: int  # 1-based
-    epochs: int
-    step: int  # steps done so far
-    steps: int
-    loss: float  # nan if the epoch drew no rows
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    steps_taken: int
-    sample_rate: float
-    noise_multiplier: float
-    #: epochs reported; the last may be partial when steps_per_epoch does not divide steps
-    epochs_done: int
-    #: the last epoch's mean loss: not a DP release (see EpochProgress)
-    final_loss: float
-    clipping: Clipping
-    device: str
-    seconds: float
-
+from training.clipping import GhostCannotApply, choose_clipping, make_clipper
+from training.dpsgd_config import Clipping, Device, DPSGDConfig, EpochProgress, TrainResult
 
 #: gaps drawn per round by the CPU sampler, beyond the expected batch: 8 standard
 #: deviations and a margin, so a second round is needed with probability < 1e-15 (and is
@@ -227,187 +102,6 @@ def poisson_batch(
     else:
         idx = _rows_by_uniforms(rows, sample_rate, generator, X.device)
     return X.index_select(0, idx), y.index_select(0, idx)
-
-
-# --- clipping backends ---------------------------------------------------------------------
-# Each returns (clipped sums for the trainable parameters in model.parameters() order,
-# summed loss as a detached 0-d tensor) for a non-empty batch; close() leaves the model as
-# it was given (no hooks, no attributes).
-
-
-class _Clipper(Protocol):
-    kind: Clipping
-
-    def __call__(
-        self, X: torch.Tensor, y: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor]: ...
-
-    def close(self) -> None: ...
-
-
-class _GhostCannotApply(Exception):
-    """Raised inside the ghost backend when Opacus refuses the model mid-forward."""
-
-
-@contextmanager
-def _quiet_backward_hooks() -> Iterator[None]:
-    # PyTorch warns on each Opacus backward that the full backward hooks fire although the
-    # input needs no gradient; that is the expected case here (X is data), not a problem
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Full backward hook is firing", category=UserWarning
-        )
-        yield
-
-
-def _bce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-
-
-class _BookKeeping:
-    kind = Clipping.BOOK_KEEPING
-
-    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
-        self.clipper = fastdp.BookKeepingClipper(model, _bce_sum, max_grad_norm)
-
-    def __call__(self, X: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        out = self.clipper(X, y)
-        return list(out.grads), out.loss
-
-    def close(self) -> None:
-        pass
-
-
-def _clear_opacus_traces(model: nn.Module) -> None:
-    # Opacus's own cleanup removes its hooks and parameter attributes but leaves each
-    # layer's (emptied) ``activations`` list and ``max_batch_len``; after a refused forward
-    # the list still holds activations of private rows. Drop both.
-    for module in model.modules():
-        for attr in ("activations", "max_batch_len"):
-            if hasattr(module, attr):
-                delattr(module, attr)
-
-
-class _OpacusGhost:
-    kind = Clipping.OPACUS_GHOST
-
-    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.gsm = GradSampleModuleFastGradientClipping(
-            model,
-            batch_first=True,
-            loss_reduction="sum",
-            max_grad_norm=max_grad_norm,
-            use_ghost_clipping=True,
-        )
-
-    def __call__(self, X: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        try:
-            out = self.gsm(X)
-        except NotImplementedError as exc:  # Opacus: "Parameter tying is not supported ..."
-            raise _GhostCannotApply() from exc
-        per_row = F.binary_cross_entropy_with_logits(out, y, reduction="none").flatten(1).sum(1)
-        for p in self.params:
-            p.grad = None
-        with _quiet_backward_hooks():
-            # pass 1: the hooks compute every row's gradient norm (the weight .grad it
-            # also leaves is the unclipped sum, discarded)
-            per_row.sum().backward(retain_graph=True)
-            coef = self.gsm.get_clipping_coef().detach()
-            for p in self.params:
-                p.grad = None
-            # pass 2: the loss reweighted by each row's clip factor has the clipped sum as
-            # its gradient; hooks off so pass 2 does not recompute norms
-            self.gsm.disable_hooks()
-            try:
-                (per_row * coef).sum().backward()
-            finally:
-                self.gsm.enable_hooks()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        for p in self.params:
-            p.grad = None
-        return grads, per_row.detach().sum()
-
-    def close(self) -> None:
-        model = self.gsm.to_standard_module()
-        _clear_opacus_traces(model)
-
-
-class _OpacusHooks:
-    kind = Clipping.OPACUS_HOOKS
-
-    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
-        from opacus import GradSampleModule
-
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.max_grad_norm = max_grad_norm
-        self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-
-    def __call__(self, X: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        batch = X.shape[0]
-        for p in self.params:
-            p.grad = None
-            p.grad_sample = None  # type: ignore[attr-defined]
-        loss = _bce_sum(self.gsm(X), y)
-        with _quiet_backward_hooks():
-            loss.backward()
-        samples = [p.grad_sample.reshape(batch, -1) for p in self.params]  # type: ignore[attr-defined]
-        norms = torch.stack([torch.linalg.vector_norm(s, dim=1) for s in samples]).norm(dim=0)
-        clip = (self.max_grad_norm / (norms + fastdp.CLIP_EPS)).clamp(max=1.0)
-        grads = [clip.matmul(s).view_as(p) for s, p in zip(samples, self.params, strict=True)]
-        for p in self.params:
-            p.grad = None
-            p.grad_sample = None  # type: ignore[attr-defined]
-        return grads, loss.detach()
-
-    def close(self) -> None:
-        model = self.gsm.to_standard_module()
-        _clear_opacus_traces(model)
-
-
-def _shares_parameters(model: nn.Module) -> bool:
-    seen: set[int] = set()
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                return True
-            seen.add(id(p))
-    return False
-
-
-def _choose_clipping(model: nn.Module, forced: Clipping | None) -> Clipping:
-    if forced is Clipping.BOOK_KEEPING and not fastdp.supports(model):
-        raise SpecError(
-            "dpsgd.clipping",
-            "book-keeping applies only to Sequential stacks of Linear layers and activations",
-            "leave clipping unset to use Opacus",
-        )
-    if forced is not None:
-        return forced
-    if fastdp.supports(model):
-        return Clipping.BOOK_KEEPING
-    if _shares_parameters(model):
-        return Clipping.OPACUS_HOOKS  # ghost clipping refuses tied parameters
-    return Clipping.OPACUS_GHOST
-
-
-def _make_clipper(kind: Clipping, model: nn.Module, max_grad_norm: float) -> _Clipper:
-    backends: dict[Clipping, Callable[[nn.Module, float], _Clipper]] = {
-        Clipping.BOOK_KEEPING: _BookKeeping,
-        Clipping.OPACUS_GHOST: _OpacusGhost,
-        Clipping.OPACUS_HOOKS: _OpacusHooks,
-    }
-    try:
-        return backends[kind](model, max_grad_norm)
-    except NotImplementedError:
-        # Opacus validates on wrapping: a trainable layer with buffers (BatchNorm)
-        raise SpecError(
-            "model",
-            "has a layer DP-SGD cannot clip per sample (e.g. BatchNorm)",
-            "use LayerNorm/GroupNorm or none",
-        ) from None
 
 
 # --- the training loop -----------------------------------------------------------------------
@@ -508,8 +202,8 @@ def train_dpsgd(
         v.view_as(p) for v, p in zip(noise.split([p.numel() for p in params]), params, strict=True)
     ]
 
-    kind = _choose_clipping(model, cfg.clipping)
-    clipper = _make_clipper(kind, model, cfg.max_grad_norm)
+    kind = choose_clipping(model, cfg.clipping)
+    clipper = make_clipper(kind, model, cfg.max_grad_norm)
     started = time.perf_counter()
     epoch_loss = torch.zeros((), dtype=params[0].dtype, device=device)
     epoch_rows = 0
@@ -523,7 +217,7 @@ def train_dpsgd(
             if batch:
                 try:
                     grads, loss = clipper(Xb, yb)
-                except _GhostCannotApply:
+                except GhostCannotApply:
                     if cfg.clipping is Clipping.OPACUS_GHOST:
                         raise SpecError(
                             "dpsgd.clipping",
@@ -532,7 +226,7 @@ def train_dpsgd(
                         ) from None
                     # nothing from the refused attempt is used: same batch, other backend
                     clipper.close()
-                    clipper = _make_clipper(Clipping.OPACUS_HOOKS, model, cfg.max_grad_norm)
+                    clipper = make_clipper(Clipping.OPACUS_HOOKS, model, cfg.max_grad_norm)
                     grads, loss = clipper(Xb, yb)
                 epoch_loss += loss
                 epoch_rows += batch
@@ -567,30 +261,3 @@ def train_dpsgd(
         device=device.type,
         seconds=time.perf_counter() - started,
     )
-
-
-def predict_proba(model: nn.Module, X: torch.Tensor | np.ndarray) -> np.ndarray:
-    """P(label = 1) for each row of ``X`` as a float64 array, on the model's device.
-
-    Not a release by itself: scores on private rows go through ``privacy.dp_metrics``.
-    """
-    param = next(model.parameters(), None)
-    if param is None:
-        raise SpecError("model", "has no parameters")
-    X = torch.as_tensor(X)
-    was_training = model.training
-    model.eval()
-    parts: list[np.ndarray] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, X.shape[0], PREDICT_BATCH_ROWS):
-                chunk = X[start : start + PREDICT_BATCH_ROWS].to(
-                    device=param.device, dtype=param.dtype
-                )
-                logits = model(chunk)
-                if logits.dim() != 2 or logits.shape[1] != 1:
-                    raise SpecError("model", "must output one logit per row", "use n_outputs=1")
-                parts.append(torch.sigmoid(logits[:, 0]).double().cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)

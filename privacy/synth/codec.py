@@ -36,7 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.dummy import random_pseudonyms, to_arrow_within_domain
-from connectors.schema import ColumnSpec, Role, SchemaContract
+from connectors.schema import SchemaContract
+from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import IntegrityError, SchemaError, SpecError
 from privacy.accountant import (
     NEIGHBOURING,

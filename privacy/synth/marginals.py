@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connectors.schema import Role
+from connectors.schema_columns import Role
 from privacy.accountant import GaussianStep
 from privacy.synth.codec import (
     Codec,

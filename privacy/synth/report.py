@@ -58,7 +58,8 @@ import numpy as np
 import pyarrow as pa
 
 from connectors.preprocess import FeaturePlan
-from connectors.schema import Role, SchemaContract
+from connectors.schema import SchemaContract
+from connectors.schema_columns import Role
 from foundation.errors import SpecError
 from privacy.synth.report_contract import (
     binary_labels,

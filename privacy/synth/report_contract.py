@@ -18,7 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.schema import ColumnSpec, Role, SchemaContract
+from connectors.schema import SchemaContract
+from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import SchemaError, SpecError
 
 #: the table name in the metadata dictionary given to sdmetrics

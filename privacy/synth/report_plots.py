@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from connectors.schema import ColumnSpec, Role, SchemaContract
+from connectors.schema import SchemaContract
+from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import SpecError
 from privacy.synth.report_contract import OTHER, contract_frame, require_columns
 from privacy.synth.report_types import SynthReport

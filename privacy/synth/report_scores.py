@@ -24,8 +24,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from connectors.preprocess import FeaturePlan, StepKind
-from connectors.schema import ColumnSpec, SchemaContract
+from connectors.preprocess import FeaturePlan
+from connectors.preprocess_steps import StepKind
+from connectors.schema import SchemaContract
+from connectors.schema_columns import ColumnSpec
 from foundation.errors import SchemaError
 from privacy.synth.report_contract import TABLE_NAME, contract_frame
 from privacy.synth.report_types import PairScore, TSTRModel

@@ -24,7 +24,7 @@ app = typer.Typer(help="Jobs and their releases.", no_args_is_help=True)
 def _metric_lines(evaluation: str | None, metrics: dict[str, Any], title: str) -> None:
     """Each DP metric as "0.702 (95% CI 0.655-0.748)", then "unreliable: <reason>" when the
     evaluation is flagged; "evaluation: skipped" when none was run (``--json`` has it all)."""
-    from privacy.dp_metrics import describe_metrics
+    from privacy.dp_intervals import describe_metrics
 
     if evaluation == "skipped":
         console.print("  evaluation: skipped (no DP metrics, no evaluation charge)")

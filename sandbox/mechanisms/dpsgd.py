@@ -70,6 +70,17 @@ def decide(ctx: ZoneContext, actor: Actor, spec: JobSpec, mechanism: Mechanism) 
     return decision.grant_id or ""
 
 
+def checked_spec(
+    ctx: ZoneContext, actor: Actor, spec: JobSpec, mechanism: Mechanism
+) -> tuple[Any, SchemaContract, str]:
+    """What every spec-driven mechanism checks first: its columns against the contract, then
+    the access decision. Returns the dataset record, its contract and the grant used."""
+    dataset = ctx.store.get_dataset(spec.dataset)
+    contract = SchemaContract.from_dict(dataset.contract)
+    check_columns(spec, contract)
+    return dataset, contract, decide(ctx, actor, spec, mechanism)
+
+
 def check_batch_size(spec: JobSpec, dataset: Any) -> None:
     """Refuse a batch larger than the training split before anything is reserved, when the
     counts are public (with private counts this check would be a free oracle on the exact
@@ -132,10 +143,7 @@ class DpsgdMechanism(JobMechanism):
         self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
     ) -> Admission:
         spec: JobSpec = request
-        dataset = ctx.store.get_dataset(spec.dataset)
-        contract = SchemaContract.from_dict(dataset.contract)
-        check_columns(spec, contract)
-        grant = decide(ctx, actor, spec, Mechanism.DP_SGD)
+        dataset, contract, grant = checked_spec(ctx, actor, spec, Mechanism.DP_SGD)
         check_batch_size(spec, dataset)
         resources = Resources(cpus=spec.resources.cpus, gpus=spec.resources.gpus)
         ctx.backend.check_resources(resources)

@@ -36,24 +36,17 @@ from foundation.errors import BudgetExceeded, SpecError, ZoneError
 from policies.decisions import Mechanism
 from policies.roles import Actor
 from privacy.budget_events import BudgetKey
-from privacy.dp_metrics import describe_metrics
+from privacy.dp_intervals import describe_metrics
 from sandbox.backend import Resources
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.disclosure import redact_counts
 from sandbox.jobs import JobRecord
 from sandbox.jobspec import JobSpec
 from sandbox.mechanisms.base import Admission, JobMechanism, record_charge
-from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, check_columns, decide
+from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, checked_spec
 from sandbox.results import FederatedResult, JobResult
-from training.federated.config import (
-    SUMMARY_FILE,
-    WEIGHTS_FILE,
-    ClientDPConfig,
-    FederatedConfig,
-    FederatedPayload,
-    Strategy,
-    load_payload,
-)
+from training.federated.config import ClientDPConfig, FederatedConfig, Strategy
+from training.federated.payload import SUMMARY_FILE, WEIGHTS_FILE, FederatedPayload, load_payload
 
 #: a federated job may take this long before it is stopped (and charged what it spent)
 FEDERATED_TIMEOUT_S = 3600.0
@@ -233,12 +226,8 @@ class FederatedMechanism(JobMechanism):
     def admit(
         self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
     ) -> Admission:
-
         spec: JobSpec = request
-        dataset = ctx.store.get_dataset(spec.dataset)
-        contract = SchemaContract.from_dict(dataset.contract)
-        check_columns(spec, contract)
-        grant = decide(ctx, actor, spec, Mechanism.FEDERATED)
+        dataset, contract, grant = checked_spec(ctx, actor, spec, Mechanism.FEDERATED)
         # plan before reserving: a spec the planner refuses never holds budget
         plan = plan_sites(spec, dataset)
         resources = Resources(cpus=spec.resources.cpus, gpus=spec.resources.gpus)

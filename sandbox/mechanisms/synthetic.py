@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from connectors.schema import Role as ColumnRole
 from connectors.schema import SchemaContract
+from connectors.schema_columns import Role as ColumnRole
 from foundation.errors import PolicyDenied, SpecError
 from policies.decisions import JobAccessRequest, Mechanism, decide_job_access
 from policies.roles import Action, Actor, Role

@@ -12,17 +12,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.cohort import (
-    CHAPTERS,
-    HOSPITALS,
-    Canaries,
-    cohort_contract,
-    generate_cohort,
-    readmission_logit,
-    write_cohort,
-)
+from connectors.cohort import Canaries, cohort_contract, generate_cohort, write_cohort
+from connectors.cohort_world import CHAPTERS, HOSPITALS, readmission_logit
 from connectors.preprocess import FeaturePlan
-from connectors.schema import Role, SchemaContract
+from connectors.schema import SchemaContract
+from connectors.schema_columns import Role
 from foundation.errors import SpecError
 
 N = 20_000

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.schema import ARROW_TYPES, ColumnSpec, Role, RowsPerPerson, SchemaContract
+from connectors.schema import RowsPerPerson, SchemaContract
+from connectors.schema_columns import ARROW_TYPES, ColumnSpec, Role
 from foundation.errors import NotFoundError, SchemaError
 
 CANARY = "CANARY-5c1e0d9a77b2f3e4"

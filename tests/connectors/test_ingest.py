@@ -13,14 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from connectors.cohort import Canaries, cohort_contract, generate_cohort, write_cohort
-from connectors.ingest import (
-    DATA_FILE,
-    METADATA_KEY,
-    IngestReport,
-    ingest_file,
-    ingest_table,
-    pseudonym,
-)
+from connectors.governed_file import DATA_FILE, METADATA_KEY
+from connectors.ingest import IngestReport, ingest_file, ingest_table, pseudonym
 from connectors.schema import SchemaContract
 from foundation.errors import SchemaError, SpecError
 

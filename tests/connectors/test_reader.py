@@ -21,16 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.cohort import Canaries, cohort_contract, generate_cohort
+from connectors.dataset_handle import DatasetHandle
+from connectors.governed_file import dataset_summary
 from connectors.ingest import IngestReport, ingest_table
-from connectors.preprocess import FeaturePlan, StepKind
-from connectors.reader import (
-    DatasetHandle,
-    Split,
-    dataset_summary,
-    iter_batches,
-    load_split,
-    load_tensors,
-)
+from connectors.preprocess import FeaturePlan
+from connectors.preprocess_steps import StepKind
+from connectors.reader import Split, iter_batches, load_split, load_tensors
 from connectors.schema import SchemaContract
 from foundation.errors import NotFoundError, PolicyDenied, SchemaError, SpecError
 

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from training.federated.config import FederatedPayload, load_payload
+from training.federated.payload import FederatedPayload, load_payload
 from training.federated.rounds import Reply, ServerRun
-from training.federated.site import SiteLedger, initial_state, setup_site, train_round
+from training.federated.site import initial_state, setup_site, train_round
+from training.federated.site_plan import SiteLedger
 
 
 def run_reference(

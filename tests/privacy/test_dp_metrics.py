@@ -15,19 +15,15 @@ from sklearn.metrics import roc_auc_score
 
 from foundation.errors import SpecError
 from privacy.accountant import GaussianStep, epsilon_for, plan_dpsgd
+from privacy.dp_intervals import MAX_RELIABLE_WIDTH, SWAMPED, describe_metrics, format_metric
 from privacy.dp_metrics import (
-    MAX_RELIABLE_WIDTH,
-    SWAMPED,
     DPMetrics,
-    TrainingOnlyPlan,
     _noisy_histogram,
-    describe_metrics,
     dp_binary_metrics,
-    format_metric,
     metrics_from_histogram,
     noisy_histogram,
-    plan_job,
 )
+from privacy.job_plan import TrainingOnlyPlan, plan_job
 
 
 def _cohort(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

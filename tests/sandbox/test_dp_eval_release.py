@@ -14,7 +14,7 @@ from factories import job_spec, make_world
 
 from foundation.errors import SpecError
 from privacy.accountant import GaussianStep, epsilon_for
-from privacy.dp_metrics import SWAMPED
+from privacy.dp_intervals import SWAMPED
 from sandbox.backend import InProcessBackend
 from sandbox.jobspec import parse_job_spec
 

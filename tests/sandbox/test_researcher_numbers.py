@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from connectors.cohort import HOSPITALS
+from connectors.cohort_world import HOSPITALS
 from sandbox.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,29 +27,23 @@ from connectors.schema import SchemaContract
 from foundation.errors import SpecError
 from privacy.accountant import GaussianStep, epsilon_for, plan_dpsgd
 from privacy.dp_metrics import dp_binary_metrics
-from training.federated.config import (
-    ClientDPConfig,
-    FederatedConfig,
-    FederatedPayload,
-    Strategy,
-    derive_seed,
-    load_payload,
-)
+from training.federated.config import ClientDPConfig, FederatedConfig, Strategy
 from training.federated.metrics import (
     EVAL_BINS,
     metrics_from_histogram,
     pooled_metrics,
     site_evaluation,
 )
+from training.federated.payload import FederatedPayload, derive_seed, load_payload
 from training.federated.rounds import select_sites
 from training.federated.site import (
-    SiteLedger,
     SiteStatus,
     evaluate_site,
     initial_state,
     setup_site,
     train_round,
 )
+from training.federated.site_plan import SiteLedger
 from training.federated.weights import SiteUpdate, load_weights, weighted_average
 from training.models import ModelConfig
 
@@ -474,7 +468,7 @@ def test_evaluation_off_is_neither_run_nor_charged(world: World) -> None:
     assert len(plan.history(5, 0)) == 1  # the DP-SGD steps only
     with pytest.raises(SpecError):
         plan.epsilon(5, 1)
-    from training.federated.site import SitePlan
+    from training.federated.site_plan import SitePlan
 
     assert SitePlan.from_record(plan.to_record()) == plan
     assert "eval-sigma" not in plan.to_record()

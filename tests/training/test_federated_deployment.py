@@ -206,7 +206,8 @@ def federation(
 
 
 def _payload(tmp: Path, site_files: dict[str, Path], rounds: int) -> Path:
-    from training.federated.config import FederatedConfig, FederatedPayload
+    from training.federated.config import FederatedConfig
+    from training.federated.payload import FederatedPayload
     from training.models import ModelConfig, ModelKind
 
     config = FederatedConfig(

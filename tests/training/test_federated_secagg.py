@@ -29,7 +29,8 @@ from federated_harness.reference import run_reference
 
 from connectors.cohort import cohort_contract, generate_cohort
 from connectors.ingest import ingest_table
-from training.federated.config import FederatedConfig, FederatedPayload
+from training.federated.config import FederatedConfig
+from training.federated.payload import FederatedPayload
 from training.federated.weights import load_weights
 from training.models import ModelConfig
 

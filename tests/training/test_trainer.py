@@ -17,16 +17,10 @@ from torch import nn
 
 from foundation.errors import SpecError
 from training import trainer
+from training.dpsgd_config import Clipping, Device, DPSGDConfig, EpochProgress
 from training.models import ModelConfig, ModelKind, build_model
-from training.trainer import (
-    Clipping,
-    Device,
-    DPSGDConfig,
-    EpochProgress,
-    poisson_batch,
-    predict_proba,
-    train_dpsgd,
-)
+from training.scoring import predict_proba
+from training.trainer import poisson_batch, train_dpsgd
 
 N_IN = 5
 

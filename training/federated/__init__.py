@@ -2,9 +2,11 @@
 
 Modules (Flower is imported only in ``client``, ``server`` and ``simulation``):
 
-- ``config``: ``Strategy``, ``ClientDPConfig``, ``FederatedConfig``, ``FederatedPayload``
-  (the job file the zone writes; its path is the run config's ``"job-payload"``).
-- ``site``: what one site does (setup, a round of DP-SGD, the DP evaluation), engine-free.
+- ``config``: ``Strategy``, ``ClientDPConfig``, ``FederatedConfig``.
+- ``payload``: ``FederatedPayload`` (the job file the zone writes; its path is the run
+  config's ``"job-payload"``), ``load_payload``, ``derive_seed``.
+- ``site``: what one site does (setup, a round of DP-SGD, the DP evaluation), engine-free;
+  ``site_plan``: its DP plan and spend (``SitePlan``, ``SiteLedger``).
 - ``client``: ``client_app`` / ``build_client_app`` (Flower ClientApp).
 - ``server``: ``server_app`` / ``build_server_app`` (Flower ServerApp), rounds.jsonl, summary.
 - ``simulation``: ``run_federated_simulation`` -> ``FederatedResult`` (Simulation Engine, Ray).
@@ -16,14 +18,8 @@ Test machinery (the in-process reference loop, fault injection, a loopback Deplo
 Engine harness) lives in ``tests/federated_harness/``, outside the product.
 """
 
-from training.federated.config import (
-    RUN_CONFIG_KEY,
-    ClientDPConfig,
-    FederatedConfig,
-    FederatedPayload,
-    Strategy,
-    load_payload,
-)
+from training.federated.config import ClientDPConfig, FederatedConfig, Strategy
+from training.federated.payload import RUN_CONFIG_KEY, FederatedPayload, load_payload
 
 __all__ = [
     "RUN_CONFIG_KEY",

@@ -51,12 +51,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from foundation.errors import SpecError
-from training.federated.config import RUN_CONFIG_KEY, FederatedPayload, load_payload
+from training.federated.payload import RUN_CONFIG_KEY, FederatedPayload, load_payload
 
 if TYPE_CHECKING:
     from flwr.clientapp.typing import ClientAppCallable, Mod
 
-    from training.federated.site import SiteLedger, SitePlan
+    from training.federated.site_plan import SiteLedger, SitePlan
 
 #: context.state record holding this site's plan and spend between rounds
 STATE_KEY = "safe-zone.site"
@@ -101,7 +101,7 @@ def site_of(context: Context, payload: FederatedPayload) -> tuple[str, Path | No
 
 
 def _stored(context: Context) -> tuple[SitePlan | None, SiteLedger]:
-    from training.federated.site import SiteLedger, SitePlan
+    from training.federated.site_plan import SiteLedger, SitePlan
 
     rec = context.state.config_records.get(STATE_KEY)
     if rec is None:
@@ -118,7 +118,7 @@ def _store(context: Context, plan: SitePlan | None, ledger: SiteLedger) -> None:
 
 
 def _server_charged(config: Any) -> SiteLedger:
-    from training.federated.site import SiteLedger
+    from training.federated.site_plan import SiteLedger
 
     def num(key: str) -> int:
         value = config.get(key, 0)

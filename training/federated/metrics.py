@@ -32,12 +32,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from foundation.errors import SpecError
-from privacy.dp_metrics import (
-    DEFAULT_BINS,
-    SWAMP_SDS,
-    DPMetrics,
-    noisy_histogram,
-)
+from privacy.dp_intervals import SWAMP_SDS
+from privacy.dp_metrics import DEFAULT_BINS, DPMetrics, noisy_histogram
 from privacy.dp_metrics import metrics_from_histogram as _metrics_from_histogram
 
 #: score bins of the evaluation histogram: dp_binary_metrics' own default

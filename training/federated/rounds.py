@@ -54,18 +54,17 @@ from typing import Any
 import numpy as np
 
 from foundation.errors import ComputeError, SpecError, ZoneError
-from training.federated.config import (
-    EVALUATION_DONE,
-    EVALUATION_SKIPPED,
+from training.federated.config import EVALUATION_DONE, EVALUATION_SKIPPED, Strategy
+from training.federated.payload import (
     ROUNDS_FILE,
     STATUS_FILE,
     SUMMARY_FILE,
     WEIGHTS_FILE,
     FederatedPayload,
-    Strategy,
     derive_seed,
 )
-from training.federated.site import SiteLedger, SitePlan, SiteSetup, SiteStatus, clean_metrics
+from training.federated.site import SiteSetup, SiteStatus, clean_metrics
+from training.federated.site_plan import SiteLedger, SitePlan
 
 State = dict[str, np.ndarray]
 

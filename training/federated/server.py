@@ -56,9 +56,11 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from foundation.errors import ComputeError, SpecError
 from training.federated.client import SITE_RECORD
-from training.federated.config import ROUNDS_FILE, RUN_CONFIG_KEY, Strategy, load_payload
+from training.federated.config import Strategy
+from training.federated.payload import ROUNDS_FILE, RUN_CONFIG_KEY, load_payload
 from training.federated.rounds import Reply, ServerRun, State
-from training.federated.site import SiteLedger, SitePlan, SiteSetup, SiteStatus
+from training.federated.site import SiteSetup, SiteStatus
+from training.federated.site_plan import SiteLedger, SitePlan
 
 #: how often the setup phase looks for newly connected nodes
 _NODE_POLL_S = 0.2

@@ -44,7 +44,7 @@ from types import MappingProxyType
 from typing import Any
 
 from foundation.errors import ComputeError, SpecError
-from training.federated.config import (
+from training.federated.payload import (
     ROUNDS_FILE,
     STATUS_FILE,
     SUMMARY_FILE,

@@ -27,14 +27,16 @@ Privacy, per site (patient-level, add/remove one person, RDP accountant):
   reserved for it and a site asked to evaluate refuses without reading a row.
 
 Randomness: every DP draw is seeded from the job's secret mixed with the site name, the
-round and the purpose (``config.derive_seed``); the public seed only fixes the initial
+round and the purpose (``payload.derive_seed``); the public seed only fixes the initial
 model and the train/test split. The training loss of a site is never returned.
+
+The plan and the ledger themselves (``SitePlan``, ``SiteLedger``, ``make_plan``) are
+``site_plan.py``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -45,17 +47,8 @@ from typing import Any
 import numpy as np
 
 from foundation.errors import SpecError, ZoneError
-from training.federated.config import EVAL_SHARE, FederatedPayload, derive_seed
-
-
-@functools.lru_cache(maxsize=1024)
-def _step_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """The RDP curve of one sampled-Gaussian step (read-only; a pure function, memoised)."""
-    from privacy.accountant import GaussianStep, _rdp_curve
-
-    curve = _rdp_curve(GaussianStep(noise_multiplier, sample_rate, 1))
-    curve.setflags(write=False)
-    return curve
+from training.federated.payload import FederatedPayload, derive_seed
+from training.federated.site_plan import SiteLedger, SitePlan, make_plan
 
 
 class SiteStatus(StrEnum):
@@ -73,135 +66,6 @@ class SiteStatus(StrEnum):
     REFUSED = "refused"
     #: raised; ``touched`` says whether it had opened its rows first
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class SitePlan:
-    """A site's DP-SGD plan for the whole job (public figures: n, noise, rates, steps)."""
-
-    site: str
-    n_train: int
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_epoch: int
-    steps_per_round: int
-    #: None: the job runs no DP evaluation (nothing planned, reserved or charged for it)
-    eval_sigma: float | None
-    target_epsilon: float
-    delta: float
-
-    @property
-    def evaluates(self) -> bool:
-        return self.eval_sigma is not None
-
-    def _check_evals(self, evals: int) -> None:
-        if evals > 0 and self.eval_sigma is None:
-            raise SpecError("federated.evaluate", "the plan has no evaluation to charge")
-
-    def history(self, train_steps: int, evals: int) -> list[Any]:
-        """The site's releases as accountant events: its DP-SGD steps, its evaluations."""
-        from privacy.accountant import GaussianStep
-
-        self._check_evals(evals)
-        steps = [GaussianStep(self.noise_multiplier, self.sample_rate, train_steps)]
-        if self.eval_sigma is not None:
-            steps.append(GaussianStep(self.eval_sigma, 1.0, evals))
-        return steps
-
-    def epsilon(self, train_steps: int, evals: int) -> float:
-        """The site's epsilon at ``delta`` after these releases: exactly
-        ``privacy.accountant.epsilon_for(self.history(train_steps, evals), delta)``.
-
-        Why not call it: it recomputes the sampled Gaussian's RDP curve (~60 ms) every time,
-        and the server asks for every site's epsilon every round. The curve of ``k`` steps
-        is ``k`` times the curve of one (Opacus's ``compute_rdp`` multiplies the same way),
-        so the one-step curves are cached and scaled; the conversion to epsilon is the
-        accountant's own. The tests pin equality with ``epsilon_for``."""
-        from privacy import accountant
-
-        accountant._check_delta(self.delta)
-        self._check_evals(evals)
-        parts = []
-        if train_steps > 0:
-            parts.append(train_steps * _step_curve(self.noise_multiplier, self.sample_rate))
-        if evals > 0 and self.eval_sigma is not None:
-            parts.append(evals * _step_curve(self.eval_sigma, 1.0))
-        if not parts:
-            return 0.0
-        total = np.zeros(len(accountant.RDP_ORDERS))
-        for part in parts:
-            total = total + part
-        return accountant._epsilon_from_curve(total, self.delta)
-
-    def fits(self, train_steps: int, evals: int) -> bool:
-        """Whether these releases stay within the target. No slack: the plan's noise was
-        checked against the same RDP arithmetic, so the planned total is <= target exactly."""
-        return self.epsilon(train_steps, evals) <= self.target_epsilon
-
-    def to_record(self) -> dict[str, Any]:
-        rec = {
-            "site": self.site,
-            "n": self.n_train,
-            "noise-multiplier": self.noise_multiplier,
-            "sample-rate": self.sample_rate,
-            "steps-per-epoch": self.steps_per_epoch,
-            "steps-per-round": self.steps_per_round,
-            "target-epsilon": self.target_epsilon,
-            "delta": self.delta,
-        }
-        # Flower's records hold no None: a plan without evaluation has no "eval-sigma"
-        if self.eval_sigma is not None:
-            rec["eval-sigma"] = self.eval_sigma
-        return rec
-
-    @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> SitePlan:
-        return cls(
-            site=str(rec["site"]),
-            n_train=int(rec["n"]),
-            noise_multiplier=float(rec["noise-multiplier"]),
-            sample_rate=float(rec["sample-rate"]),
-            steps_per_epoch=int(rec["steps-per-epoch"]),
-            steps_per_round=int(rec["steps-per-round"]),
-            eval_sigma=float(rec["eval-sigma"]) if "eval-sigma" in rec else None,
-            target_epsilon=float(rec["target-epsilon"]),
-            delta=float(rec["delta"]),
-        )
-
-    def card(self) -> dict[str, Any]:
-        return {
-            "n": self.n_train,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "steps_per_round": self.steps_per_round,
-            "eval_sigma": self.eval_sigma,
-            "target_epsilon": self.target_epsilon,
-        }
-
-
-@dataclass(frozen=True)
-class SiteLedger:
-    """What a site has spent so far in this job: counts of releases, never a running epsilon
-    (the epsilon is recomputed from these and the plan each time)."""
-
-    train_steps: int = 0
-    evals: int = 0
-    rounds: int = 0
-
-    def merged(self, other: SiteLedger) -> SiteLedger:
-        """The larger of two views of the same site's spend (the site's own, the server's)."""
-        return SiteLedger(
-            max(self.train_steps, other.train_steps),
-            max(self.evals, other.evals),
-            max(self.rounds, other.rounds),
-        )
-
-    def to_record(self) -> dict[str, int]:
-        return {"train-steps": self.train_steps, "evals": self.evals, "rounds": self.rounds}
-
-    @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> SiteLedger:
-        return cls(int(rec["train-steps"]), int(rec["evals"]), int(rec["rounds"]))
 
 
 @dataclass(frozen=True)
@@ -263,8 +127,8 @@ class _Reader:
     """Opens one site's rows through ``connectors`` only, and remembers if it did."""
 
     def __init__(self, payload: FederatedPayload, site: str, data_path: Path | None) -> None:
+        from connectors.dataset_handle import DatasetHandle
         from connectors.preprocess import FeaturePlan
-        from connectors.reader import DatasetHandle
 
         self.payload = payload
         self.site = site
@@ -294,33 +158,6 @@ class _Reader:
 def _check_site(payload: FederatedPayload, site: str) -> None:
     if site not in payload.config.sites:
         raise SpecError("site", f"{site!r} is not one of the job's sites", "check the node config")
-
-
-def make_plan(payload: FederatedPayload, site: str, n_train: int) -> SitePlan:
-    """The site's plan for ``n_train`` persons (deterministic: same inputs, same plan)."""
-    from privacy.dp_metrics import plan_job
-
-    cfg = payload.config
-    dp = plan_job(
-        cfg.epsilon,
-        cfg.delta,
-        n_train,
-        cfg.batch_size,
-        cfg.local_training_epochs,
-        evaluate=cfg.evaluate,
-        eval_share=EVAL_SHARE,
-    )
-    return SitePlan(
-        site=site,
-        n_train=n_train,
-        noise_multiplier=dp.noise_multiplier,
-        sample_rate=dp.sample_rate,
-        steps_per_epoch=dp.steps_per_epoch,
-        steps_per_round=dp.steps_per_epoch * cfg.local_epochs,
-        eval_sigma=dp.eval_sigma,
-        target_epsilon=cfg.epsilon,
-        delta=cfg.delta,
-    )
 
 
 def setup_site(payload: FederatedPayload, site: str, data_path: Path | None = None) -> SiteSetup:
@@ -392,7 +229,7 @@ def initial_state(payload: FederatedPayload) -> dict[str, np.ndarray]:
 def _device(payload: FederatedPayload) -> Any:
     import torch
 
-    from training.trainer import Device
+    from training.dpsgd_config import Device
 
     use_gpu = payload.config.num_gpus > 0 and torch.cuda.is_available()
     return Device.CUDA if use_gpu else Device.CPU
@@ -403,7 +240,8 @@ def _local_training(
 ) -> None:
     import torch
 
-    from training.trainer import DPSGDConfig, train_dpsgd
+    from training.dpsgd_config import DPSGDConfig
+    from training.trainer import train_dpsgd
 
     cfg = payload.config
     device = _device(payload)
@@ -503,7 +341,7 @@ def evaluate_site(
 ) -> EvalOutcome:
     """The DP evaluation of ``global_state`` on the site's test split (one noisy histogram)."""
     from training.federated.metrics import site_evaluation
-    from training.trainer import predict_proba
+    from training.scoring import predict_proba
 
     site = plan.site
     if not plan.evaluates:

@@ -1,0 +1,165 @@
+"""The steps of a feature plan: how one contract column becomes model inputs.
+
+``_step_for`` builds a ``FeatureStep`` from a ``ColumnSpec`` alone, never from rows:
+
+* numeric feature (int or float type, declared ``min``/``max``) -> ``(x - min) / (max - min)``
+  clipped to [0, 1]; a missing value (null or NaN) -> the declared ``fill`` (else the domain
+  midpoint), scaled the same way, plus a ``NAME__missing`` indicator. An int 0/1 flag is a
+  numeric feature with ``min = 0, max = 1``, so it comes out as 0/1 unchanged.
+* bool feature -> 0/1; missing -> ``fill`` (else 0.5) plus ``NAME__missing``.
+* string feature (declared ``categories``) -> one-hot ``NAME=CATEGORY`` per category, then
+  ``NAME__other`` for anything outside the vocabulary and ``NAME__missing`` for nulls.
+
+Columns with role feature, and site or sensitive columns that declare a domain or a
+vocabulary, can be features (whether a researcher may use a sensitive one is the policy
+layer's decision). Labels, identifiers, direct identifiers and dates cannot. A step validates
+itself on construction, so one rebuilt from a released plan's JSON is checked as strictly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from connectors.schema_columns import ColumnSpec, Role
+from foundation.errors import SpecError
+
+
+class StepKind(StrEnum):
+    #: scaled to [0, 1] by the declared domain, plus a missing indicator
+    NUMERIC = "numeric"
+    #: a bool column as 0/1, plus a missing indicator
+    FLAG = "flag"
+    #: one-hot over the declared categories, plus "other" and "missing"
+    CATEGORY = "category"
+
+
+@dataclass(frozen=True)
+class FeatureStep:
+    """How one input column becomes one or more output columns."""
+
+    name: str
+    kind: StepKind
+    #: the declared Arrow type name (informational outside the zone)
+    type: str
+    min: float | None = None
+    max: float | None = None
+    #: declared fill in the column's own units; None means the default (midpoint / 0.5)
+    fill: float | None = None
+    categories: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        field = f"steps.{self.name}"
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(
+                "steps", "a step has no column name", "rebuild the plan from a contract"
+            )
+        try:
+            object.__setattr__(self, "kind", StepKind(self.kind))
+        except ValueError:
+            raise SpecError(
+                f"{field}.kind", "is not a known step kind", "use numeric, flag or category"
+            ) from None
+        if self.kind is StepKind.NUMERIC:
+            lo, hi = _finite(self.min, f"{field}.min"), _finite(self.max, f"{field}.max")
+            if lo >= hi:
+                raise SpecError(f"{field}.min", "must be below max", "rebuild from the contract")
+            object.__setattr__(self, "min", lo)
+            object.__setattr__(self, "max", hi)
+        if self.fill is not None:
+            fill = _finite(self.fill, f"{field}.fill")
+            bounds = (self.min, self.max) if self.kind is StepKind.NUMERIC else (0.0, 1.0)
+            lo_b, hi_b = bounds
+            if self.kind is StepKind.CATEGORY or not (lo_b <= fill <= hi_b):  # type: ignore[operator]
+                raise SpecError(
+                    f"{field}.fill", "is outside the domain", "rebuild from the contract"
+                )
+            object.__setattr__(self, "fill", fill)
+        cats = tuple(self.categories)
+        if self.kind is StepKind.CATEGORY:
+            if not cats or not all(isinstance(c, str) for c in cats) or len(set(cats)) != len(cats):
+                raise SpecError(
+                    f"{field}.categories",
+                    "must be distinct strings, at least one",
+                    "rebuild from the contract",
+                )
+        elif cats:
+            raise SpecError(f"{field}.categories", "only a category step has categories", "remove")
+        object.__setattr__(self, "categories", cats)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        if self.kind is StepKind.CATEGORY:
+            return (
+                *(f"{self.name}={c}" for c in self.categories),
+                f"{self.name}__other",
+                f"{self.name}__missing",
+            )
+        return (self.name, f"{self.name}__missing")
+
+    @property
+    def width(self) -> int:
+        return len(self.categories) + 2 if self.kind is StepKind.CATEGORY else 2
+
+    @property
+    def scaled_fill(self) -> float:
+        if self.kind is StepKind.NUMERIC:
+            lo, hi = self.min, self.max
+            fill = (lo + hi) / 2.0 if self.fill is None else self.fill  # type: ignore[operator]
+            return (fill - lo) / (hi - lo)  # type: ignore[operator]
+        return 0.5 if self.fill is None else self.fill
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "type": self.type}
+        if self.kind is StepKind.NUMERIC:
+            out["min"], out["max"] = self.min, self.max
+        if self.fill is not None:
+            out["fill"] = self.fill
+        if self.categories:
+            out["categories"] = list(self.categories)
+        return out
+
+
+def _finite(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(field, "must be a number", "rebuild the plan from the contract")
+    out = float(value)
+    if not math.isfinite(out):
+        raise SpecError(field, "must be finite", "rebuild the plan from the contract")
+    return out
+
+
+def _step_for(spec: ColumnSpec) -> FeatureStep:
+    name = spec.name
+    if spec.role in (Role.LABEL, Role.IDENTIFIER, Role.DIRECT_IDENTIFIER):
+        fix = {
+            Role.LABEL: "a label is the target, never an input: remove it from features",
+            Role.IDENTIFIER: "the person identifier is never a feature: remove it",
+            Role.DIRECT_IDENTIFIER: "direct identifiers never leave ingest: remove it",
+        }[spec.role]
+        raise SpecError("features", f"{name!r} has role {spec.role.value}", fix)
+    if spec.is_temporal:
+        raise SpecError(
+            "features",
+            f"{name!r} is a date/time column, which is not a feature",
+            "use a derived numeric column with a declared domain (e.g. length_of_stay)",
+        )
+    if spec.is_numeric:
+        if spec.min is None or spec.max is None:
+            raise SpecError(
+                "features",
+                f"{name!r} has no declared min/max to scale by",
+                "declare its domain in the schema contract",
+            )
+        return FeatureStep(name, StepKind.NUMERIC, spec.type, spec.min, spec.max, spec.fill)
+    if spec.type == "bool":
+        return FeatureStep(name, StepKind.FLAG, spec.type, fill=spec.fill)
+    if spec.categories is None:
+        raise SpecError(
+            "features",
+            f"{name!r} has no declared categories",
+            "declare categories in the schema contract (a vocabulary read from data is a release)",
+        )
+    return FeatureStep(name, StepKind.CATEGORY, spec.type, categories=spec.categories)
