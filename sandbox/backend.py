@@ -18,7 +18,8 @@ from typing import Any
 from foundation.errors import ComputeError, ZoneError
 
 Payload = dict[str, Any]
-WorkerFn = Callable[[Payload], dict[str, Any]]
+#: a worker returns its typed result (``sandbox.results``); the backend passes it through
+WorkerFn = Callable[[Payload], Any]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class JobBackend(ABC):
         """Start ``fn(payload)`` on compute; return an opaque handle. Idempotent per payload."""
 
     @abstractmethod
-    def wait(self, handle: Any, *, poll: Callable[[], None], poll_s: float = 0.5) -> dict[str, Any]:
+    def wait(self, handle: Any, *, poll: Callable[[], None], poll_s: float = 0.5) -> Any:
         """Block until the job ends, calling ``poll`` every ``poll_s``.
 
         Returns the worker's result, or raises a ZoneError: the worker's own ZoneError when it
@@ -73,7 +74,7 @@ class InProcessBackend(JobBackend):
     def submit(self, fn: WorkerFn, payload: Payload, resources: Resources) -> Any:
         return (fn, payload)
 
-    def wait(self, handle: Any, *, poll: Callable[[], None], poll_s: float = 0.5) -> dict[str, Any]:
+    def wait(self, handle: Any, *, poll: Callable[[], None], poll_s: float = 0.5) -> Any:
         fn, payload = handle
         try:
             return fn(payload)

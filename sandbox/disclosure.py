@@ -18,7 +18,9 @@ Stewards and operators see the zone's records whole.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from policies.roles import Role
@@ -64,6 +66,14 @@ def redact_counts(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [redact_counts(v) for v in obj]
     return obj
+
+
+def cut_released_card(card: Path) -> dict[str, Any]:
+    """Rewrite a card that leaves the zone with the same cut as every researcher view (for a
+    dataset whose counts are private); returns what it now holds."""
+    shown = redact_counts(json.loads(card.read_text()))
+    card.write_text(json.dumps(shown, indent=2))
+    return dict(shown)
 
 
 def job_view(rec: JobRecord, *, role: Role | str, counts_public: bool) -> JobRecord:

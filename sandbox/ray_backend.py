@@ -126,7 +126,7 @@ class RayBackend(JobBackend):
         )
         return remote.remote(payload)
 
-    def wait(self, handle: Any, *, poll: Callable[[], None], poll_s: float = 0.5) -> dict[str, Any]:
+    def wait(self, handle: Any, *, poll: Callable[[], None], poll_s: float = 0.5) -> Any:
         ray = self._ensure()
         from ray import exceptions as rex
 

@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from foundation.errors import ZoneError
+from foundation.errors import IntegrityError, ZoneError
 from policies.roles import Actor
-from sandbox.backend import Resources
+from sandbox.backend import Resources, WorkerFn
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.jobs import JobRecord
 from sandbox.results import ChargeRecord, JobResult
@@ -105,6 +105,67 @@ def close_reservations(
     if not rids:
         return "none"
     return "committed" if opened else "released"
+
+
+def run_on_backend(
+    ctx: ZoneContext,
+    job: JobRecord,
+    fn: Any,
+    payload: dict[str, Any],
+    resources: Resources,
+    on_progress: ProgressFn | None,
+) -> Any:
+    """Hand ``fn(payload)`` to the backend and wait, relaying the job's progress record."""
+    last: dict[str, Any] = {}
+
+    def poll() -> None:
+        if on_progress is None:
+            return
+        rec = ctx.jobs.get(job.id)
+        if rec.progress and rec.progress != last:
+            last.clear()
+            last.update(rec.progress)
+            on_progress(dict(rec.progress))
+
+    handle = ctx.backend.submit(fn, payload, resources)
+    return ctx.backend.wait(handle, poll=poll)
+
+
+class BackendMechanism(JobMechanism):
+    """A mechanism whose work is one worker function run on the job backend."""
+
+    #: what runs on the worker (a module-level function: it is pickled to Ray)
+    worker: WorkerFn
+
+    def resources(self, job: JobRecord) -> Resources:
+        """What the worker asks of the cluster: the spec's resources when it has them."""
+        asked = job.spec.get("resources") or {}
+        return Resources(cpus=float(asked.get("cpus", 1)), gpus=float(asked.get("gpus", 0)))
+
+    def execute(
+        self,
+        ctx: ZoneContext,
+        actor: Actor,
+        job: JobRecord,
+        work: Any,
+        on_progress: ProgressFn | None,
+    ) -> JobResult:
+        result: JobResult = run_on_backend(
+            ctx, job, type(self).worker, work, self.resources(job), on_progress
+        )
+        return result
+
+
+def commit_charge(
+    ctx: ZoneContext, actor: Actor, job: JobRecord, epsilon: float, delta: float
+) -> ChargeRecord:
+    """Chokepoint 3 for a job with one dataset-wide reservation: commit ``epsilon`` and
+    ``delta`` to the ledger, then the audit event that records it."""
+    if job.reservation_id is None:
+        raise IntegrityError(f"job {job.id} has no reservation to charge")
+    event = ctx.ledger.commit(job.reservation_id, epsilon, delta, actor=actor.name)
+    details = {"epsilon": epsilon, "delta": delta, "ledger_event": event.event_id}
+    return record_charge(ctx, actor, job, details, event.event_id)
 
 
 def record_charge(

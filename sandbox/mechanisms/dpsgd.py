@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 
@@ -12,16 +11,11 @@ from policies.decisions import JobAccessRequest, Mechanism, decide_job_access
 from policies.roles import Actor
 from privacy.budget_events import BudgetKey
 from sandbox.backend import Resources
-from sandbox.context import ProgressFn, ZoneContext
-from sandbox.disclosure import redact_counts
+from sandbox.context import ZoneContext
+from sandbox.disclosure import cut_released_card
 from sandbox.jobs import JobRecord
 from sandbox.jobspec import JobSpec
-from sandbox.mechanisms.base import (
-    WHOLE_DATASET,
-    Admission,
-    JobMechanism,
-    record_charge,
-)
+from sandbox.mechanisms.base import WHOLE_DATASET, Admission, BackendMechanism, commit_charge
 from sandbox.release import write_model_card
 from sandbox.results import DpsgdResult, JobResult
 from sandbox.worker import NOISE_SECRET_KEY, new_noise_secret, run_dpsgd_job
@@ -112,32 +106,9 @@ def worker_payload(
     }
 
 
-def run_on_backend(
-    ctx: ZoneContext,
-    job: JobRecord,
-    fn: Any,
-    payload: dict[str, Any],
-    resources: Resources,
-    on_progress: ProgressFn | None,
-) -> Any:
-    """Hand ``fn(payload)`` to the backend and wait, relaying the job's progress record."""
-    last: dict[str, Any] = {}
-
-    def poll() -> None:
-        if on_progress is None:
-            return
-        rec = ctx.jobs.get(job.id)
-        if rec.progress and rec.progress != last:
-            last.clear()
-            last.update(rec.progress)
-            on_progress(dict(rec.progress))
-
-    handle = ctx.backend.submit(fn, payload, resources)
-    return ctx.backend.wait(handle, poll=poll)
-
-
-class DpsgdMechanism(JobMechanism):
+class DpsgdMechanism(BackendMechanism):
     kind = "dp-sgd"
+    worker = staticmethod(run_dpsgd_job)
 
     def admit(
         self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
@@ -166,21 +137,6 @@ class DpsgdMechanism(JobMechanism):
             details={"grant": grant},
         )
 
-    def execute(
-        self,
-        ctx: ZoneContext,
-        actor: Actor,
-        job: JobRecord,
-        work: Any,
-        on_progress: ProgressFn | None,
-    ) -> JobResult:
-        resources = Resources(
-            cpus=float(job.spec["resources"].get("cpus", 1)),
-            gpus=float(job.spec["resources"].get("gpus", 0)),
-        )
-        result: DpsgdResult = run_on_backend(ctx, job, run_dpsgd_job, work, resources, on_progress)
-        return result
-
     def charge(
         self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult
     ) -> JobResult:
@@ -193,14 +149,7 @@ class DpsgdMechanism(JobMechanism):
             # counts the job is charged (and shows) what was reserved, an upper bound
             epsilon = ctx.ledger.reservation(job.reservation_id).epsilon
         # chokepoint 3: commit the charge before anything can be released
-        event = ctx.ledger.commit(job.reservation_id, epsilon, delta, actor=actor.name)
-        charge = record_charge(
-            ctx,
-            actor,
-            job,
-            {"epsilon": epsilon, "delta": delta, "ledger_event": event.event_id},
-            event.event_id,
-        )
+        charge = commit_charge(ctx, actor, job, epsilon, delta)
         if not isinstance(result, DpsgdResult):
             raise SpecError("job", "is not a DP-SGD job", "see `sandbox jobs list`")
         plan = dict(result.plan)
@@ -212,5 +161,5 @@ class DpsgdMechanism(JobMechanism):
         )
         if not dataset.counts_public:
             # the card leaves the zone: no figure that gives the exact size back
-            card.write_text(json.dumps(redact_counts(json.loads(card.read_text())), indent=2))
+            cut_released_card(card)
         return charged

@@ -4,7 +4,7 @@ the run's noise comes from a secret of its own, never shared with a charged run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from connectors.dummy import dummy_table
@@ -14,11 +14,11 @@ from connectors.schema import SchemaContract
 from foundation.errors import NotFoundError, PolicyDenied, SpecError
 from policies.roles import Actor
 from sandbox.backend import Resources
-from sandbox.context import ProgressFn, ZoneContext
+from sandbox.context import ZoneContext
 from sandbox.jobs import JobRecord
 from sandbox.jobspec import JobSpec
-from sandbox.mechanisms.base import Admission, JobMechanism, is_charged
-from sandbox.mechanisms.dpsgd import check_columns, run_on_backend, worker_payload
+from sandbox.mechanisms.base import Admission, BackendMechanism, is_charged
+from sandbox.mechanisms.dpsgd import check_columns, worker_payload
 from sandbox.mechanisms.synthetic import governed_contract
 from sandbox.results import JobResult
 from sandbox.synth_worker import restricted_contract
@@ -44,8 +44,13 @@ def synthetic_job(ctx: ZoneContext, job_id: str) -> JobRecord:
     return rec
 
 
-class DryRunMechanism(JobMechanism):
+class DryRunMechanism(BackendMechanism):
     kind = "dry-run"
+    worker = staticmethod(run_dpsgd_job)
+
+    def resources(self, job: JobRecord) -> Resources:
+        # dummy or released synthetic rows: never worth a GPU
+        return replace(super().resources(job), gpus=0)
 
     def admit(
         self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
@@ -98,20 +103,6 @@ class DryRunMechanism(JobMechanism):
             resources=Resources(cpus=spec.resources.cpus, gpus=0),
             details={"dry_run": on},
         )
-
-    def execute(
-        self,
-        ctx: ZoneContext,
-        actor: Actor,
-        job: JobRecord,
-        work: Any,
-        on_progress: ProgressFn | None,
-    ) -> JobResult:
-        cpus = float(job.spec["resources"].get("cpus", 1))
-        result: JobResult = run_on_backend(
-            ctx, job, run_dpsgd_job, work, Resources(cpus=cpus, gpus=0), on_progress
-        )
-        return result
 
     def charge(
         self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult

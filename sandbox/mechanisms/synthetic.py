@@ -18,11 +18,10 @@ from privacy.budget_events import BudgetKey
 from privacy.synth import SynthMethod, is_dp
 from privacy.synth.codec import Codec
 from sandbox.backend import Resources
-from sandbox.context import ProgressFn, ZoneContext
-from sandbox.disclosure import redact_counts
+from sandbox.context import ZoneContext
+from sandbox.disclosure import cut_released_card
 from sandbox.jobs import JobRecord
-from sandbox.mechanisms.base import WHOLE_DATASET, Admission, JobMechanism, record_charge
-from sandbox.mechanisms.dpsgd import run_on_backend
+from sandbox.mechanisms.base import WHOLE_DATASET, Admission, BackendMechanism, commit_charge
 from sandbox.release import write_synth_card
 from sandbox.results import JobResult, SynthResult
 from sandbox.synth_worker import restricted_contract, run_synth_job
@@ -63,8 +62,12 @@ def _method(name: str) -> SynthMethod:
         ) from None
 
 
-class SyntheticMechanism(JobMechanism):
+class SyntheticMechanism(BackendMechanism):
     kind = "synthetic"
+    worker = staticmethod(run_synth_job)
+
+    def resources(self, job: JobRecord) -> Resources:
+        return Resources(cpus=1, gpus=0)
 
     def admit(
         self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
@@ -180,19 +183,6 @@ class SyntheticMechanism(JobMechanism):
         if not decision.allowed:
             raise PolicyDenied(decision.reason, missing=decision.missing, grantor=decision.grantor)
 
-    def execute(
-        self,
-        ctx: ZoneContext,
-        actor: Actor,
-        job: JobRecord,
-        work: Any,
-        on_progress: ProgressFn | None,
-    ) -> JobResult:
-        result: SynthResult = run_on_backend(
-            ctx, job, run_synth_job, work, Resources(cpus=1, gpus=0), on_progress
-        )
-        return result
-
     def charge(
         self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult
     ) -> JobResult:
@@ -205,17 +195,10 @@ class SyntheticMechanism(JobMechanism):
             )
             return result
         epsilon, delta = float(result.epsilon or 0.0), float(result.delta or 0.0)
-        event = ctx.ledger.commit(job.reservation_id, epsilon, delta, actor=actor.name)
-        charge = record_charge(
-            ctx,
-            actor,
-            job,
-            {"epsilon": epsilon, "delta": delta, "ledger_event": event.event_id},
-            event.event_id,
-        )
+        charge = commit_charge(ctx, actor, job, epsilon, delta)
         charged = replace(result, charge=charge)
         card = write_synth_card(ctx.zone.job_dir(job.id), job, charged)
         if not ctx.store.get_dataset(job.dataset).counts_public:
             # the card leaves the zone: the same cut as every researcher view
-            card.write_text(json.dumps(redact_counts(json.loads(card.read_text())), indent=2))
+            cut_released_card(card)
         return charged
