@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST  := $(PY) -m pytest
 
-.PHONY: install demo test test-slow test-all check lint bench clean
+.PHONY: install demo demo-served test test-slow test-all check lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/sandbox demo
+
+# the same mission across the trust boundary: `sandbox serve` as its own OS account, the
+# steward and the researcher as other accounts through the CLI (needs root for the accounts)
+demo-served: install
+	$(VENV)/bin/sandbox demo --served
 
 # the default run: fast tests plus integration tests on a real local Ray (< 10 min on 2 cores)
 test: install

@@ -90,6 +90,10 @@ class AuthError(UserError):
     kind = "auth_error"
 
 
+#: what a call without a token is missing (the served API answers it 401, not 403)
+NEEDS_TOKEN = "SANDBOX_TOKEN or --token"
+
+
 class PolicyDenied(UserError):
     kind = "policy_denied"
 
@@ -124,3 +128,37 @@ class ComputeError(BackendError):
 
 class IntegrityError(BackendError):
     kind = "integrity_error"
+
+
+#: every kind a client may meet, for rebuilding an error that crossed the wire
+_KINDS: dict[str, type[ZoneError]] = {
+    c.kind: c
+    for c in (
+        ZoneError,
+        UserError,
+        SpecError,
+        SchemaError,
+        NotFoundError,
+        AuthError,
+        PolicyDenied,
+        BudgetExceeded,
+        BackendError,
+        ComputeError,
+        IntegrityError,
+    )
+}
+
+
+def error_to_wire(exc: ZoneError) -> dict[str, Any]:
+    """An error as the server sends it: its kind, its one-line message, its fields."""
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(exc).items()}
+    return {"error": exc.kind, "message": str(exc), "retryable": exc.retryable, "fields": fields}
+
+
+def error_from_wire(data: dict[str, Any]) -> ZoneError:
+    """The same error again on the client's side (the class its ``kind`` names)."""
+    cls = _KINDS.get(str(data.get("error")), ZoneError)
+    fields = dict(data.get("fields") or {})
+    if "missing" in fields and isinstance(fields["missing"], list):
+        fields["missing"] = tuple(fields["missing"])
+    return _rebuild(cls, (str(data.get("message", "")),), fields)

@@ -1,15 +1,43 @@
-"""The append-only, hash-chained audit log.
+"""The append-only, keyed, hash-chained audit log, with its head kept outside the database.
 
 Every event is one row of ``audit_events``, numbered ``seq`` = 1, 2, 3, ... with no gaps.
-Each row stores the hash of the row before it (``prev_hash``; the first row points at
-``GENESIS_HASH``) and its own ``hash``::
+Each row stores the MAC of the row before it (``prev_hash``; the first row points at
+``GENESIS_HASH``) and its own MAC (``hash``)::
 
-    hash = sha256(canonical_json({seq, at, actor, action, outcome, target, details, prev_hash}))
+    hash = HMAC-SHA256(audit key, canonical_json({seq, at, actor, action, outcome, target,
+                                                  details, prev_hash}))
 
 where canonical JSON is ``json.dumps(..., sort_keys=True, separators=(",", ":"),
 ensure_ascii=False, allow_nan=False)`` encoded as UTF-8 and ``at`` is the UTC ISO-8601 time to
-the microsecond (``2026-01-31T12:00:00.000000+00:00``). Anyone can recompute the chain from the
-table alone with that rule.
+the microsecond (``2026-01-31T12:00:00.000000+00:00``). ``event_mac`` is that rule.
+
+**The audit key** is 32 random bytes in the zone folder (``ZONE/audit.key``, mode 0600, made
+at ``sandbox init``; ``sandbox.zone.Zone.audit_key``), never in the database. Someone who can
+write the database but not read the zone folder (a PostgreSQL account or its administrator,
+someone who swaps in an edited copy of ``state.db``) cannot compute a line's MAC, so cannot
+edit a line and re-hash it, nor drop lines and re-hash the rest, nor re-hash the whole log:
+``verify`` names the first line whose MAC is wrong. A line hashed with plain SHA-256 (the rule
+before the key, ``event_hash``) is named ``unkeyed``.
+
+**The head** (``ZONE/audit.head``; ``policies.audit_head``) is the last line's ``seq`` and MAC,
+signed with the key. It catches what a valid chain cannot show about itself: lines cut off
+the *end* (the head names a line the log no longer has: ``truncated``), or the end cut off
+and new lines appended by the service afterwards (the line at the head's ``seq`` is not the
+one recorded: ``head_mismatch``). A missing head file while the log has lines is
+``head_missing``. The head is written after each append commits (see ``AuditLog.append`` and
+``append_in``), from the last committed row, under a file lock, and only ever forward along
+the chain: it never moves back, and it does not move past a line that no longer matches it,
+so that evidence stays for ``verify``. A head *behind* the log is accepted when the line it
+names is still in the log unchanged: the lines after it carry valid MACs (only a key holder
+makes those), and a writer that committed but died before updating the head leaves exactly
+that. ``verify`` reads the head before walking the log for the same reason: appends that
+land between the two only make the log longer than the head.
+
+What still needs an outside anchor: whoever holds the key file (the zone's service account,
+or anyone who can read the zone folder) can rewrite the log *and* the head. That is why only
+the service account may read the zone folder. To catch a rewrite by a key holder, record
+``VerifyReport.head_hash`` (with ``checked``) outside the zone (a ticket, a steward's notes)
+and compare later.
 
 Appending reads the last row and inserts the next inside one transaction that holds the
 writers' lock (SQLite: ``BEGIN IMMEDIATE`` from ``foundation.sql.make_engine``; PostgreSQL:
@@ -19,14 +47,13 @@ primary key, so even a writer on an engine without that lock fails rather than f
 its audit line commit or roll back together.
 
 ``verify()`` walks the chain and names the first line that was **edited** (its content no
-longer matches its hash, or it was re-hashed and the next line no longer links to it),
-**dropped** (a gap in ``seq``, or a line whose ``prev_hash`` points at a line that is not
-there) or **reordered** (a line linking to a line that exists but is not the one before it).
+longer matches its MAC, or it was re-hashed and the next line no longer links to it),
+**unkeyed** (hashed without the key), **dropped** (a gap in ``seq``, or a line whose
+``prev_hash`` points at a line that is not there) or **reordered** (a line linking to a line
+that exists but is not the one before it); then it checks the end against the head.
 
-What a chain without an outside anchor cannot show: lines cut off the *end* of the log, or
-the last line edited and re-hashed, or the whole log rewritten from some line on by someone
-who can write the table. Record ``VerifyReport.head_hash`` outside the zone (a ticket, a
-steward's notes) to catch those.
+The chain rule and the verifier are in ``policies.audit_chain``, the head file in
+``policies.audit_head``; everything is imported from here.
 
 Audit details are names, counts and figures (job ids, epsilons, error kinds), never a value
 from a sensitive dataset.
@@ -35,77 +62,68 @@ from a sensitive dataset.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Text, select, type_coerce
+from sqlalchemy import Connection, Engine, Row, event, select
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from foundation.clock import utcnow
-from foundation.errors import SpecError
+from foundation.errors import IntegrityError, SpecError
 from foundation.sql import lock_key
+from policies.audit_chain import (
+    GENESIS_HASH,
+    VERIFY_BATCH,
+    ChainProblem,
+    Scalar,
+    VerifyReport,
+    canonical_json,
+    event_hash,
+    event_mac,
+    iso_utc,
+    verify_chain,
+)
+from policies.audit_head import Head, HeadError, head_lock, read_head, write_head
 from policies.db import audit_events, create_schema
 
-#: ``prev_hash`` of the first line
-GENESIS_HASH = "0" * 64
+# the chain rule and the verifier live in policies.audit_chain; callers import them from here
+__all__ = [
+    "AUDIT_LOCK_KEY",
+    "GENESIS_HASH",
+    "MIN_KEY_BYTES",
+    "VERIFY_BATCH",
+    "AuditEvent",
+    "AuditLog",
+    "ChainProblem",
+    "Outcome",
+    "Scalar",
+    "VerifyReport",
+    "event_hash",
+    "event_mac",
+]
+
+log = logging.getLogger(__name__)
+
 #: the lock key writers serialise on (PostgreSQL advisory lock; SQLite holds the DB lock)
 AUDIT_LOCK_KEY = "audit"
-#: rows fetched at a time while verifying, so a long log never sits in memory at once
-VERIFY_BATCH = 1000
-
-Scalar = str | int | float | bool | None
+#: the shortest audit key accepted (the zone draws 32 bytes)
+MIN_KEY_BYTES = 16
+#: ``Connection.info`` entry: the logs whose head is due when the connection is returned
+_HEAD_DUE = "policies.audit.head_due"
 
 
 class Outcome(StrEnum):
     OK = "ok"  # the call did what was asked
     DENIED = "denied"  # a role, grant, budget or spec check said no
     ERROR = "error"  # the zone's machinery failed
-
-
-class ChainProblem(StrEnum):
-    EDITED = "edited"
-    DROPPED = "dropped"
-    REORDERED = "reordered"
-
-
-def _iso(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-
-
-def event_hash(
-    seq: int,
-    at: datetime,
-    actor: str,
-    action: str,
-    outcome: str,
-    target: str,
-    details: Mapping[str, Scalar],
-    prev_hash: str,
-) -> str:
-    """The chain rule (see the module docstring), usable by an outside verifier."""
-    body = {
-        "seq": seq,
-        "at": _iso(at),
-        "actor": actor,
-        "action": action,
-        "outcome": str(outcome),
-        "target": target,
-        "details": dict(details),
-        "prev_hash": prev_hash,
-    }
-    return hashlib.sha256(_canonical(body).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -123,7 +141,7 @@ class AuditEvent:
     def to_dict(self) -> dict[str, Any]:
         return {
             "seq": self.seq,
-            "at": _iso(self.at),
+            "at": iso_utc(self.at),
             "actor": self.actor,
             "action": self.action,
             "outcome": self.outcome.value,
@@ -131,32 +149,6 @@ class AuditEvent:
             "details": dict(self.details),
             "prev_hash": self.prev_hash,
             "hash": self.hash,
-        }
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """``ok`` or the first bad line: its ``seq``, the ``problem`` and a sentence (``detail``).
-
-    ``checked`` counts the lines verified good (all of them when ``ok``); ``head_hash`` is the
-    hash of the last good line (``GENESIS_HASH`` for an empty log).
-    """
-
-    ok: bool
-    checked: int
-    first_bad_seq: int | None
-    problem: ChainProblem | None
-    detail: str = ""
-    head_hash: str = field(default=GENESIS_HASH)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "checked": self.checked,
-            "first_bad_seq": self.first_bad_seq,
-            "problem": self.problem.value if self.problem else None,
-            "detail": self.detail,
-            "head_hash": self.head_hash,
         }
 
 
@@ -201,45 +193,36 @@ def _event(row: Row[Any]) -> AuditEvent:
     )
 
 
-def _stored_at(value: Any) -> datetime:
-    """``at`` as the verifier reads it: raw (text on SQLite), so that a time edited into
-    something unreadable makes its line bad instead of crashing ``verify`` (``ValueError``)."""
-    if not isinstance(value, datetime):
-        value = datetime.fromisoformat(str(value))
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-#: every column of the audit table, with ``at`` read raw (see ``_stored_at``)
-_RAW_COLUMNS = tuple(
-    type_coerce(c, Text).label(c.key) if c.key == "at" else c for c in audit_events.c
-)
-
-
-def _row_hash(row: Row[Any]) -> str | None:
-    """Recompute a stored row's hash; ``None`` when the row cannot even be parsed."""
-    try:
-        details = json.loads(row.details_json)
-        return event_hash(
-            row.seq,
-            _stored_at(row.at),
-            row.actor,
-            row.action,
-            row.outcome,
-            row.target,
-            details,
-            row.prev_hash,
-        )
-    except (ValueError, TypeError):
-        return None
-
-
 class AuditLog:
-    """The audit log on ``engine`` (creates its table if missing)."""
+    """The audit log on ``engine`` (creates its table if missing), keyed with ``key``.
 
-    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
+    ``head_path`` is the head file (``Zone.audit_head_path``); ``None`` skips writing and
+    checking it (bare logs in unit tests; the service always passes one).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Callable[[], datetime] = utcnow,
+        *,
+        key: bytes,
+        head_path: Path | None,
+    ) -> None:
+        if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
+            raise SpecError(
+                "key",
+                f"must be at least {MIN_KEY_BYTES} bytes",
+                "pass the zone's audit key (Zone.audit_key())",
+            )
         self._engine = engine
         self._clock = clock
+        self._key = key
+        self._head_path = head_path
         create_schema(engine)
+        if head_path is not None:
+            # append_in's head is written when the caller's connection goes back to the pool:
+            # SQLAlchemy Core has no after-commit hook (its "commit" event fires before)
+            event.listen(engine, "checkin", self._on_checkin)
 
     def append(
         self,
@@ -249,9 +232,23 @@ class AuditLog:
         target: str = "",
         details: Mapping[str, Scalar] | None = None,
     ) -> AuditEvent:
-        """Append one event in its own transaction; returns it with its ``seq`` and ``hash``."""
+        """Append one event in its own transaction; returns it with its ``seq`` and ``hash``.
+
+        The head file is brought up to date after the commit, before this returns; if it
+        cannot be written the event stays recorded and this raises ``IntegrityError``.
+        """
         with self._engine.begin() as conn:
-            return self.append_in(conn, actor, action, outcome, target, details)
+            written = self._insert(conn, actor, action, outcome, target, details)
+        if self._head_path is not None:
+            try:
+                self._sync_head()
+            except OSError as exc:
+                raise IntegrityError(
+                    f"{self._head_path}: the audit head could not be written ({exc}); line "
+                    f"{written.seq} is recorded but not anchored: free space or fix the zone "
+                    "folder's permissions, then any later append writes it"
+                ) from exc
+        return written
 
     def append_in(
         self,
@@ -265,8 +262,24 @@ class AuditLog:
         """Append one event inside the caller's open transaction on ``conn``.
 
         The event commits or rolls back with the caller's change. The caller holds the audit
-        lock until it commits, so keep the rest of that transaction short.
+        lock until it commits, so keep the rest of that transaction short. The head file is
+        brought up to date when ``conn`` is closed (returned to the pool), from the rows then
+        committed: an event rolled back never reaches it.
         """
+        written = self._insert(conn, actor, action, outcome, target, details)
+        if self._head_path is not None:
+            conn.info.setdefault(_HEAD_DUE, set()).add(self)
+        return written
+
+    def _insert(
+        self,
+        conn: Connection,
+        actor: str,
+        action: str,
+        outcome: str,
+        target: str,
+        details: Mapping[str, Scalar] | None,
+    ) -> AuditEvent:
         actor = _text("actor", actor)
         action = _text("action", action)
         target = _text("target", target, empty_ok=True)
@@ -290,7 +303,7 @@ class AuditLog:
         ).first()
         seq = 1 if last is None else last.seq + 1
         prev = GENESIS_HASH if last is None else last.hash
-        digest = event_hash(seq, at, actor, action, result, target, clean, prev)
+        digest = event_mac(self._key, seq, at, actor, action, result, target, clean, prev)
         conn.execute(
             audit_events.insert().values(
                 seq=seq,
@@ -299,7 +312,7 @@ class AuditLog:
                 action=action,
                 outcome=result.value,
                 target=target,
-                details_json=_canonical(clean),
+                details_json=canonical_json(clean),
                 prev_hash=prev,
                 hash=digest,
             )
@@ -307,6 +320,59 @@ class AuditLog:
         return AuditEvent(
             seq, at, actor, action, result, target, MappingProxyType(clean), prev, digest
         )
+
+    def _sync_head(self) -> None:
+        """Move the head file forward to the last committed line.
+
+        Re-reading the last row under the head lock (not writing the event just appended)
+        keeps concurrent appenders right: whoever writes last wrote the newest line. The head
+        only moves forward along the chain (see the module docstring).
+        """
+        path = self._head_path
+        assert path is not None
+        with head_lock(path):
+            try:
+                current = read_head(path, self._key)
+            except HeadError as exc:
+                log.warning("audit head not moved: %s; run `sandbox audit verify`", exc)
+                return
+            with self._engine.connect() as conn:
+                last = conn.execute(
+                    select(audit_events.c.seq, audit_events.c.hash)
+                    .order_by(audit_events.c.seq.desc())
+                    .limit(1)
+                ).first()
+                anchored = None
+                if current is not None:
+                    anchored = conn.execute(
+                        select(audit_events.c.hash).where(audit_events.c.seq == current.seq)
+                    ).scalar()
+            if last is None:
+                return
+            if current is not None:
+                if anchored != current.mac:
+                    log.warning(
+                        "audit head not moved: line %s is not the line %s records; run "
+                        "`sandbox audit verify`",
+                        current.seq,
+                        path,
+                    )
+                    return
+                if last.seq <= current.seq:
+                    return  # another writer already recorded this line or a later one
+            write_head(path, self._key, Head(last.seq, last.hash))
+
+    def _on_checkin(self, _dbapi_conn: Any, record: ConnectionPoolEntry | None) -> None:
+        due = None if record is None else record.info.get(_HEAD_DUE)
+        if not due or self not in due:
+            return
+        due.discard(self)
+        try:
+            self._sync_head()
+        except Exception:
+            # raising here would break the caller's close; the head stays behind (which
+            # verify accepts) until the next append moves it on
+            log.warning("audit head not written after append_in", exc_info=True)
 
     def list(
         self,
@@ -338,65 +404,6 @@ class AuditLog:
         return None if row is None else _event(row)
 
     def verify(self) -> VerifyReport:
-        """Walk the whole chain; report the first edited, dropped or reordered line."""
-        checked = 0
-        prev_hash, prev_seq = GENESIS_HASH, 0
-        with self._engine.connect() as conn:
-            result = conn.execution_options(yield_per=VERIFY_BATCH).execute(
-                select(*_RAW_COLUMNS).order_by(audit_events.c.seq)
-            )
-            bad: Row[Any] | None = None
-            for row in result:
-                expected = checked + 1
-                if row.prev_hash != prev_hash or row.seq != expected or _row_hash(row) != row.hash:
-                    bad = row
-                    break
-                checked, prev_hash, prev_seq = expected, row.hash, row.seq
-            result.close()
-            if bad is None:
-                return VerifyReport(True, checked, None, None, "", prev_hash)
-            pointed = None
-            if bad.prev_hash != prev_hash:
-                pointed = conn.execute(
-                    select(audit_events.c.seq).where(audit_events.c.hash == bad.prev_hash)
-                ).scalar()
-
-        expected = checked + 1
-
-        def report(seq: int, problem: ChainProblem, detail: str) -> VerifyReport:
-            return VerifyReport(False, checked, seq, problem, detail, prev_hash)
-
-        if bad.prev_hash != prev_hash:
-            if pointed is not None:
-                return report(
-                    bad.seq,
-                    ChainProblem.REORDERED,
-                    f"line {bad.seq} links to line {pointed}, not to the line before it"
-                    f" ({prev_seq or 'the start'}): lines were moved",
-                )
-            if bad.seq > expected:
-                gap = str(expected) if bad.seq == expected + 1 else f"{expected}-{bad.seq - 1}"
-                return report(
-                    expected,
-                    ChainProblem.DROPPED,
-                    f"line {gap} missing: line {bad.seq} links to a line that is not in the log",
-                )
-            if checked > 0 and _row_hash(bad) == bad.hash:
-                return report(
-                    prev_seq,
-                    ChainProblem.EDITED,
-                    f"line {prev_seq} was changed and re-hashed: line {bad.seq} no longer links to it",
-                )
-            return report(
-                bad.seq,
-                ChainProblem.EDITED,
-                f"line {bad.seq}'s link to the line before it was changed (or a line before it"
-                " was dropped and the later lines renumbered)",
-            )
-        if bad.seq != expected:
-            return report(
-                expected,
-                ChainProblem.EDITED,
-                f"line {expected} was renumbered to {bad.seq}",
-            )
-        return report(bad.seq, ChainProblem.EDITED, f"line {bad.seq} no longer matches its hash")
+        """Walk the whole chain, then check its end against the head file; report the first
+        bad line (see the module docstring)."""
+        return verify_chain(self._engine, self._key, self._head_path)

@@ -1,4 +1,9 @@
-"""A DP-SGD job's plan, with or without its DP evaluation release: ``plan_job``.
+"""The plans the service makes before a job runs: ``plan_job`` (DP-SGD, with or without its
+DP evaluation release) and ``plan_synth`` (a DP synthesizer's releases).
+
+The service charges from these plans, never from a figure a worker reports: the worker
+runs the plan and reports what it ran, and the service checks the report against the plan
+(``sandbox.mechanisms.plans``).
 
 With the evaluation, the plan is ``privacy.accountant.plan_dpsgd``'s (training plus one
 evaluation histogram taking ``eval_share`` of the target; ``privacy.dp_metrics`` makes that
@@ -8,6 +13,7 @@ release). A job that does not want the evaluation plans without it (``evaluate=F
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +69,23 @@ def plan_job(
     """``plan_dpsgd`` (training + one evaluation release taking ``eval_share`` of the
     target) when ``evaluate``; otherwise a :class:`TrainingOnlyPlan` calibrated with the
     same checks for training alone. (``plan_dpsgd`` refuses ``eval_share = 0``: it always
-    plans the evaluation release.)"""
+    plans the evaluation release.)
+
+    A pure function of its arguments, memoised: the service makes the same plan at
+    admission, when it checks a worker's report and when it charges (plans are frozen)."""
+    return _plan_job(target_epsilon, delta, n_persons, batch_size, epochs, evaluate, eval_share)
+
+
+@functools.lru_cache(maxsize=512)
+def _plan_job(
+    target_epsilon: float,
+    delta: float,
+    n_persons: int,
+    batch_size: int,
+    epochs: int,
+    evaluate: bool,
+    eval_share: float,
+) -> DPSGDPlan | TrainingOnlyPlan:
     from privacy import accountant as acc
 
     if evaluate:
@@ -89,3 +111,92 @@ def plan_job(
         delta=delta,
         target_epsilon=target_epsilon,
     )
+
+
+@dataclass(frozen=True)
+class SynthPlan:
+    """A DP synthesizer's releases, planned from the contract alone, and their epsilon.
+
+    The DP engines (``privacy.synth.marginals``, ``privacy.synth.copula``) make a fixed
+    sequence of sensitivity-1 Gaussian releases whose number and noise follow from the codec
+    (the contract's columns and domains), the target and delta, never from rows. So the
+    service can plan them before the job runs, charge :attr:`epsilon`, and check the steps a
+    worker reports against :attr:`steps` (a worker that reports other steps fails its job)."""
+
+    method: str
+    steps: tuple[GaussianStep, ...]
+    delta: float
+    target_epsilon: float
+
+    @property
+    def epsilon(self) -> float:
+        from privacy.accountant import epsilon_for
+
+        return epsilon_for(self.steps, self.delta)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "steps": [s.to_dict() for s in self.steps],
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SynthPlan:
+        from privacy.accountant import GaussianStep
+
+        return cls(
+            method=str(data["method"]),
+            steps=tuple(
+                GaussianStep(float(s["noise_multiplier"]), float(s["sample_rate"]), int(s["steps"]))
+                for s in data["steps"]
+            ),
+            delta=float(data["delta"]),
+            target_epsilon=float(data["target_epsilon"]),
+        )
+
+
+def plan_synth(method: str, contract: Any, epsilon: float, delta: float) -> SynthPlan:
+    """The releases DP synthesis ``method`` makes on ``contract``'s columns at
+    ``(epsilon, delta)``, in the engine's order (see :class:`SynthPlan`).
+
+    The layout is read from the engines' own shares and root rule (not copied), so a change
+    to an engine's budget split moves the plan with it; a change to its *number* of releases
+    must be mirrored here (``tests/privacy/test_synth_plan.py`` pins plan == fit)."""
+    from privacy.accountant import GaussianStep
+    from privacy.synth.codec import Codec, SynthMethod, parse_method, plan_sigmas
+
+    kind = parse_method(method)
+    codec = Codec.from_contract(contract)
+    d = len(codec.columns)
+    layout: list[tuple[float, int]]
+    if kind is SynthMethod.MST:
+        # the engine's own module: its shares and its root rule are the layout's source
+        from privacy.synth import marginals
+
+        root = marginals._root_index(codec)
+        others = [j for j in range(d) if j != root]
+        rounds = max(len(others) - 1, 0)
+        layout = [
+            (marginals.ANCHOR_SHARE, max(len(others), 1)),  # anchors (or the label alone)
+            (marginals.SELECT_SHARE, rounds),  # one exponential mechanism per Kruskal round
+            (marginals.TREE_SHARE, rounds),  # one 3-way table per tree edge
+        ]
+    elif kind is SynthMethod.DP_COPULA:
+        from privacy.synth import copula
+
+        layout = [(copula.MARGINAL_SHARE, d), (copula.CORRELATION_SHARE, 1 if d > 1 else 0)]
+    else:
+        raise SpecError(
+            "--method",
+            f"{kind.value} is not differentially private: it has no plan to charge",
+            "choose mst or dp-copula",
+        )
+    sigmas = plan_sigmas(epsilon, delta, tuple(layout))
+    steps = tuple(
+        GaussianStep(sigma, 1.0, 1)
+        for sigma, (_, count) in zip(sigmas, layout, strict=True)
+        for _ in range(count)
+    )
+    return SynthPlan(kind.value, steps, float(delta), float(epsilon))

@@ -218,6 +218,25 @@ class JobStore:
             conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
         return self.get(job_id)
 
+    def move_if(self, job_id: str, src: JobState, dst: JobState, **fields: Any) -> JobRecord | None:
+        """Move the job from ``src`` to ``dst`` only if it is still in ``src`` (one conditional
+        UPDATE: of two threads racing, e.g. a cancel and the runner's start, one wins); the
+        moved record, or None when the job had already left ``src``."""
+        check_transition(src, dst)
+        values: dict[str, Any] = {"state": dst.value}
+        if dst is JobState.RUNNING:
+            values["started_at"] = utcnow()
+        if dst in TERMINAL:
+            values["finished_at"] = utcnow()
+        values.update(fields)
+        with self.engine.begin() as conn:
+            moved = conn.execute(
+                update(jobs_table)
+                .where(jobs_table.c.id == job_id, jobs_table.c.state == src.value)
+                .values(**values)
+            ).rowcount
+        return self.get(job_id) if moved else None
+
     def update_result(self, job_id: str, result: dict[str, Any]) -> JobRecord:
         """Amend a finished job's result (a steward's release flags); the state is unchanged."""
         with self.engine.begin() as conn:

@@ -109,10 +109,12 @@ class JobSpec:
                 "min_sites": f.min_sites,
                 "local_epochs": f.local_epochs,
                 "strategy": str(f.strategy),
-                "mu": f.mu,
                 "secure_aggregation": f.secure_aggregation,
                 "min_site_rows": f.min_site_rows,
             }
+            if f.strategy is FedStrategy.FEDPROX:
+                # the parser refuses mu with any other strategy: the record must parse back
+                fed["mu"] = f.mu
             if f.clients_per_round is not None:
                 fed["clients_per_round"] = f.clients_per_round
             if f.server_noise_multiplier is not None:

@@ -1,8 +1,16 @@
 """The only module that imports Ray. Maps Ray's statuses and errors to ours.
 
 Embedded default: a local Ray started by this process (``address="local"``, loopback only,
-its temp dir inside the system temp folder named after the zone). With ``--ray-address`` /
-``RAY_ADDRESS`` the zone attaches to an existing cluster instead.
+its temp dir private to the zone: ``foundation.engine_env.ray_temp_dir``). Ray's processes
+inherit the environment of the process that starts them, so before it starts Ray this
+process cleans its own (``foundation.engine_env.sanitise_environ``: no ``PYTHONPATH`` but the
+product's import roots, no ``PYTHONSTARTUP``/``PYTHONHOME``/``LD_PRELOAD``/..., no user
+site-packages): a ``sitecustomize.py`` the caller's shell put on its path never runs in a
+worker. In served mode the service is the only process that starts Ray.
+
+The cluster is the service's choice alone: ``address`` comes from the service's own
+settings (the constructor argument); this module never reads ``RAY_ADDRESS``, and a local
+start passes ``address="local"`` so Ray does not read it either.
 
 Errors: a worker's own ``ZoneError`` reaches the caller as itself (same type, one-line message
 and ``retryable``; see ``foundation.errors`` on pickling). Any other exception in a worker
@@ -13,12 +21,14 @@ quote data). A worker that died (crash, lost node, cancellation) is a retryable
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from foundation.engine_env import configure_engine_env, ray_temp_dir
+from foundation.engine_env import configure_engine_env, ray_temp_dir, sanitise_environ
 from foundation.errors import ComputeError, SpecError, ZoneError
 from sandbox.backend import JobBackend, Payload, Resources, WorkerFn
 
@@ -56,11 +66,17 @@ class RayBackend(JobBackend):
         self._num_cpus = num_cpus
         self._started = False
         self._owns_ray = False
+        # served mode starts jobs from several threads: Ray is started once, by one of them
+        self._lock = threading.Lock()
 
     def _ensure(self) -> Any:
         import ray
 
-        if not self._started:
+        if self._started:
+            return ray
+        with self._lock:
+            if self._started:
+                return ray
             configure_engine_env(self._zone_root)
             if not ray.is_initialized():
                 kwargs: dict[str, Any] = {
@@ -73,7 +89,9 @@ class RayBackend(JobBackend):
                     kwargs["address"] = self._address
                 else:
                     tmp = ray_temp_dir(self._zone_root)
-                    tmp.mkdir(parents=True, exist_ok=True)
+                    # the raylet, and every worker it spawns, inherits this environment
+                    sanitise_environ()
+                    os.environ["RAY_TMPDIR"] = str(tmp)
                     kwargs.update(
                         address="local",
                         include_dashboard=False,

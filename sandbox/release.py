@@ -3,16 +3,17 @@
 Only these files leave: the DP-trained weights (safetensors), the preprocessing recorded from
 the schema contract (no parameter learned from rows), and the model card. The job's own logs
 and the loss curve (functions of the private data without a DP guarantee) stay in the zone.
+A name alone lets nothing out: ``sandbox.release_check`` checks what each file holds first.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from sandbox.jobs import JobRecord
+from sandbox.release_check import Expected, check_release
 from sandbox.results import DpsgdResult, SynthResult
 
 RELEASED_FILES = ("model.safetensors", "preprocessing.json", "model_card.json")
@@ -114,13 +115,15 @@ def write_synth_card(job_dir: Path, job: JobRecord, result: SynthResult) -> Path
 
 
 def release_artefacts(
-    job_dir: Path, out: Path, names: tuple[str, ...] = RELEASED_FILES
+    job_dir: Path, out: Path, names: tuple[str, ...] = RELEASED_FILES, *, expected: Expected
 ) -> list[Path]:
+    """Copy the job's releasable files to ``out`` once every one passed its content check
+    (``sandbox.release_check``): a refusal raises ``IntegrityError`` and ``out`` is untouched.
+    The bytes written are the bytes checked (each file is read once)."""
+    contents = check_release(job_dir, names, expected)
     out.mkdir(parents=True, exist_ok=True)
     copied = []
-    for name in names:
-        src = job_dir / name
-        if src.exists():
-            shutil.copy2(src, out / name)
-            copied.append(out / name)
+    for name, data in contents.items():
+        (out / name).write_bytes(data)
+        copied.append(out / name)
     return copied

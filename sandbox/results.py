@@ -1,6 +1,8 @@
 """What a finished job holds: one frozen result type per mechanism, read by attribute.
 
-Workers return these; the service charges from them, writes cards from them and stores them
+Workers return these with their report of what they ran; the service checks the report
+against its own plan (``sandbox.mechanisms.plans``), replaces every privacy figure with the
+plan's (the charge, the plan, the steps), writes cards from the result and stores it
 (``to_dict``) in the job's row; the CLI and the cards read them back with ``parse_result``.
 None of them holds a value from a row: figures from the accountant and the plan, DP metrics,
 sizes the researcher chose.
@@ -47,7 +49,13 @@ class _Result:
 
 @dataclass(frozen=True)
 class DpsgdResult(_Result):
-    """A DP-SGD run (charged, or a dry run on dummy / released synthetic data)."""
+    """A DP-SGD run (charged, or a dry run on dummy / released synthetic data).
+
+    From the worker, ``epsilon`` is its own figure (display only) and ``run`` its report of
+    what it ran: ``noise_multiplier``, ``sample_rate``, ``steps``, ``max_grad_norm``,
+    ``eval_sigma`` (None when no evaluation histogram was released) and ``delta``. Once the
+    service checked the report, ``epsilon``, ``plan`` and ``steps_taken`` are the service's
+    plan figures and ``run`` is dropped (it equals the plan)."""
 
     epsilon: float
     delta: float
@@ -63,13 +71,20 @@ class DpsgdResult(_Result):
     evaluation: str = "dp-histogram"
     #: None for a charged job; "dummy" or "synthetic:JOB" for a dry run (charges nothing)
     dry_run: str | None = None
+    #: the worker's report of what it ran (checked against the plan, then dropped)
+    run: dict[str, Any] | None = None
     kind: str = "dp-sgd"
     charge: ChargeRecord = field(default_factory=ChargeRecord)
 
 
 @dataclass(frozen=True)
 class SynthResult(_Result):
-    """A synthetic-data fit: DP (charged) or a steward's non-DP baseline (held)."""
+    """A synthetic-data fit: DP (charged) or a steward's non-DP baseline (held).
+
+    From the worker, ``steps`` is its report of the Gaussian releases it made (noise
+    multiplier, sample rate, steps each) and ``epsilon`` its own figure (display only); the
+    service checks the steps against its plan (``privacy.job_plan.plan_synth``) and charges,
+    stores and shows the plan's epsilon."""
 
     method: str
     dp: bool
@@ -90,7 +105,12 @@ class SynthResult(_Result):
 
 @dataclass(frozen=True)
 class FederatedResult(_Result):
-    """A federated job: each site's charge, the rounds run, the pooled DP metrics."""
+    """A federated job: each site's charge, the rounds run, the pooled DP metrics.
+
+    Before the charge, ``sites`` is the server's report per site (``summary.json``: the
+    site's plan figures, steps, evaluations and rounds); the service checks each against
+    the site's plan it rebuilds itself, then replaces ``sites`` with what each site was
+    charged (the plan's figure, never the reported epsilon)."""
 
     sites: dict[str, dict[str, Any]]
     epsilon: float

@@ -10,27 +10,40 @@ state until the job is final:
     SUCCEEDED  done
     FAILED     done
 
-``settle(job, outcome)`` is the one place a job ends, for every mechanism: on success the
-mechanism charges the ledger from the result (chokepoint 3) and the job SUCCEEDS with the
-charged result; on failure every reservation is committed if the job read rows and released
-if not, and the job FAILS with the error's one-line message. Either way one audit event.
+``settle(job, outcome)`` is the one place a job ends, for every mechanism. Before it, a
+successful run is charged by the mechanism from the *service's* plan (chokepoint 3; a result
+that does not match the plan is a failure). A charged result SUCCEEDS; on failure every
+reservation is committed if the job read rows and released if not, and the job FAILS with the
+error's one-line message (one ``job.fail`` audit event).
 
-Today the runner drives a job in the submitting process (embedded mode: ``submit`` returns
-the final record); the work a QUEUED job needs is held in memory until it starts.
+Embedded mode drives a job in the submitting process (``submit`` returns the final record).
+Served mode (``sandbox serve``) hands the job to the service's own executor and returns the
+QUEUED record at once (``wait=False``); the client follows the persisted state. The work a
+QUEUED job needs is held in memory until it starts, so a job the service did not finish
+before it stopped cannot resume: ``reconcile`` (run when the service starts) ends every job
+left QUEUED or RUNNING by a service that is gone, committing its reservations if its rows were
+read and releasing them if not. Nothing stays ``running``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
 from foundation.errors import ComputeError, NotFoundError, ZoneError
-from policies.roles import Action, Actor
+from policies.roles import Action, Actor, Role
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.jobs import JobRecord, JobState, new_job_id
 from sandbox.mechanisms import MECHANISMS
-from sandbox.mechanisms.base import Admission, JobMechanism, close_reservations
+from sandbox.mechanisms.base import (
+    Admission,
+    JobMechanism,
+    close_reservations,
+    reservations_of,
+)
 from sandbox.results import JobResult
 
 
@@ -46,10 +59,17 @@ class Failed:
 
 Outcome = Succeeded | Failed
 
+#: who ends a job that a stopped service left behind (the audit log's actor)
+SERVICE_ACTOR = Actor("zone-service", Role.OPERATOR)
+
+log = logging.getLogger(__name__)
+
 
 class JobRunner:
-    def __init__(self, ctx: ZoneContext) -> None:
+    def __init__(self, ctx: ZoneContext, executor: Executor | None = None) -> None:
         self.ctx = ctx
+        #: runs admitted jobs in the background (served mode); None: in the caller (embedded)
+        self.executor = executor
         #: job id -> (mechanism, actor, work) for admitted jobs not yet started
         self._pending: dict[str, tuple[JobMechanism, Actor, Any]] = {}
 
@@ -65,10 +85,78 @@ class JobRunner:
         target: str = "",
         details: Mapping[str, Any] | None = None,
         on_progress: ProgressFn | None = None,
+        wait: bool = True,
     ) -> JobRecord:
-        """Admit ``request`` with mechanism ``kind`` and drive it to its end."""
+        """Admit ``request`` with mechanism ``kind`` and drive it to its end; with
+        ``wait=False`` (served mode) hand it to the executor and return it QUEUED."""
         job_id = self.admit(kind, actor, request, action=action, target=target, details=details)
-        return self.handle_job(job_id, on_progress=on_progress)
+        if wait or self.executor is None:
+            return self.handle_job(job_id, on_progress=on_progress)
+        self.executor.submit(self._drive, job_id)
+        return self.ctx.jobs.get(job_id)
+
+    def _drive(self, job_id: str) -> None:
+        """A background job to its end; its outcome lives in its record and the audit log."""
+        try:
+            self.handle_job(job_id)
+        except ZoneError:
+            pass  # settled: the record says FAILED with the error's one line
+        except Exception:  # noqa: BLE001 - a bug must not kill the executor's thread
+            log.exception("job %s: the runner failed", job_id)
+
+    def reconcile(self) -> list[str]:
+        """End every job a stopped service left QUEUED or RUNNING; the ids it ended.
+
+        Called once when the service starts, before it takes requests. Such a job's work was
+        in the old process's memory (and its worker in that process's Ray), so it cannot go
+        on: it FAILS, its reservations committed if it read rows, released if not."""
+        ended = []
+        for job in self.ctx.jobs.list():
+            if job.id in self._pending:
+                continue
+            if job.state in (JobState.SUCCEEDED, JobState.FAILED):
+                self._close_stray(job)
+                continue
+            error = ComputeError(
+                "the service stopped while the job was "
+                f"{job.state}; submit it again (a retry may help)",
+                retryable=True,
+            )
+            ledger = close_reservations(
+                self.ctx, SERVICE_ACTOR, job, opened=job.data_opened, error=error
+            )
+            self.ctx.jobs.move(job.id, JobState.FAILED, error=str(error))
+            self.ctx.audit.append(
+                SERVICE_ACTOR.name,
+                "job.fail",
+                "error",
+                job.id,
+                {
+                    "error": error.kind,
+                    "ledger": ledger,
+                    "data_opened": job.data_opened,
+                    "reason": "service restart",
+                },
+            )
+            ended.append(job.id)
+        return ended
+
+    def _close_stray(self, job: JobRecord) -> None:
+        """A job that ended with a reservation still open (the service stopped between the
+        job's final state and its ledger step): close it as its end says, once."""
+        if not reservations_of(self.ctx, job):
+            return
+        error = ComputeError("the service stopped while the job was ending")
+        ledger = close_reservations(
+            self.ctx, SERVICE_ACTOR, job, opened=job.data_opened, error=error
+        )
+        self.ctx.audit.append(
+            SERVICE_ACTOR.name,
+            "job.settle",
+            "ok",
+            job.id,
+            {"ledger": ledger, "data_opened": job.data_opened, "reason": "service restart"},
+        )
 
     def admit(
         self,
@@ -149,9 +237,13 @@ class JobRunner:
     def _start(self, job: JobRecord) -> None:
         if job.id not in self._pending:
             # admitted by another process that is gone: its work was never handed out
-            self.ctx.jobs.move(job.id, JobState.FAILED, error="the job's submitter stopped")
+            self.ctx.jobs.move_if(
+                job.id, JobState.QUEUED, JobState.FAILED, error="the job's submitter stopped"
+            )
             return
-        self.ctx.jobs.move(job.id, JobState.RUNNING)
+        if self.ctx.jobs.move_if(job.id, JobState.QUEUED, JobState.RUNNING) is None:
+            # cancelled between admission and start: the cancel closed its reservations
+            self._pending.pop(job.id, None)
 
     def _await(self, job: JobRecord, on_progress: ProgressFn | None) -> None:
         pending = self._pending.pop(job.id, None)
@@ -169,6 +261,13 @@ class JobRunner:
             outcome = Failed(exc)
         except Exception as exc:  # noqa: BLE001 - translate, never show a raw message
             outcome = Failed(ComputeError(f"the job failed in the service ({type(exc).__name__})"))
+        if isinstance(outcome, Succeeded):
+            try:
+                # the charge comes from the service's plan; a result that does not match it
+                # (or a charge the ledger refuses) fails the job like an error in the run
+                outcome = Succeeded(mechanism.charge(self.ctx, actor, job, outcome.result))
+            except ZoneError as exc:
+                outcome = Failed(exc)
         self.settle(self.ctx.jobs.get(job.id), outcome, mechanism, actor)
         if isinstance(outcome, Failed):
             raise outcome.error
@@ -178,13 +277,10 @@ class JobRunner:
     def settle(
         self, job: JobRecord, outcome: Outcome, mechanism: JobMechanism, actor: Actor
     ) -> JobRecord:
-        """End ``job`` with ``outcome``: charge and succeed, or close reservations and fail."""
+        """End ``job`` with ``outcome``: a charged result succeeds; a failure closes the job's
+        reservations (committed if it read rows, released if not) and fails it."""
         if isinstance(outcome, Succeeded):
-            try:
-                charged = mechanism.charge(self.ctx, actor, job, outcome.result)
-            except ZoneError as exc:
-                return self.settle(job, Failed(exc), mechanism, actor)
-            return self.ctx.jobs.move(job.id, JobState.SUCCEEDED, result=charged.to_dict())
+            return self.ctx.jobs.move(job.id, JobState.SUCCEEDED, result=outcome.result.to_dict())
         error = outcome.error
         ledger = mechanism.settle_failed(self.ctx, actor, job, error)
         if job.state not in (JobState.SUCCEEDED, JobState.FAILED):

@@ -10,6 +10,7 @@ event. Nothing outside the service, its runner and its mechanisms decides access
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Executor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from connectors.ingest import ingest_file, ingest_table
 from connectors.schema import SchemaContract
 from foundation.clock import utcnow
 from foundation.errors import (
+    NEEDS_TOKEN,
     IntegrityError,
     NotFoundError,
     PolicyDenied,
@@ -51,17 +53,21 @@ class Service(AccessCalls):
         backend: JobBackend | None = None,
         *,
         clock: Callable[[], datetime] = utcnow,
+        executor: Executor | None = None,
     ) -> None:
+        """``executor``: where served mode runs jobs in the background (None: embedded, a
+        job runs inside the call that submits it)."""
         self.engine = make_engine(zone.db_url)
         try:
             # a zone opens only its own database: the zone ids in zone.toml and in it agree
             self.zone = zone.check_database(self.engine)
+            # the audit key lives outside the database (policies.audit): no key, no zone
+            self.audit = AuditLog(self.engine, key=zone.audit_key(), head_path=zone.audit_head_path)
         except BaseException:
             self.engine.dispose()
             raise
         self.store = StateStore(self.engine)
         self.ledger = Ledger(self.engine)
-        self.audit = AuditLog(self.engine)
         self.jobs = JobStore(self.engine)
         self.backend = backend or InProcessBackend()
         self.clock = clock
@@ -75,7 +81,7 @@ class Service(AccessCalls):
             # read through the service, so a clock set later (tests freeze time) holds
             clock=lambda: self.clock(),
         )
-        self.runner = JobRunner(self.ctx)
+        self.runner = JobRunner(self.ctx, executor)
         self.synth = SynthCalls(self.ctx, self.runner)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -105,9 +111,7 @@ class Service(AccessCalls):
     def authenticate(self, token: str | None) -> Actor:
         if not token:
             self.audit.append("anonymous", "auth", "denied", "", {"reason": "no token"})
-            raise PolicyDenied(
-                "no token given", missing=("SANDBOX_TOKEN or --token",), grantor="operator"
-            )
+            raise PolicyDenied("no token given", missing=(NEEDS_TOKEN,), grantor="operator")
         try:
             user = self.store.authenticate(token)
         except ZoneError:
@@ -198,13 +202,25 @@ class Service(AccessCalls):
     # -- jobs -------------------------------------------------------------------------------
 
     def submit(
-        self, actor: Actor, spec: JobSpec, *, on_progress: ProgressFn | None = None
+        self,
+        actor: Actor,
+        spec: JobSpec,
+        *,
+        on_progress: ProgressFn | None = None,
+        wait: bool = True,
     ) -> JobRecord:
-        """Decide, plan, reserve, run and charge a DP-SGD or federated job; its final record."""
+        """Decide, plan, reserve, run and charge a DP-SGD or federated job; its final record
+        (with ``wait=False`` in served mode: its QUEUED record, the job runs in the service)."""
         kind = "federated" if spec.mode is Mode.FEDERATED else "dp-sgd"
         details = {"dataset": spec.dataset, "epsilon": spec.privacy.epsilon, "mode": str(spec.mode)}
         job = self.runner.submit(
-            kind, actor, spec, target=spec.project, details=details, on_progress=on_progress
+            kind,
+            actor,
+            spec,
+            target=spec.project,
+            details=details,
+            on_progress=on_progress,
+            wait=wait,
         )
         return self.ctx.job_view(actor, job)
 
@@ -222,16 +238,22 @@ class Service(AccessCalls):
                     missing=("being the job's submitter",),
                     grantor="the job's submitter",
                 )
-            if rec.state is not JobState.QUEUED:
+            # the job leaves QUEUED first (one conditional update): a runner about to start
+            # it then finds it FAILED and never hands it to compute, so no row is read
+            moved = self.jobs.move_if(
+                job_id, JobState.QUEUED, JobState.FAILED, error="cancelled by its submitter"
+            )
+            if moved is None:
+                state = self.jobs.get(job_id).state
                 raise SpecError(
                     "JOB",
-                    f"job {job_id} is {rec.state}; only a queued job can be cancelled",
+                    f"job {job_id} is {state}; only a queued job can be cancelled",
                     "a running job is stopped from the process that submitted it",
                 )
             error = SpecError("JOB", "cancelled by its submitter")
-            ledger = close_reservations(self.ctx, actor, rec, opened=False, error=error)
+            ledger = close_reservations(self.ctx, actor, moved, opened=False, error=error)
             extra.update(ledger=ledger)
-            return self.jobs.move(job_id, JobState.FAILED, error="cancelled by its submitter")
+            return moved
 
     def list_jobs(self, actor: Actor) -> list[JobRecord]:
         with self.ctx.act(actor, Action.JOB_LIST):
@@ -270,7 +292,14 @@ class Service(AccessCalls):
                     f"job {job_id} has no committed ledger charge; nothing is released"
                 )
             names = SYNTH_FILES if result.get("kind") == "synthetic" else RELEASED_FILES
-            files = release_artefacts(self.zone.job_dir(job_id), out, names)
+            # the gate checks what each file holds, against what the job's spec and the
+            # dataset's contract say it must hold (a bad worker could write rows under a
+            # released name); a refusal raises IntegrityError, audited as an error by act()
+            from sandbox.release_check import expected_release
+
+            contract = self.store.get_dataset(rec.dataset).contract
+            expected = expected_release(job_id, rec.spec, result, contract)
+            files = release_artefacts(self.zone.job_dir(job_id), out, names, expected=expected)
             extra.update(files=len(files))
             return {"job": job_id, "out": str(out), "files": [str(f) for f in files]}
 
@@ -283,6 +312,10 @@ class Service(AccessCalls):
 
     def synth_fit(self, actor: Actor, project: str, dataset: str, **kw: Any) -> JobRecord:
         return self.synth.synth_fit(actor, project, dataset, **kw)
+
+    def whoami(self, actor: Actor) -> Actor:
+        """The caller as the zone knows them (any authenticated user)."""
+        return actor
 
     def synth_report(self, actor: Actor, job_id: str) -> dict[str, Any]:
         return self.synth.synth_report(actor, job_id)

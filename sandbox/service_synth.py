@@ -82,8 +82,10 @@ class SynthCalls:
         seed: int = 0,
         columns: list[str] | None = None,
         label: str | None = None,
+        wait: bool = True,
     ) -> JobRecord:
-        """DP synthetic data (charged like a job) or a steward's non-DP baseline (held)."""
+        """DP synthetic data (charged like a job) or a steward's non-DP baseline (held);
+        ``wait=False`` (served mode) returns the QUEUED record."""
         request = SynthRequest(
             project=project,
             dataset=dataset,
@@ -102,6 +104,7 @@ class SynthCalls:
             action=Action.SYNTH_FIT,
             target=project,
             details={"dataset": dataset, "method": method, "epsilon": epsilon},
+            wait=wait,
         )
         return self.ctx.job_view(actor, job)
 
@@ -169,6 +172,8 @@ class SynthCalls:
             DryRunMechanism.kind,
             actor,
             DryRunRequest(spec, on),
+            # a dry run charges nothing: it is decided (and audited) as a quote
+            action=Action.JOB_QUOTE,
             target=spec.project,
             details={"dataset": spec.dataset, "dry_run": on},
             on_progress=on_progress,
@@ -183,6 +188,9 @@ class SynthCalls:
         real figure may differ in the last digits; it never exceeds the job's epsilon)."""
 
         with self.ctx.act(actor, Action.JOB_QUOTE, spec.project, {"dataset": spec.dataset}):
+            # a quote reads the dataset's card: only the project's members may ask for one
+            self.ctx.store.get_project(spec.project)
+            self.ctx.check_member(actor, spec.project)
             rec = self.ctx.store.get_dataset(spec.dataset)
             if spec.federated is not None:
                 # the same planning the submit runs: what it refuses, the quote refuses

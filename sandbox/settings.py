@@ -13,6 +13,7 @@ from pathlib import Path
 ZONE_ENV = "SANDBOX_ZONE"
 TOKEN_ENV = "SANDBOX_TOKEN"
 RAY_ENV = "RAY_ADDRESS"
+SERVER_ENV = "SANDBOX_SERVER"
 DEFAULT_ZONE = Path("zone")
 
 
@@ -21,6 +22,8 @@ class Settings:
     zone: Path
     token: str | None
     ray_address: str | None
+    #: a served zone's URL: when set, the CLI is a thin client and ``zone`` is not used
+    server: str | None = None
 
     @classmethod
     def resolve(
@@ -30,6 +33,7 @@ class Settings:
         zone: Path | None = None,
         token: str | None = None,
         ray_address: str | None = None,
+        server: str | None = None,
     ) -> Settings:
         """Options win over the environment, the environment over the defaults."""
         zone_path = zone or (Path(environ[ZONE_ENV]) if environ.get(ZONE_ENV) else DEFAULT_ZONE)
@@ -37,4 +41,5 @@ class Settings:
             zone=zone_path,
             token=token or environ.get(TOKEN_ENV) or None,
             ray_address=ray_address or environ.get(RAY_ENV) or None,
+            server=server or environ.get(SERVER_ENV) or None,
         )

@@ -11,6 +11,9 @@ writes into the job's folder:
     plots/*.png             steward only (they draw real distributions)
 
 Its return value carries only the accountant's figures and sizes, never a score or a value.
+Its ``steps`` are its report of the releases it made: the service checks them against the
+releases it planned (``privacy.job_plan.plan_synth``) and charges the plan's epsilon; the
+worker's own epsilon is for display (and for its own refusal to release above the target).
 """
 
 from __future__ import annotations

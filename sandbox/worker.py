@@ -1,11 +1,14 @@
 """What runs on a Ray worker for one DP-SGD job.
 
 The worker gets a payload the service built after policy allowed the job and the ledger
-reserved its epsilon. It opens the dataset through ``connectors`` only (the handle carries
-the job id as its authorization and records ``data_opened`` before the first row is read),
-trains with DP-SGD (``training``), evaluates with a DP histogram (``privacy.dp_metrics``),
-and writes the artefacts into the job's folder inside the zone. It returns the accountant's
-figures; the service commits them to the ledger and only then may anything be released.
+reserved its epsilon, with the service's plan (``PLAN_KEY``: noise multiplier, sample rate,
+steps, evaluation noise; ``privacy.job_plan.plan_job``). It opens the dataset through
+``connectors`` only (the handle carries the job id as its authorization and records
+``data_opened`` before the first row is read), trains with DP-SGD (``training``) exactly as
+planned, evaluates with a DP histogram (``privacy.dp_metrics``), and writes the artefacts
+into the job's folder inside the zone. It does not plan: it runs the plan and reports what
+it ran (``DpsgdResult.run``). The service checks that report against its plan and charges
+the plan's epsilon (``sandbox.mechanisms.plans``); only then may anything be released.
 
 It never prints or logs a row value: its result holds only DP outputs and plan figures.
 """
@@ -13,6 +16,7 @@ It never prints or logs a row value: its result holds only DP outputs and plan f
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,11 @@ EVAL_SHARE = 0.2
 
 #: payload key of the per-run noise secret (hex); the service makes it, nothing returns it
 NOISE_SECRET_KEY = "noise_secret"
+#: payload key of the service's plan (``plan_job(...).to_dict()``); None when the service
+#: could not plan for a private size, and then ``PLAN_ERROR_KEY`` holds the error to raise
+#: after reading (a refusal before reading would be a free oracle on the exact size)
+PLAN_KEY = "plan"
+PLAN_ERROR_KEY = "plan_error"
 
 
 def new_noise_secret() -> str:
@@ -66,7 +75,6 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     from foundation.sql import make_engine
     from privacy.accountant import GaussianStep, epsilon_for
     from privacy.dp_metrics import dp_binary_metrics
-    from privacy.job_plan import plan_job
     from sandbox.jobs import JobStore
     from sandbox.jobspec import parse_job_spec
     from training.dpsgd_config import Device, DPSGDConfig, EpochProgress
@@ -98,6 +106,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     X_train, y_train = load_split(handle, plan, spec.label, Split.TRAIN, seed=seed)
     X_test, y_test = load_split(handle, plan, spec.label, Split.TEST, seed=seed)
     n_train = int(X_train.shape[0])
+    dp = _payload_plan(payload)
     if n_train < spec.training.batch_size:
         raise SpecError(
             "training.batch_size",
@@ -105,16 +114,6 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
             "lower batch_size (the dataset card shows the person count)",
         )
 
-    # privacy.evaluate = false: no evaluation release is planned, so its share goes to training
-    dp = plan_job(
-        spec.privacy.epsilon,
-        spec.privacy.delta,
-        n_train,
-        spec.training.batch_size,
-        spec.training.epochs,
-        evaluate=spec.privacy.evaluate,
-        eval_share=EVAL_SHARE,
-    )
     want_gpu = spec.resources.gpus > 0
     device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
     model = build_model(spec.model, plan.n_outputs, seed=seed)
@@ -140,7 +139,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     model = model.to("cpu")
 
     rng = np.random.default_rng(noise_seed(payload, "eval"))
-    history = [GaussianStep(dp.noise_multiplier, dp.sample_rate, result.steps_taken)]
+    history = [GaussianStep(result.noise_multiplier, result.sample_rate, result.steps_taken)]
     # a skipped evaluation (privacy.evaluate = false) releases nothing and is not charged;
     # a dry run still evaluates: its test rows are dummy or already-released synthetic rows
     # (no noise needed, nothing charged) and its figures are what a quote's curve plots
@@ -151,8 +150,10 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
         eval_sigma = 0.0 if dry_run or dp.eval_sigma is None else dp.eval_sigma
         # every figure comes with its 95% interval and the unreliable flag (dp_metrics)
         metrics = dp_binary_metrics(scores, y_test.numpy(), eval_sigma, rng).to_dict()
-    if dp.eval_sigma is not None:
-        history.append(GaussianStep(dp.eval_sigma, 1.0, 1))
+    released_sigma = None if dry_run else dp.eval_sigma
+    if released_sigma is not None:
+        history.append(GaussianStep(released_sigma, 1.0, 1))
+    # the worker's own figure travels for display only: the service charges its plan's
     epsilon_spent = epsilon_for(history, spec.privacy.delta)
 
     out = zone_root / "jobs" / job_id
@@ -172,7 +173,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
         dry_run=payload.get("dry_run"),
         epsilon=epsilon_spent,
         delta=spec.privacy.delta,
-        plan=dp.to_dict(),
+        plan=dict(payload[PLAN_KEY]),
         steps_taken=result.steps_taken,
         epochs_done=result.epochs_done,
         clipping=result.clipping,
@@ -181,4 +182,45 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
         metrics=metrics,
         n_features=plan.n_outputs,
         feature_names=list(plan.output_names),
+        # what ran, as the trainer and the evaluation used it: the service checks each figure
+        run={
+            "noise_multiplier": result.noise_multiplier,
+            "sample_rate": result.sample_rate,
+            "steps": result.steps_taken,
+            "max_grad_norm": cfg.max_grad_norm,
+            "eval_sigma": released_sigma,
+            "delta": spec.privacy.delta,
+        },
     )
+
+
+def _payload_plan(payload: dict[str, Any]) -> _Plan:
+    """The service's plan from the payload, read after the rows were (so a plan the service
+    could not make for a private size fails charged, like a batch larger than the split)."""
+    plan = payload.get(PLAN_KEY)
+    if plan is None:
+        error = payload.get(PLAN_ERROR_KEY)
+        if isinstance(error, dict):
+            raise SpecError(str(error["field"]), str(error["problem"]), str(error.get("fix", "")))
+        raise IntegrityError("the job has no plan from the service; the worker does not plan")
+    eval_sigma = plan["eval_sigma"]
+    return _Plan(
+        noise_multiplier=float(plan["noise_multiplier"]),
+        sample_rate=float(plan["sample_rate"]),
+        steps=int(plan["steps"]),
+        steps_per_epoch=int(plan["steps_per_epoch"]),
+        eval_sigma=None if eval_sigma is None else float(eval_sigma),
+    )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The planned figures a worker runs (``plan_job(...).to_dict()``'s; nothing is
+    recomputed here)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    steps_per_epoch: int
+    #: None: no evaluation release is planned (``privacy.evaluate = false``)
+    eval_sigma: float | None

@@ -5,6 +5,9 @@ Layout::
     ZONE/zone.toml        the zone's settings: its zone id and its state database URL
     ZONE/state.db         SQLite state (users, grants, ledger, audit, jobs) unless a URL says otherwise
     ZONE/secret.key       the HMAC key for pseudonyms (0600; never leaves the zone)
+    ZONE/audit.key        the HMAC key of the audit chain (0600; never in the database)
+    ZONE/audit.head       the audit log's last line and MAC, signed with audit.key (0600),
+                          and audit.head.lock, its writers' lock (``policies.audit``)
     ZONE/data/NAME/       governed Parquet, one folder per dataset (only connectors reads it)
     ZONE/jobs/ID/         a job's artefacts, released only through the release gate
     ZONE/engines/         Ray / Flower / SDV scratch, so the engines write nowhere else
@@ -38,6 +41,10 @@ A zone is one zone. ``zone.toml`` reads::
   points at the original's database by absolute path: set ``db_url = "sqlite:///state.db"``
   to use the folder's own copy, which is then adopted). An old PostgreSQL zone that was moved
   before its first open under this version is adopted by opening it once at its old path.
+* ``audit.key`` is made at ``init``, never later: a key made afterwards could vouch for lines
+  it never saw, so a zone without one is refused (``IntegrityError``) until it is restored.
+  Whoever can read the zone folder holds the key and can rewrite the audit log and its head;
+  that is why only the zone's service account may read the folder.
 """
 
 from __future__ import annotations
@@ -53,13 +60,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 
-from foundation.errors import NotFoundError, SpecError
+from foundation.errors import IntegrityError, NotFoundError, SpecError
 
 ZONE_FILE = "zone.toml"
 DB_FILE = "state.db"
 #: the default state database, relative to the zone folder
 DEFAULT_DB_URL = f"sqlite:///{DB_FILE}"
 SECRET_BYTES = 32
+SECRET_FILE = "secret.key"
+AUDIT_KEY_FILE = "audit.key"
+AUDIT_HEAD_FILE = "audit.head"
 #: the ``zone_meta`` key holding the zone id
 ZONE_ID_KEY = "zone_id"
 #: the field named by errors about the zone's database
@@ -143,6 +153,13 @@ def _write_config(root: Path, zone_id: str, db_setting: str) -> None:
     tmp = root / f".{ZONE_FILE}.{secrets.token_hex(4)}.tmp"
     tmp.write_text(text)
     os.replace(tmp, root / ZONE_FILE)
+
+
+def _write_new_key(path: Path) -> None:
+    """Draw a fresh key into ``path``: mode 0600 from the start, never over an existing one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(SECRET_BYTES))
 
 
 def _ensure_meta_table(engine: Engine) -> None:
@@ -231,7 +248,30 @@ class Zone:
         return self.jobs_dir / job_id
 
     def secret(self) -> bytes:
-        return (self.root / "secret.key").read_bytes()
+        return (self.root / SECRET_FILE).read_bytes()
+
+    def audit_key(self) -> bytes:
+        """The audit chain's HMAC key (``ZONE/audit.key``, made at ``init``)."""
+        path = self.root / AUDIT_KEY_FILE
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{path}: the audit key is missing, so the audit log can be neither verified "
+                "nor extended; restore the file from this zone's backup (a new key cannot "
+                "vouch for the lines already written)"
+            ) from None
+        if len(key) != SECRET_BYTES:
+            raise IntegrityError(
+                f"{path}: the audit key is {len(key)} bytes, not {SECRET_BYTES}; restore the "
+                "file from this zone's backup"
+            )
+        return key
+
+    @property
+    def audit_head_path(self) -> Path:
+        """The audit log's head file (``policies.audit_head``)."""
+        return self.root / AUDIT_HEAD_FILE
 
     @property
     def own_db_path(self) -> Path:
@@ -274,7 +314,7 @@ class Zone:
 
     @classmethod
     def create(cls, root: Path, db_url: str | None = None) -> Zone:
-        """Make the zone's folders, secret and zone.toml, and write its id into its database."""
+        """Make the zone's folders, keys and zone.toml, and write its id into its database."""
         from foundation.sql import make_engine
 
         root = root.resolve()
@@ -295,10 +335,8 @@ class Zone:
                 f"the database {shown_url(zone.db_url)} already belongs to zone {held}",
                 "one database holds one zone: pick another database or folder",
             )
-        secret_path = root / "secret.key"
-        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(SECRET_BYTES))
+        _write_new_key(root / SECRET_FILE)
+        _write_new_key(root / AUDIT_KEY_FILE)
         _write_config(root, zone.zone_id, setting)
         return zone
 

@@ -152,14 +152,14 @@ def show(
 
     def human(r: Any) -> None:
         console.print(
-            f"[bold]{r.id}[/bold] ({r.state.value}): {r.project} on {r.dataset},"
-            f" requested by {r.requested_by} at {r.created_at:%Y-%m-%d %H:%M}"
+            f"[bold]{r.id}[/bold] ({r.state}): {r.project} on {r.dataset},"
+            f" requested by {r.requested_by} at {_minute(r.created_at)}"
         )
         console.print("columns: " + ", ".join(sorted(r.columns)))
-        console.print("mechanisms: " + ", ".join(sorted(m.value for m in r.mechanisms)))
+        console.print("mechanisms: " + ", ".join(sorted(str(m) for m in r.mechanisms)))
         console.print(f"epsilon {r.epsilon:g}, delta {r.delta:g}")
         if r.decided_by is not None:
-            when = f" at {r.decided_at:%Y-%m-%d %H:%M}" if r.decided_at else ""
+            when = f" at {_minute(r.decided_at)}" if r.decided_at else ""
             console.print(f"decided by {r.decided_by}{when}: {r.reason}")
         if r.grant_id is not None:
             console.print(f"grant: {r.grant_id}")
@@ -199,3 +199,8 @@ def grants(
             ],
         ),
     )
+
+
+def _minute(iso: str) -> str:
+    """An ISO time from a record as "2026-01-31 12:00"."""
+    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M")

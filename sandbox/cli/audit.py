@@ -32,7 +32,8 @@ def list_(
 
 @app.command("verify")
 def verify(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
-    """Check the hash chain; names the first line edited, dropped or reordered (exit 1)."""
+    """Check the keyed chain and its head: names the first line edited, dropped, reordered
+    or re-hashed without the key, and a log cut short or rolled back (exit 1)."""
     with session(zone, token) as s:
         rep = s.service.audit_verify(s.user)
 

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from sandbox.api.wire import to_jsonable
 from sandbox.settings import Settings
+
+__all__ = ["to_jsonable"]
 
 ZoneOpt = Annotated[
     Path | None, typer.Option("--zone", help="zone folder (else $SANDBOX_ZONE, else ./zone)")
@@ -36,29 +36,65 @@ err_console = Console(stderr=True)
 
 @dataclass
 class Session:
+    #: ``sandbox.client.EmbeddedZone`` or ``RemoteZone``: the same calls, the same records
     service: Any
     user: Any
+
+    @property
+    def served(self) -> bool:
+        return bool(self.service.served)
 
     def close(self) -> None:
         self.service.close()
 
 
+#: ``sandbox --server URL ...`` (the root option; else $SANDBOX_SERVER)
+SERVER_OPTION: dict[str, str | None] = {"server": None}
+
+
 def settings(
     zone: Path | None, token: str | None = None, ray_address: str | None = None
 ) -> Settings:
-    return Settings.resolve(os.environ, zone=zone, token=token, ray_address=ray_address)
+    return Settings.resolve(
+        os.environ,
+        zone=zone,
+        token=token,
+        ray_address=ray_address,
+        server=SERVER_OPTION["server"],
+    )
 
 
 def open_session(zone: Path | None, token: str | None, ray_address: str | None = None) -> Session:
+    from sandbox.client import EmbeddedZone, RemoteZone
+
+    s = settings(zone, token, ray_address)
+    if s.server:
+        if ray_address:
+            from foundation.errors import SpecError
+
+            raise SpecError(
+                "--ray-address",
+                "cannot be chosen against a served zone (its service runs its own cluster)",
+                "drop --ray-address",
+            )
+        remote = RemoteZone(s.server, s.token)
+        try:
+            return Session(remote, remote.authenticate(s.token))
+        except BaseException:
+            remote.close()
+            raise
     from sandbox.ray_backend import RayBackend
     from sandbox.service import Service
     from sandbox.zone import Zone
 
-    s = settings(zone, token, ray_address)
     z = Zone.open(s.zone)
     svc = Service(z, RayBackend(z.root, s.ray_address))
-    user = svc.authenticate(s.token)
-    return Session(svc, user)
+    try:
+        user = svc.authenticate(s.token)
+    except BaseException:
+        svc.close()
+        raise
+    return Session(EmbeddedZone(svc), user)
 
 
 @contextmanager
@@ -76,26 +112,6 @@ def session(
 def metric(value: object) -> float:
     """A DP metric for display: None (undefined under noise) shows as nan."""
     return float("nan") if value is None else float(value)  # type: ignore[arg-type]
-
-
-def to_jsonable(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return to_jsonable(obj.to_dict())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    if isinstance(obj, set | frozenset):
-        return sorted(to_jsonable(o) for o in obj)
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def emit(obj: Any, as_json: bool, human: Callable[[Any], None]) -> None:

@@ -84,8 +84,12 @@ def register(app_root: typer.Typer) -> None:
         zone: ZoneOpt = None,
         token: TokenOpt = None,
         as_json: JsonOpt = False,
+        follow: Annotated[
+            bool, typer.Option("--follow", help="served zone: wait and show progress")
+        ] = False,
     ) -> None:
-        """Submit a job spec; waits for it with a live progress bar of epochs."""
+        """Submit a job spec. Embedded: waits with a live progress bar. Served: returns the
+        job's id at once (``jobs status ID --follow`` shows its progress; or ``--follow``)."""
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -100,6 +104,16 @@ def register(app_root: typer.Typer) -> None:
         with session(zone, token, ray_address) as s:
             if on is not None:
                 rec = s.service.dry_run(s.user, spec, on)
+            elif s.served:
+                rec = s.service.submit(s.user, spec)
+                if follow:
+                    rec = follow_job(s, rec.id, as_json)
+                elif not as_json:
+                    console.print(
+                        f"job [bold]{rec.id}[/bold] {rec.state}; follow it with "
+                        f"`sandbox jobs status {rec.id} --follow`"
+                    )
+                    return
             elif as_json:
                 rec = s.service.submit(s.user, spec)
             else:
@@ -216,12 +230,60 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 
 @app.command("status")
 def status(
-    job_id: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+    job_id: str,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="wait for the job's end, with live progress")
+    ] = False,
 ) -> None:
     """One job's state, progress and released figures."""
     with session(zone, token) as s:
         rec = s.service.job_status(s.user, job_id)
+        if follow:
+            rec = follow_job(s, job_id, as_json)
     emit(rec, as_json, _summary)
+
+
+#: seconds between two looks at a followed job
+FOLLOW_POLL_S = 0.5
+
+
+def follow_job(s: Any, job_id: str, as_json: bool) -> Any:
+    """Poll the job's record until it ends, with a progress bar of its epochs or rounds
+    (its persisted progress: counts of epochs and rounds and accountant figures, no data)."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    rec = s.service.job_status(s.user, job_id)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=console,
+        disable=as_json,
+    ) as progress:
+        task = progress.add_task(job_id, total=None, note="")
+        while rec.state not in ("succeeded", "failed"):
+            p = rec.progress or {}
+            rounds = "rounds" in p
+            progress.update(
+                task,
+                description=f"{job_id} {'rounds' if rounds else 'epochs'}",
+                completed=p.get("round", p.get("epoch", 0)),
+                total=p.get("rounds", p.get("epochs")),
+                note=rec.state,
+            )
+            time.sleep(FOLLOW_POLL_S)
+            rec = s.service.job_status(s.user, job_id)
+        task_total = progress.tasks[0].total
+        progress.update(
+            task, completed=task_total if rec.state == "succeeded" else None, note=rec.state
+        )
+    return rec
 
 
 @app.command("cancel")

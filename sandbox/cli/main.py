@@ -17,11 +17,13 @@ from sandbox.cli import (
     access,
     audit,
     budget,
+    common,
     datasets,
     demo,
     jobs,
     models,
     projects,
+    serve,
     synth,
     users,
     zone_cmds,
@@ -34,7 +36,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _root(
+    server: str | None = typer.Option(
+        None, "--server", help="a served zone's URL (else $SANDBOX_SERVER; else embedded)"
+    ),
+) -> None:
+    common.SERVER_OPTION["server"] = server
+
+
 zone_cmds.register(app)
+serve.register(app)
 app.add_typer(users.app, name="user")
 app.add_typer(datasets.app, name="dataset")
 app.add_typer(projects.app, name="project")

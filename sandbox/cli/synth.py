@@ -81,6 +81,10 @@ def fit(
             columns=cols,
             label=label,
         )
+        if s.served:  # the fit runs in the service: wait for it, as embedded mode does
+            from sandbox.cli.jobs import follow_job
+
+            job = follow_job(s, job.id, as_json)
 
     def human(j: object) -> None:
         r = job.result or {}

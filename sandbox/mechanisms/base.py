@@ -7,11 +7,16 @@ The job runner (``sandbox.runner``) calls, in this order:
    build the work. It returns an ``Admission``; the runner writes the job row (QUEUED). If
    anything raises after a reservation was taken, the runner releases every reservation and
    fails the job: nothing stays reserved or queued.
-2. ``execute`` (the job is RUNNING): hand the work to compute and wait for the typed result.
-   It may raise a ZoneError; the worker records ``data_opened`` before the first row.
-3. ``charge`` (success) commits the ledger from the result the service can vouch for and
-   writes the card (chokepoint 3: nothing is released before this); ``settle_failed``
-   (failure) commits every reservation of a job that read rows and releases the others.
+2. ``execute`` (the job is RUNNING): hand the work to compute and wait for the typed result,
+   then ``check_report``: the worker's report of what it ran against the service's plan
+   (``sandbox.mechanisms.plans``; a mismatch raises ``ReportMismatch``). It may raise a
+   ZoneError; the worker records ``data_opened`` before the first row, and the service
+   records it too once a worker returned (a worker that returns has read its rows, whatever
+   it recorded).
+3. ``charge`` (success) commits the ledger from the service's own plan, never from a figure
+   the worker reported, and writes the card (chokepoint 3: nothing is released before
+   this); ``settle_failed`` (failure) commits every reservation of a job that read rows (or
+   whose worker's report did not match the plan) and releases the others.
 
 A mechanism never moves a job between states: the runner does, in one place.
 """
@@ -28,6 +33,7 @@ from policies.roles import Actor
 from sandbox.backend import Resources, WorkerFn
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.jobs import JobRecord
+from sandbox.mechanisms.plans import ReportMismatch
 from sandbox.results import ChargeRecord, JobResult
 
 #: the label of a dataset-wide reservation (federated ones are labelled by site)
@@ -77,14 +83,25 @@ class JobMechanism(ABC):
     def charge(
         self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult
     ) -> JobResult:
-        """Commit the ledger for a succeeded job and write its card; the charged result."""
+        """Commit the ledger for a succeeded job from the service's plan (never from the
+        worker's figures) and write its card; the charged result."""
+
+    @abstractmethod
+    def check_report(self, ctx: ZoneContext, job: JobRecord, work: Any, result: Any) -> JobResult:
+        """Compare what the worker reports it ran (``result``) with the service's plan (made
+        again from what the service persisted, or the one in ``work``, the payload the
+        service built); raise ``ReportMismatch`` naming the first figure that differs, else
+        return the result with the service's figures. Abstract: no mechanism takes a
+        worker's result unchecked."""
 
     def settle_failed(
         self, ctx: ZoneContext, actor: Actor, job: JobRecord, error: ZoneError
     ) -> str:
         """Close every reservation of a failed job: committed whole if it read rows (we
-        cannot prove it released less), released if not. Returns what the ledger did."""
-        return close_reservations(ctx, actor, job, opened=job.data_opened, error=error)
+        cannot prove it released less) or if its worker's report did not match the plan (it
+        read rows before reporting), released if not. Returns what the ledger did."""
+        opened = job.data_opened or isinstance(error, ReportMismatch)
+        return close_reservations(ctx, actor, job, opened=opened, error=error)
 
 
 def reservations_of(ctx: ZoneContext, job: JobRecord) -> list[str]:
@@ -150,10 +167,10 @@ class BackendMechanism(JobMechanism):
         work: Any,
         on_progress: ProgressFn | None,
     ) -> JobResult:
-        result: JobResult = run_on_backend(
-            ctx, job, type(self).worker, work, self.resources(job), on_progress
-        )
-        return result
+        result = run_on_backend(ctx, job, type(self).worker, work, self.resources(job), on_progress)
+        # a worker that returned has read its rows, whether or not it recorded so itself
+        ctx.jobs.mark_data_opened(job.id)
+        return self.check_report(ctx, job, work, result)
 
 
 def commit_charge(

@@ -1,6 +1,11 @@
 """A DP-SGD spec run for free on rows that are not real: dummy rows drawn from the contract,
 or a DP synthetic table already released to the project. Nothing is reserved or charged;
-the run's noise comes from a secret of its own, never shared with a charged run."""
+the run's noise comes from a secret of its own, never shared with a charged run.
+
+The service plans a dry run as it plans a job (``service_plan`` on the dry-run table's size,
+public either way: the dataset's public size, a fixed size, or the synthetic rows asked
+for) and shows that plan's figures; the worker's report is checked against it like a job's,
+but for the evaluation's noise (a dry run evaluates without noise: its rows are not real)."""
 
 from __future__ import annotations
 
@@ -18,11 +23,17 @@ from sandbox.context import ZoneContext
 from sandbox.jobs import JobRecord
 from sandbox.jobspec import JobSpec
 from sandbox.mechanisms.base import Admission, BackendMechanism, is_charged
-from sandbox.mechanisms.dpsgd import check_columns, worker_payload
+from sandbox.mechanisms.dpsgd import (
+    TRAIN_FRACTION,
+    check_columns,
+    service_plan,
+    worker_payload,
+)
+from sandbox.mechanisms.plans import check_figures, dpsgd_epsilon, not_a_result
 from sandbox.mechanisms.synthetic import governed_contract
-from sandbox.results import JobResult
+from sandbox.results import DpsgdResult, JobResult
 from sandbox.synth_worker import restricted_contract
-from sandbox.worker import run_dpsgd_job
+from sandbox.worker import PLAN_KEY, run_dpsgd_job
 
 #: rows of a dummy dry run when the dataset's counts are private (a fixed, public size)
 DUMMY_ROWS = 5000
@@ -89,9 +100,11 @@ class DryRunMechanism(BackendMechanism):
             )
         else:
             raise SpecError("--on", "must be dummy or synthetic:JOB", "e.g. --on dummy")
+        # the dry-run table's size is public (see the module docstring): refusals are free
+        plan = service_plan(spec, int(table.num_rows * TRAIN_FRACTION), counts_public=True)
         dest = ctx.zone.job_dir(job_id) / "dry-run-data"
         ingest_table(table, contract, dest, ctx.zone.secret())
-        payload = worker_payload(ctx, job_id, spec, contract, str(dest))
+        payload = worker_payload(ctx, job_id, spec, contract, str(dest), plan)
         payload["dry_run"] = on
         return Admission(
             project=spec.project,
@@ -102,6 +115,25 @@ class DryRunMechanism(BackendMechanism):
             work=payload,
             resources=Resources(cpus=spec.resources.cpus, gpus=0),
             details={"dry_run": on},
+        )
+
+    def check_report(self, ctx: ZoneContext, job: JobRecord, work: Any, result: Any) -> JobResult:
+        if not isinstance(result, DpsgdResult):
+            raise not_a_result("DP-SGD dry run")
+        # the plan the service put in the payload (a dry run's table size is not persisted
+        # with the job; nothing is charged from it)
+        plan = dict(work[PLAN_KEY])
+        expected = {**plan, "max_grad_norm": job.spec["privacy"]["max_grad_norm"]}
+        fields = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
+        check_figures(expected, result.run, fields, show=True)
+        plan["epsilon"] = dpsgd_epsilon(plan)
+        # the service's figures, as for a job; the report equals them and is not stored
+        return replace(
+            result,
+            epsilon=plan["epsilon"],
+            plan=plan,
+            steps_taken=int(plan["steps"]),
+            run=None,
         )
 
     def charge(

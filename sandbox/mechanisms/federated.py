@@ -10,10 +10,12 @@ is charged to that hospital's budget only (parallel composition). The flow mirro
    the whole job before any data is opened);
 3. Flower's Simulation Engine runs the ServerApp and one ClientApp per site on Ray;
 4. each round the server writes every site's cumulative epsilon (from the accountant) and
-   the service writes one audit event per round;
-5. at the end each site's reservation is committed with its accountant figure; a site that
-   never touched its data (left out as too small, never sampled) has its reservation
-   released; on failure a site that touched data keeps its whole reservation.
+   the service writes one audit event per round (the server's figures, for the record);
+5. at the end the service checks each site's report against the site's plan it rebuilds
+   from the config it kept with the job, and commits every site's reservation with the
+   plan's full figure (``sandbox.mechanisms.federated_charge``), never the server's; on
+   failure a site that touched data keeps its whole reservation, and a report that does not
+   match the plan keeps every site's.
 
 Server-side client-level DP protects the *same* release a second time (unit: one site, which
 covers any one person in it): the released model then satisfies both guarantees, and the
@@ -26,27 +28,33 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connectors.preprocess import FeaturePlan
 from connectors.schema import SchemaContract
 from foundation.errors import BudgetExceeded, SpecError, ZoneError
 from policies.decisions import Mechanism
 from policies.roles import Actor
 from privacy.budget_events import BudgetKey
-from privacy.dp_intervals import describe_metrics
 from sandbox.backend import Resources
 from sandbox.context import ProgressFn, ZoneContext
-from sandbox.disclosure import redact_counts
 from sandbox.jobs import JobRecord
 from sandbox.jobspec import JobSpec
-from sandbox.mechanisms.base import Admission, JobMechanism, record_charge
+from sandbox.mechanisms.base import Admission, JobMechanism, close_reservations
 from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, checked_spec
+from sandbox.mechanisms.federated_charge import (
+    charge_federated,
+    check_federated_report,
+    persisted_spec,
+    read_left_out,
+    read_summary,
+    write_federated_card,
+)
+from sandbox.mechanisms.plans import ReportMismatch
 from sandbox.results import FederatedResult, JobResult
 from training.federated.config import ClientDPConfig, FederatedConfig, Strategy
-from training.federated.payload import SUMMARY_FILE, WEIGHTS_FILE, FederatedPayload, load_payload
+from training.federated.payload import FederatedPayload
 
 #: a federated job may take this long before it is stopped (and charged what it spent)
 FEDERATED_TIMEOUT_S = 3600.0
@@ -123,6 +131,12 @@ def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
             "lower federated.min_site_rows or training.batch_size",
         )
     return SitePlan(sites, left_out, _config(spec, sites))
+
+
+def job_config(ctx: ZoneContext, job: JobRecord) -> FederatedConfig:
+    """The config the service made at admission, made again from the job's persisted spec
+    and the dataset's record (never read from the payload file a worker could rewrite)."""
+    return plan_sites(persisted_spec(job), ctx.store.get_dataset(job.dataset)).config
 
 
 def reserve_sites(
@@ -289,8 +303,10 @@ class FederatedMechanism(JobMechanism):
         run = run_federated_simulation(
             Path(work), timeout_s=FEDERATED_TIMEOUT_S, zone_dir=ctx.zone.root, on_round=on_round
         )
+        # a completed run set its sites up, which reads their rows, whatever they recorded
+        ctx.jobs.mark_data_opened(job.id)
         summary = dict(run.summary)
-        return FederatedResult(
+        result = FederatedResult(
             # the sites' own figures, before the service charges them (``charge``)
             sites={s: dict(v) for s, v in (summary.get("sites") or {}).items()},
             epsilon=0.0,
@@ -298,79 +314,31 @@ class FederatedMechanism(JobMechanism):
             rounds=run.rounds,
             dropped=list(run.dropped),
             excluded=list(summary.get("excluded") or []),
-            left_out=_left_out(ctx.zone.job_dir(job.id)),
+            left_out=read_left_out(ctx.zone.job_dir(job.id)),
             server_epsilon=run.server_epsilon,
             metrics=summary.get("global_dp_metrics") or {},
             evaluation=summary.get("evaluation"),
         )
+        return self.check_report(ctx, job, work, result)
+
+    def check_report(self, ctx: ZoneContext, job: JobRecord, work: Any, result: Any) -> JobResult:
+        show = ctx.store.get_dataset(job.dataset).counts_public
+        return check_federated_report(job_config(ctx, job), result, show=show)
 
     def charge(
         self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult
     ) -> JobResult:
-        if not isinstance(result, FederatedResult):
-            raise SpecError("job", "is not a federated job", "see `sandbox jobs list`")
-        job_dir = ctx.zone.job_dir(job.id)
-        summary = _summary(job_dir)
-        counts_public = ctx.store.get_dataset(job.dataset).counts_public
-        excluded_at_site = {e.get("site") for e in result.excluded if isinstance(e, dict)}
-        charges: dict[str, dict[str, Any]] = {}
-        for r in ctx.ledger.open_reservations():
-            if r.job_id != job.id:
-                continue
-            site, rid = r.key.site, r.reservation_id
-            info = result.sites.get(site)
-            spent = float(info["epsilon"]) if info else 0.0
-            if info and spent > 0:
-                # with private counts the accountant's figure (a function of the site's size)
-                # would tell the size through the budget: charge what was reserved instead
-                charge = spent if counts_public else r.epsilon
-                ev = ctx.ledger.commit(
-                    rid, charge, float(info.get("delta", result.delta)), actor=actor.name
-                )
-                charges[site] = {"epsilon": charge, "ledger_event": ev.event_id}
-            elif site in excluded_at_site or (info and info.get("touched") is not False):
-                # it read its rows, then was left out or trained nothing: that decision saw
-                # the data, so the site keeps its whole reservation (chokepoint 7)
-                ev = ctx.ledger.commit(rid, r.epsilon, r.delta, actor=actor.name)
-                charges[site] = {"epsilon": r.epsilon, "ledger_event": ev.event_id}
-            else:
-                ctx.ledger.release(rid, actor=actor.name, reason="site never opened its rows")
-                charges[site] = {"epsilon": 0.0, "ledger_event": None}
-        record = record_charge(
-            ctx,
-            actor,
-            job,
-            {
-                **{f"epsilon@{s}": c["epsilon"] for s, c in sorted(charges.items())},
-                "server_epsilon": result.server_epsilon,
-            },
-            None,
-        )
-        charged = replace(
-            result,
-            sites=dict(sorted(charges.items())),
-            epsilon=max((c["epsilon"] for c in charges.values()), default=0.0),
-            charge=record,
-        )
-        _write_preprocessing(job_dir, job_dir / "payload.json")
-        card = write_federated_card(job_dir, job, summary, charged)
-        if not counts_public:
-            # the card leaves the zone: no per-site figure that gives a site's size back (the
-            # sites' own accountant figures are replaced by what each site was charged)
-            shown = redact_counts(json.loads(card.read_text()))
-            for site, info in (shown.get("privacy", {}).get("per_site") or {}).items():
-                if isinstance(info, dict) and site in charges:
-                    info["epsilon"] = charges[site]["epsilon"]
-                    if isinstance(info.get("plan"), dict) and "epsilon" in info["plan"]:
-                        info["plan"]["epsilon"] = charges[site]["epsilon"]
-            card.write_text(json.dumps(shown, indent=2))
-        return charged
+        return charge_federated(ctx, actor, job, job_config(ctx, job), result)
 
     def settle_failed(
         self, ctx: ZoneContext, actor: Actor, job: JobRecord, error: ZoneError
     ) -> str:
-        """A site that read its rows keeps its whole reservation; the others are released."""
-        summary = _summary(ctx.zone.job_dir(job.id))
+        """A site that read its rows keeps its whole reservation; the others are released.
+        A job whose report did not match the plan keeps every reservation: the sites ran
+        before the report was read, and what they say they touched is not evidence."""
+        if isinstance(error, ReportMismatch):
+            return close_reservations(ctx, actor, job, opened=True, error=error)
+        summary = read_summary(ctx.zone.job_dir(job.id))
         sites = summary.get("sites", {})
         # a site left out at setup had read its rows to decide: it keeps its charge
         excluded = {e.get("site") for e in summary.get("excluded") or [] if isinstance(e, dict)}
@@ -395,76 +363,4 @@ class FederatedMechanism(JobMechanism):
         return ",".join(sorted(did)) or "none"
 
 
-def _summary(job_dir: Path) -> dict[str, Any]:
-    path = job_dir / "federated" / SUMMARY_FILE
-    return dict(json.loads(path.read_text())) if path.exists() else {}
-
-
-def _left_out(job_dir: Path) -> dict[str, str]:
-    path = job_dir / "left_out.json"
-    return dict(json.loads(path.read_text())) if path.exists() else {}
-
-
-def _write_preprocessing(job_dir: Path, payload_path: Path) -> None:
-    """The release's preprocessing: the same contract-only feature plan every site used."""
-
-    payload = load_payload(payload_path.resolve())
-    plan = FeaturePlan.from_contract(payload.contract, payload.config.features)
-    (job_dir / "preprocessing.json").write_text(
-        json.dumps(plan.to_dict(), indent=2, sort_keys=True)
-    )
-
-
-def write_federated_card(
-    job_dir: Path, job: JobRecord, summary: dict[str, Any], out: FederatedResult
-) -> Path:
-    """The global model's card: every site's epsilon and delta, rounds, strategy, DP metrics."""
-    import shutil
-
-    fed_dir = job_dir / "federated"
-    if (fed_dir / WEIGHTS_FILE).exists():
-        shutil.copy2(fed_dir / WEIGHTS_FILE, job_dir / "model.safetensors")
-    spec = job.spec
-    card = {
-        "job": job.id,
-        "project": job.project,
-        "dataset": job.dataset,
-        "mechanism": "federated",
-        "label": spec["label"],
-        "features": spec["features"],
-        "columns": sorted([*spec["features"], spec["label"]]),
-        "model": spec["model"],
-        "federated": {k: v for k, v in spec["federated"].items()},
-        "rounds_done": out.rounds,
-        "privacy": {
-            "unit": "person (pseudonymous identifier), per site",
-            "neighbouring_relation": "add/remove one person",
-            "composition": "sites hold disjoint patients: parallel composition, one budget per site",
-            "accountant": "rdp",
-            "per_site": {
-                s: {
-                    k: info.get(k)
-                    for k in ("epsilon", "delta", "steps", "rounds", "n", "status", "plan")
-                }
-                for s, info in summary.get("sites", {}).items()
-            },
-            "server_client_level": summary.get("server_dp"),
-        },
-        "per_site_dp_metrics": {
-            s: info.get("dp_metrics") for s, info in summary.get("sites", {}).items()
-        },
-        "global_dp_metrics": summary.get("global_dp_metrics"),
-        "evaluation": summary.get("evaluation"),
-        "global_dp_metrics_display": describe_metrics(summary.get("global_dp_metrics") or {}),
-        "per_site_dp_metrics_display": {
-            s: describe_metrics(info.get("dp_metrics") or {})
-            for s, info in summary.get("sites", {}).items()
-        },
-        "excluded_sites": summary.get("excluded"),
-        "dropped_sites": summary.get("dropped"),
-        "spec_hash": job.spec_hash,
-        "audit_event": {"seq": out.charge.audit_seq, "hash": out.charge.audit_hash},
-    }
-    path = job_dir / "model_card.json"
-    path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
-    return path
+__all__ = ["FederatedMechanism", "plan_sites", "reserve_sites", "write_federated_card"]

@@ -1,5 +1,13 @@
 """Synthetic data fitted inside the zone: DP (charged like a job) or a steward's non-DP
-baseline (charges nothing; its rows and report are held until a steward releases them)."""
+baseline (charges nothing; its rows and report are held until a steward releases them).
+
+A DP fit is planned by the service at admission (``privacy.job_plan.plan_synth``: the
+synthesizer's Gaussian releases follow from the contract's columns, the target and delta,
+never from rows); the service makes the plan again from the job's persisted spec and the
+dataset's contract (``synth_plan``) to check the worker's report and to charge the
+accountant's epsilon for the planned releases. The worker reports the releases it made
+(``SynthResult.steps``); any that differ from the plan fail the job
+(``sandbox.mechanisms.plans``)."""
 
 from __future__ import annotations
 
@@ -11,10 +19,11 @@ from typing import Any
 
 from connectors.schema import SchemaContract
 from connectors.schema_columns import Role as ColumnRole
-from foundation.errors import PolicyDenied, SpecError
+from foundation.errors import IntegrityError, PolicyDenied, SpecError
 from policies.decisions import JobAccessRequest, Mechanism, decide_job_access
 from policies.roles import Action, Actor, Role
 from privacy.budget_events import BudgetKey
+from privacy.job_plan import SynthPlan, plan_synth
 from privacy.synth import SynthMethod, is_dp
 from privacy.synth.codec import Codec
 from sandbox.backend import Resources
@@ -22,6 +31,7 @@ from sandbox.context import ZoneContext
 from sandbox.disclosure import cut_released_card
 from sandbox.jobs import JobRecord
 from sandbox.mechanisms.base import WHOLE_DATASET, Admission, BackendMechanism, commit_charge
+from sandbox.mechanisms.plans import ReportMismatch, check_figures, not_a_result
 from sandbox.release import write_synth_card
 from sandbox.results import JobResult, SynthResult
 from sandbox.synth_worker import restricted_contract, run_synth_job
@@ -99,6 +109,10 @@ class SyntheticMechanism(BackendMechanism):
             # before anything is reserved
             Codec.from_contract(SchemaContract.from_dict(restricted))
             assert req.epsilon is not None  # checked by _decide
+            # the releases the synthesizer will make, planned from the contract alone (a
+            # target no noise reaches is refused before anything is reserved): the charge
+            # is their epsilon, whatever the worker reports
+            plan_synth(kind.value, SchemaContract.from_dict(restricted), req.epsilon, req.delta)
             reserved[WHOLE_DATASET] = ctx.ledger.reserve(
                 BudgetKey(req.project, req.dataset),
                 req.epsilon,
@@ -183,22 +197,70 @@ class SyntheticMechanism(BackendMechanism):
         if not decision.allowed:
             raise PolicyDenied(decision.reason, missing=decision.missing, grantor=decision.grantor)
 
+    def check_report(self, ctx: ZoneContext, job: JobRecord, work: Any, result: Any) -> JobResult:
+        return check_synth_report(result, synth_plan(ctx, job))
+
     def charge(
         self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult
     ) -> JobResult:
-        if not isinstance(result, SynthResult):
-            raise SpecError("job", "is not a synthetic-data job", "see `sandbox jobs list`")
-        if job.reservation_id is None:
+        plan = synth_plan(ctx, job)
+        result = check_synth_report(result, plan)
+        if job.reservation_id is None or plan is None:
             # a steward's non-DP baseline: nothing charged; its output is held for a steward
             ctx.audit.append(
                 actor.name, "job.uncharged", "ok", job.id, {"dry_run": False, "kind": self.kind}
             )
             return result
-        epsilon, delta = float(result.epsilon or 0.0), float(result.delta or 0.0)
+        # the accountant's epsilon for the service's planned releases, never the worker's
+        epsilon, delta = plan.epsilon, plan.delta
         charge = commit_charge(ctx, actor, job, epsilon, delta)
-        charged = replace(result, charge=charge)
+        charged = replace(result, epsilon=epsilon, delta=delta, charge=charge)
         card = write_synth_card(ctx.zone.job_dir(job.id), job, charged)
         if not ctx.store.get_dataset(job.dataset).counts_public:
             # the card leaves the zone: the same cut as every researcher view
             cut_released_card(card)
         return charged
+
+
+def synth_plan(ctx: ZoneContext, job: JobRecord) -> SynthPlan | None:
+    """The service's plan of a synthetic-data job, made again from what the service
+    persisted (the job's spec, the dataset's contract): None for a non-DP baseline."""
+    spec = job.spec
+    if hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest() != job.spec_hash:
+        raise IntegrityError(
+            f"job {job.id}: its stored spec does not match its hash; it is not charged from it"
+        )
+    if not is_dp(str(spec["method"])):
+        return None
+    rec = ctx.store.get_dataset(job.dataset)
+    contract = governed_contract(SchemaContract.from_dict(rec.contract))
+    restricted = SchemaContract.from_dict(restricted_contract(contract.to_dict(), spec["columns"]))
+    return plan_synth(str(spec["method"]), restricted, float(spec["epsilon"]), float(spec["delta"]))
+
+
+def check_synth_report(result: Any, plan: SynthPlan | None) -> SynthResult:
+    """``result`` once its releases match the service's plan (a non-DP baseline has no plan
+    and must report no releases)."""
+    if not isinstance(result, SynthResult):
+        raise not_a_result("synthetic-data")
+    if plan is None:
+        if result.dp or result.steps:
+            raise ReportMismatch("dp", "DP releases for a method the service did not plan as DP")
+        return result
+    if not result.dp:
+        raise ReportMismatch("dp", "a non-DP fit for a DP method")
+    # the synthesizer's figures are not functions of the size: they may be shown
+    check_figures({"delta": plan.delta}, {"delta": result.delta}, ("delta",), show=True)
+    check_figures(
+        {"releases": len(plan.steps)}, {"releases": len(result.steps)}, ("releases",), show=True
+    )
+    for i, (want, got) in enumerate(zip(plan.steps, result.steps, strict=True)):
+        check_figures(
+            want.to_dict(),
+            got if isinstance(got, dict) else None,
+            ("noise_multiplier", "sample_rate", "steps"),
+            show=True,
+            label=f"release {i + 1}'s",
+        )
+    # the steps as planned (the report matched them)
+    return replace(result, steps=[s.to_dict() for s in plan.steps])

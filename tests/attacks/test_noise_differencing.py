@@ -97,7 +97,15 @@ def test_free_twins_never_share_the_charged_runs_noise(tmp_path: Path, ray_local
     # (nearly) everyone in one batch, from the quote's training-split estimate (the demo's
     # counts are public); 95% so that the exact split is never smaller than the batch
     quote = ok(
-        sandbox("quote", str(_spec(tmp_path / "q.toml", 64)), "--json", zone=zone, token=rita)
+        sandbox(
+            "quote",
+            str(_spec(tmp_path / "q.toml", 64)),
+            "--out",
+            str(tmp_path / "q"),
+            "--json",
+            zone=zone,
+            token=rita,
+        )
     )
     n_train = int(quote["n_train_estimate"])
     spec = _spec(tmp_path / "job.toml", int(0.95 * n_train))

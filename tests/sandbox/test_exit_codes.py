@@ -303,8 +303,9 @@ def _reorder(con: sqlite3.Connection) -> None:
 
 
 def _insert(con: sqlite3.Connection) -> None:
-    """A forged line slipped in at ``AT``, correctly hashed and linked to the line before;
-    the later lines renumbered to make room (what an attacker with the chain rule would do)."""
+    """A forged line slipped in at ``AT``, linked to the line before and hashed by the old
+    unkeyed rule; the later lines renumbered to make room (what an attacker with the
+    database but not the audit key can do)."""
     at_text, prev = con.execute(
         "SELECT at, hash FROM audit_events WHERE seq = ?", (AT - 1,)
     ).fetchone()
@@ -326,9 +327,9 @@ BREAKS = {
     "edited time": (_edit_time, AT, "edited"),
     "dropped line": (_drop, AT, "dropped"),
     "reordered lines": (_reorder, AT, "reordered"),
-    # the forged line itself links and hashes correctly: the break shows at the next line,
-    # which still links to the line before the forgery
-    "inserted line": (_insert, AT + 1, "reordered"),
+    # the forged line links correctly, but its hash is plain SHA-256: without the zone's
+    # audit key (ZONE/audit.key) no one can make a line that verifies
+    "inserted line": (_insert, AT, "unkeyed"),
 }
 
 

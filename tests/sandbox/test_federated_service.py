@@ -65,11 +65,15 @@ def test_federated_job_charges_each_site(tmp_path: Path, ray_local) -> None:
         info = summary["sites"][site]
         assert 0 < bal.spent_epsilon <= 1.0 + 1e-9
         assert bal.reserved_epsilon == 0
-        # independent recomputation from the site's plan and the steps it took
+        # independent recomputation: the site's plan in full (every round, the evaluation),
+        # whatever the server reports the site spent
         plan = info["plan"]
-        history = [GaussianStep(plan["noise_multiplier"], plan["sample_rate"], info["steps"])]
-        if info.get("evals"):
-            history.append(GaussianStep(plan["eval_sigma"], 1.0, info["evals"]))
+        planned_steps = plan["steps_per_round"] * 2
+        assert info["steps"] <= planned_steps
+        history = [
+            GaussianStep(plan["noise_multiplier"], plan["sample_rate"], planned_steps),
+            GaussianStep(plan["eval_sigma"], 1.0, 1),
+        ]
         assert bal.spent_epsilon == pytest.approx(epsilon_for(history, 1e-6), rel=1e-6)
     # sites not in the job are untouched
     other = sorted(set(ds.sites) - set(SITES))[0]

@@ -26,6 +26,14 @@ or attach, actors, the first ClientApp call).
 
 The child's own output (Flower's and Ray's logs) goes to ``log_path`` if given, else is
 discarded: the zone's code never logs a row value, but a third-party message could.
+
+The child's environment is the service's, not the caller's shell
+(``foundation.engine_env.engine_environ``): no ``PYTHONPATH`` but the product's own import
+roots (plus the folder of a non-default ``client_factory``'s module, named at the call),
+no ``PYTHONSTARTUP``, ``PYTHONHOME``, ``LD_PRELOAD``, user site-packages or the like, so a
+``sitecustomize.py`` on the caller's path never runs in the child or in the actors it
+starts (they get the same ``PYTHONPATH`` through Ray's ``runtime_env``). It starts in a
+private scratch folder with ``-P``: the caller's working folder is never on its path.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from foundation.engine_env import PRODUCT_PACKAGES, engine_environ
 from foundation.errors import ComputeError, SpecError
 from training.federated.payload import (
     ROUNDS_FILE,
@@ -127,6 +136,33 @@ def _check_resources(num_cpus: float, num_gpus: float, address: str | None) -> N
             f"asks for {num_gpus:g} GPU(s) per site but Ray has {gpus:g}",
             "set num_gpus = 0, or run on a cluster with GPUs",
         )
+
+
+def factory_root(client_factory: str) -> Path | None:
+    """The folder that holds ``client_factory``'s top-level package, when it is not one of
+    the product's (a test's fault-injecting ClientApp): the child needs it to import the
+    factory it was named. Located without importing anything."""
+    import importlib.util
+
+    top = client_factory.partition(":")[0].split(".")[0]
+    if not top or top in PRODUCT_PACKAGES:
+        return None
+    spec = importlib.util.find_spec(top)
+    if spec is None:
+        return None
+    if spec.origin and spec.origin not in ("namespace", "built-in"):
+        origin = Path(spec.origin).resolve()
+        # a package's __init__.py sits in the package's folder; a module sits in the root
+        return origin.parent.parent if spec.submodule_search_locations else origin.parent
+    locations = list(spec.submodule_search_locations or ())
+    return Path(locations[0]).resolve().parent if locations else None
+
+
+def child_environ(client_factory: str = DEFAULT_CLIENT_FACTORY) -> dict[str, str]:
+    """The federated child's environment: this process's, cleaned (see the module
+    docstring), with the product's import roots (and ``client_factory``'s) as PYTHONPATH."""
+    root = factory_root(client_factory)
+    return engine_environ(os.environ, extra_roots=() if root is None else (root,))
 
 
 def _descendants(pid: int) -> list[Any]:
@@ -215,11 +251,8 @@ def run_federated_simulation(
     payload_path = Path(payload_path).resolve()
     payload = load_payload(payload_path)
     cfg = payload.config
-    zone = (
-        Path(zone_dir)
-        if zone_dir is not None
-        else Path(tempfile.gettempdir()) / "safe-zone-federated"
-    )
+    # without a zone: a private folder of its own (never a shared, predictable one)
+    zone = Path(zone_dir) if zone_dir is not None else Path(tempfile.mkdtemp(prefix="sz-fl-zone-"))
     from foundation.engine_env import configure_engine_env, ray_temp_dir
 
     configure_engine_env(zone)
@@ -243,20 +276,27 @@ def run_federated_simulation(
         "result": str(scratch / "child.json"),
     }
     (scratch / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ)
-    # the child imports what this process can (Flower's Ray backend does the same for actors)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env = child_environ(client_factory)
     sink = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     watcher = _RoundWatcher(out, on_round)
     started = time.perf_counter()
     launched_at = time.time()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "training.federated.simulation", str(scratch / "spec.json")],
+            # -P: no working folder on the child's path; -s: no user site-packages
+            [
+                sys.executable,
+                "-P",
+                "-s",
+                "-m",
+                "training.federated.simulation",
+                str(scratch / "spec.json"),
+            ],
             stdout=sink,
             stderr=sink,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=scratch,
             start_new_session=True,
         )
         try:

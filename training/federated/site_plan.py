@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from foundation.errors import SpecError
-from training.federated.config import EVAL_SHARE
+from training.federated.config import EVAL_SHARE, FederatedConfig
 from training.federated.payload import FederatedPayload
 
 
@@ -93,6 +93,22 @@ class SitePlan:
         for part in parts:
             total = total + part
         return accountant._epsilon_from_curve(total, self.delta)
+
+    @property
+    def planned_evals(self) -> int:
+        """Evaluation releases the plan holds for the whole job: one, or none."""
+        return 1 if self.evaluates else 0
+
+    def planned_steps(self, rounds: int) -> int:
+        """DP-SGD steps the plan holds for a site in every one of ``rounds`` rounds."""
+        return rounds * self.steps_per_round
+
+    def planned_epsilon(self, rounds: int) -> float:
+        """The plan's full figure: every round trained and the evaluation released. What the
+        service charges a site that took part (a site that trained fewer rounds is still
+        charged this: the service does not take a site's count of its own steps on trust).
+        At or below ``target_epsilon`` (the plan was calibrated for exactly these)."""
+        return self.epsilon(self.planned_steps(rounds), self.planned_evals)
 
     def fits(self, train_steps: int, evals: int) -> bool:
         """Whether these releases stay within the target. No slack: the plan's noise was
@@ -167,9 +183,14 @@ class SiteLedger:
 
 def make_plan(payload: FederatedPayload, site: str, n_train: int) -> SitePlan:
     """The site's plan for ``n_train`` persons (deterministic: same inputs, same plan)."""
+    return plan_for(payload.config, site, n_train)
+
+
+def plan_for(cfg: FederatedConfig, site: str, n_train: int) -> SitePlan:
+    """``make_plan`` from the job's config alone: the service rebuilds each site's plan with
+    it, from the config it made at admission, to check what the site reports it ran."""
     from privacy.job_plan import plan_job
 
-    cfg = payload.config
     dp = plan_job(
         cfg.epsilon,
         cfg.delta,

@@ -1,0 +1,90 @@
+"""``sandbox serve``: run the zone as a service (FastAPI + uvicorn) under its own account.
+
+Researchers, stewards and analysts then hold a URL and a token, never a path. The service is
+the only process that opens the zone folder: ``serve`` makes it private (mode 0700, files
+0600, umask 077 for what it writes later) and refuses a zone folder another account owns.
+Embedded mode (no ``--server``) stays the one-person default and is no trust boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sandbox.cli.common import ZoneOpt, console, settings
+
+
+def make_private(root: Path) -> None:
+    """Only the service's account may read the zone: folders 0700, files 0600."""
+    from foundation.errors import SpecError
+
+    st = root.stat()
+    if st.st_uid != os.geteuid():
+        raise SpecError(
+            "--zone",
+            f"{root} belongs to another account (uid {st.st_uid})",
+            "run `sandbox serve` as the account that owns the zone",
+        )
+    os.umask(0o077)
+    root.chmod(0o700)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            p = Path(dirpath, d)
+            if not p.is_symlink():
+                p.chmod(0o700)
+        for f in filenames:
+            p = Path(dirpath, f)
+            if not p.is_symlink():
+                p.chmod(0o600)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        zone: ZoneOpt = None,
+        host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8750,
+        workers: Annotated[
+            int, typer.Option("--jobs", help="jobs the service runs at once", min=1, max=64)
+        ] = 2,
+    ) -> None:
+        """Serve the zone over HTTP (OpenAPI at /docs); jobs run in the service."""
+        import logging
+        from concurrent.futures import ThreadPoolExecutor
+
+        import uvicorn
+
+        from sandbox.ray_backend import RayBackend
+        from sandbox.server.app import create_app
+        from sandbox.service import Service
+        from sandbox.zone import Zone
+
+        # the service's own settings: the zone and its Ray cluster come from the account
+        # that runs it, never from a client
+        s = settings(zone)
+        z = Zone.open(s.zone)
+        make_private(z.root)
+        # Ray puts the driver's working folder on its workers' import path: make it the
+        # private zone, never a folder a client could write to
+        os.chdir(z.root)
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zone-job")
+        backend = RayBackend(z.root, s.ray_address)
+        svc = Service(z, backend, executor=executor)
+        ended = svc.runner.reconcile()
+        # Ray starts here, in the main thread, before any request: Ray's own processes die
+        # with the *thread* that started them (parent-death signal), and the server's request
+        # threads come and go
+        took = backend.warm_up()
+        console.print(
+            f"zone {z.root} served at http://{host}:{port} (OpenAPI: /docs); "
+            f"{len(ended)} job(s) left by a stopped service ended; Ray up in {took:.1f} s"
+        )
+        logging.basicConfig(level=logging.WARNING)
+        try:
+            uvicorn.run(create_app(svc), host=host, port=port, log_level="warning")
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            svc.close()

@@ -1,0 +1,139 @@
+"""A served zone for tests: ``sandbox serve`` in a subprocess on a free loopback port.
+
+``served_zone(root)`` starts the installed entry point (real uvicorn, the service's own local
+Ray), waits for ``/v1/health`` and stops it at the end (SIGTERM, then SIGKILL). ``as_user``
+runs it, or a CLI call, as another OS account (``runuser``) when the test runs as root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cli_runner import SANDBOX
+
+#: what a test may pass through to the service (nothing else of the caller's shell)
+_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SZ_TEST_SITECUSTOMIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sandbox serve exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/v1/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"sandbox serve did not come up: {log.read_text()[-2000:]}")
+
+
+def start_server(
+    root: Path,
+    *,
+    user: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    extra_args: Sequence[str] = (),
+) -> Server:
+    port = free_port()
+    log = root.parent / f"serve-{port}.log"
+    env = {k: v for k, v in os.environ.items() if k in _KEEP}
+    env.update(extra_env or {})
+    argv: Sequence[str] = [
+        str(SANDBOX),
+        "serve",
+        "--zone",
+        str(root),
+        "--port",
+        str(port),
+        *extra_args,
+    ]
+    if user:
+        argv = ["runuser", "-u", user, "--", *argv]
+    with open(log, "ab") as sink:
+        proc = subprocess.Popen(
+            list(argv), env=env, stdout=sink, stderr=sink, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, proc, log, timeout=120)
+    return Server(url, proc, log)
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=30)
+
+
+@contextmanager
+def served_zone(root: Path, **kw: object) -> Iterator[Server]:
+    server = start_server(root, **kw)  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+def client_cli(
+    *args: str,
+    server: str,
+    token: str | None,
+    timeout: float = 300,
+    user: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """One CLI command as a thin client: a URL and a token, no zone path (``extra_env``: the
+    client's own shell, e.g. an attacker's PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if k in _KEEP}
+    env.update(extra_env or {})
+    env["SANDBOX_SERVER"] = server
+    if token:
+        env["SANDBOX_TOKEN"] = token
+    argv = [str(SANDBOX), *args]
+    if user:
+        argv = ["runuser", "-u", user, "--", *argv]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def let_accounts_run_python() -> None:
+    """Other accounts must be able to run this venv's Python: where the interpreter lives
+    under a folder only root may enter (pyenv in ``/root``), give that folder search
+    permission (``o+x``: enter, not list). Runs as root only, in tests that make accounts."""
+    real = Path(os.path.realpath(sys.executable))
+    for folder in [*reversed(real.parents), Path(sys.prefix)]:
+        mode = folder.stat().st_mode
+        if not mode & 0o001:
+            folder.chmod(mode | 0o001)
