@@ -235,13 +235,14 @@ def _in_process(mp: pytest.MonkeyPatch) -> None:
     """The CLI's sessions run jobs in the calling thread (the same service, no Ray start-up)."""
     from sandbox.backend import InProcessBackend
     from sandbox.cli import common
+    from sandbox.client import EmbeddedZone
     from sandbox.service import Service
     from sandbox.zone import Zone
 
     def open_session(zone, token, ray_address=None):  # type: ignore[no-untyped-def]
         s = common.settings(zone, token, ray_address)
         svc = Service(Zone.open(s.zone), InProcessBackend())
-        return common.Session(svc, svc.authenticate(s.token))
+        return common.Session(EmbeddedZone(svc), svc.authenticate(s.token))
 
     mp.setattr(common, "open_session", open_session)
 
