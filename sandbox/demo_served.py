@@ -147,12 +147,45 @@ def run_served_demo(patients: int = 20_000, as_json: bool = False) -> dict[str, 
             f"DP AUROC {shown.get('auroc', 'n/a')}"
         )
         d.run("researcher", "jobs", "result", job["id"], "--out", "release")
+        console.print("  model.safetensors, preprocessing.json, model_card.json in release/")
         fed = d.run("researcher", "submit", "federated.toml", "--follow")
-        fed_sites = (fed.get("result") or {}).get("sites", {})
+        fed_result = fed.get("result") or {}
+        fed_sites = fed_result.get("sites", {})
+        for site, c in sorted(fed_sites.items()):
+            console.print(f"  {site}: epsilon {c['epsilon']:.3f}")
+        dummy = d.run("researcher", "synth", "dummy", "cohort", "--rows", "1000",
+                      "--out", "dummy.parquet")  # fmt: skip
+        console.print(
+            f"  {dummy.get('rows')} dummy rows, epsilon charged: {dummy.get('charged_epsilon')}"
+        )
         synth = d.run(
             "researcher", "synth", "fit", "cohort", "--project", "readmission",
             "--epsilon", "1", "--method", "mst", "--rows", "5000", "--label", DEMO_LABEL,
+            "--columns", cols,
         )  # fmt: skip
+        sr = synth.get("result") or {}
+        console.print(
+            f"  synthetic job {synth.get('id')}: {sr.get('rows')} rows, "
+            f"epsilon {sr.get('epsilon', 0):.3f} charged"
+        )
+        d.run("steward", "synth", "report", synth["id"])
+        d.run("steward", "synth", "release", synth["id"])
+        report = d.run("researcher", "synth", "report", synth["id"]).get("report") or {}
+        for key in ("quality", "tstr_auroc", "trtr_auroc", "new_row_share"):
+            if report.get(key) is not None:
+                console.print(f"  {key}: {report[key]:.3f}")
+        quote = d.run("researcher", "quote", "job.toml", "--curve", "--on",
+                      f"synthetic:{synth['id']}", "--out", "quote")  # fmt: skip
+        console.print(
+            f"  the job would spend epsilon {quote['epsilon']:.3f} (delta {quote['delta']:g})"
+        )
+        for pt in (quote.get("curve") or {}).get("points", []):
+            auroc = pt.get("auroc")
+            console.print(
+                f"  epsilon {pt['epsilon']:>4g}: AUROC on synthetic {auroc:.3f}"
+                if auroc is not None
+                else f"  epsilon {pt['epsilon']:>4g}: -"
+            )
         budget = d.run("researcher", "budget", "readmission")
         audit = d.run("operator", "audit", "verify")
         (b,) = [x for x in budget["budgets"] if not x["key"].get("site")]
@@ -164,7 +197,15 @@ def run_served_demo(patients: int = 20_000, as_json: bool = False) -> dict[str, 
             "job": {"id": job["id"], "state": job["state"], "epsilon": result.get("epsilon")},
             "dp_metrics": result.get("metrics"),
             "federated": {s: c["epsilon"] for s, c in fed_sites.items()},
-            "synthetic": {"job": synth.get("id"), "state": synth.get("state")},
+            "synthetic": {
+                "dummy_rows": dummy.get("rows"),
+                "job": synth.get("id"),
+                "state": synth.get("state"),
+                "epsilon": sr.get("epsilon"),
+                "report": report,
+                "quote_epsilon": quote.get("epsilon"),
+                "curve": (quote.get("curve") or {}).get("points"),
+            },
             "audit": {"verified": audit.get("ok"), "events": audit.get("checked")},
             "seconds": round(time.perf_counter() - t0, 1),
         }

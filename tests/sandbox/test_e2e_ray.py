@@ -88,3 +88,30 @@ def test_demo_runs_end_to_end(tmp_path: Path, ray_local) -> None:
     assert summary["audit"]["verified"]
     assert summary["budget"]["spent_epsilon"] > 0
     assert summary["scored_rows"] == 1000
+
+
+@pytest.mark.slow
+def test_served_demo_runs_end_to_end_through_the_installed_cli() -> None:
+    """`sandbox demo --served`: the service under its own account, the CLI steps as others
+    (as root; otherwise all as the caller), the same summary as the embedded demo."""
+    import os
+    import subprocess
+
+    from cli_runner import SANDBOX
+
+    proc = subprocess.run(
+        [str(SANDBOX), "demo", "--served", "--patients", "4000", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["os_boundary"] is (os.geteuid() == 0)
+    assert summary["job"]["state"] == "succeeded"
+    assert 0 < summary["job"]["epsilon"] <= 1.0
+    assert summary["synthetic"]["state"] == "succeeded" and summary["synthetic"]["report"]
+    assert len(summary["federated"]) >= 2
+    assert summary["audit"]["verified"] is True
+    b = summary["budget"]
+    assert b["spent_epsilon"] + b["remaining_epsilon"] == pytest.approx(b["granted_epsilon"])
