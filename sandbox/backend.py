@@ -31,6 +31,8 @@ class Resources:
 class JobBackend(ABC):
     #: shown in records and the model card
     name: str = "abstract"
+    #: whether ``stop`` can end a running job's worker
+    can_stop: bool = False
 
     @abstractmethod
     def check_resources(self, resources: Resources) -> None:
@@ -48,6 +50,11 @@ class JobBackend(ABC):
         raised one (its message is safe by construction), else ComputeError (retryable when
         the worker was killed rather than failing on its own).
         """
+
+    def stop(self, handle: Any) -> bool:
+        """Stop a started job's worker (its ``wait`` then raises); False when this backend
+        cannot stop one (it runs the work in the caller's thread)."""
+        return False
 
     def shutdown(self) -> None:  # noqa: B027 - optional
         """Release compute held for the process."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +38,9 @@ class ZoneContext:
     jobs: JobStore
     backend: JobBackend
     clock: Callable[[], datetime]
+    #: ids of running jobs whose submitter asked to stop them (served mode: the cancel call
+    #: and the thread that waits on the worker share this service's memory)
+    stop_requests: set[str] = field(default_factory=set)
 
     @contextmanager
     def act(

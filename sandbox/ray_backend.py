@@ -57,6 +57,7 @@ def _from_task_error(exc: BaseException) -> ZoneError:
 
 class RayBackend(JobBackend):
     name = "ray"
+    can_stop = True
 
     def __init__(
         self, zone_root: Path, address: str | None = None, num_cpus: int | None = None
@@ -175,6 +176,12 @@ class RayBackend(JobBackend):
             ) from None
         except rex.RayError as exc:
             raise ComputeError(f"Ray failed ({type(exc).__name__})", retryable=True) from None
+
+    def stop(self, handle: Any) -> bool:
+        ray = self._ensure()
+        # force: the worker process is killed (a DP-SGD step does not check for a cancel)
+        ray.cancel(handle, force=True)
+        return True
 
     def shutdown(self) -> None:
         # only stop a Ray this backend started (a test session or the operator may share one)

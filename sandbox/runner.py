@@ -72,6 +72,8 @@ class JobRunner:
         self.executor = executor
         #: job id -> (mechanism, actor, work) for admitted jobs not yet started
         self._pending: dict[str, tuple[JobMechanism, Actor, Any]] = {}
+        #: job id -> mechanism, for jobs this process is running now
+        self._running: dict[str, JobMechanism] = {}
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -140,6 +142,15 @@ class JobRunner:
             )
             ended.append(job.id)
         return ended
+
+    def request_stop(self, job_id: str) -> bool:
+        """Ask a job this process runs to stop; False when it cannot be stopped from here (it
+        runs in another process, or its mechanism runs to its end)."""
+        mechanism = self._running.get(job_id)
+        if mechanism is None or not mechanism.stoppable or not self.ctx.backend.can_stop:
+            return False
+        self.ctx.stop_requests.add(job_id)
+        return True
 
     def _close_stray(self, job: JobRecord) -> None:
         """A job that ended with a reservation still open (the service stopped between the
@@ -255,12 +266,16 @@ class JobRunner:
             )
         mechanism, actor, work = pending
         outcome: Outcome
+        self._running[job.id] = mechanism
         try:
             outcome = Succeeded(mechanism.execute(self.ctx, actor, job, work, on_progress))
         except ZoneError as exc:
             outcome = Failed(exc)
         except Exception as exc:  # noqa: BLE001 - translate, never show a raw message
             outcome = Failed(ComputeError(f"the job failed in the service ({type(exc).__name__})"))
+        finally:
+            self._running.pop(job.id, None)
+            self.ctx.stop_requests.discard(job.id)
         if isinstance(outcome, Succeeded):
             try:
                 # the charge comes from the service's plan; a result that does not match it

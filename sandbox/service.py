@@ -225,9 +225,10 @@ class Service(AccessCalls):
         return self.ctx.job_view(actor, job)
 
     def cancel_job(self, actor: Actor, job_id: str) -> JobRecord:
-        """Cancel a job that has not started: its reservations are released (no row was
-        read). A running job is refused: embedded mode runs it inside the submitting
-        process, which alone can stop it (Ctrl-C there fails it and settles its charge)."""
+        """Cancel a job. A queued one ends at once and its reservations are released (no row
+        was read). A running one (served mode; DP-SGD, synthesis and dry runs) has its worker
+        stopped and then fails like any failure: its reservation is committed if the worker
+        had opened its rows. The record returned is the job's state after the request."""
 
         with self.ctx.act(actor, Action.JOB_CANCEL, job_id) as extra:
             rec = self.jobs.get(job_id)
@@ -243,17 +244,26 @@ class Service(AccessCalls):
             moved = self.jobs.move_if(
                 job_id, JobState.QUEUED, JobState.FAILED, error="cancelled by its submitter"
             )
-            if moved is None:
-                state = self.jobs.get(job_id).state
-                raise SpecError(
-                    "JOB",
-                    f"job {job_id} is {state}; only a queued job can be cancelled",
-                    "a running job is stopped from the process that submitted it",
+            if moved is not None:
+                error = SpecError("JOB", "cancelled by its submitter")
+                ledger = close_reservations(self.ctx, actor, moved, opened=False, error=error)
+                extra.update(ledger=ledger)
+                return self.ctx.job_view(actor, moved)
+            rec = self.jobs.get(job_id)
+            if rec.state is JobState.RUNNING and self.runner.request_stop(job_id):
+                extra.update(stop="requested")
+                return self.ctx.job_view(actor, rec)
+            if rec.state is JobState.RUNNING:
+                how = (
+                    "a federated job runs to its end"
+                    if rec.spec.get("mode") == "federated"
+                    else "it runs in the process that submitted it (embedded mode): stop it "
+                    "there with Ctrl-C"
                 )
-            error = SpecError("JOB", "cancelled by its submitter")
-            ledger = close_reservations(self.ctx, actor, moved, opened=False, error=error)
-            extra.update(ledger=ledger)
-            return moved
+                raise SpecError("JOB", f"job {job_id} is running and cannot be stopped here", how)
+            raise SpecError(
+                "JOB", f"job {job_id} is {rec.state}; it has ended", "nothing to cancel"
+            )
 
     def list_jobs(self, actor: Actor) -> list[JobRecord]:
         with self.ctx.act(actor, Action.JOB_LIST):

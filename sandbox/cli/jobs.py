@@ -290,10 +290,21 @@ def follow_job(s: Any, job_id: str, as_json: bool) -> Any:
 def cancel(
     job_id: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """Cancel a queued job of yours; its reservation is released (no row was read)."""
+    """Cancel a job of yours. Queued: it ends, its reservation released (no row was read).
+    Running (served zone): its worker is stopped; it then fails, charged if it read rows."""
     with session(zone, token) as s:
         rec = s.service.cancel_job(s.user, job_id)
-    emit(rec, as_json, _summary)
+
+    def human(rec: Any) -> None:
+        if rec.state == "running":
+            console.print(
+                f"{rec.id}: stopping its worker; `sandbox jobs status {rec.id} --follow` "
+                "shows the end (charged if it had read rows)"
+            )
+        else:
+            _summary(rec)
+
+    emit(rec, as_json, human)
 
 
 @app.command("result")

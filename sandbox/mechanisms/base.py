@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from foundation.errors import IntegrityError, ZoneError
+from foundation.errors import IntegrityError, SpecError, ZoneError
 from policies.roles import Actor
 from sandbox.backend import Resources, WorkerFn
 from sandbox.context import ProgressFn, ZoneContext
@@ -60,6 +60,8 @@ class Admission:
 class JobMechanism(ABC):
     #: the audit and result name of the mechanism
     kind: str = "abstract"
+    #: whether a running job can be stopped (its worker killed; settled as a failure)
+    stoppable: bool = False
 
     @abstractmethod
     def admit(
@@ -144,12 +146,29 @@ def run_on_backend(
             last.update(rec.progress)
             on_progress(dict(rec.progress))
 
+    stopped: list[bool] = []
+
+    def poll_or_stop() -> None:
+        if job.id in ctx.stop_requests and not stopped:
+            ctx.stop_requests.discard(job.id)
+            stopped.append(ctx.backend.stop(handle))
+        poll()
+
     handle = ctx.backend.submit(fn, payload, resources)
-    return ctx.backend.wait(handle, poll=poll)
+    try:
+        return ctx.backend.wait(handle, poll=poll_or_stop)
+    except ZoneError:
+        if any(stopped):
+            # settled like any failure: committed if the worker had opened its rows
+            raise SpecError("JOB", "cancelled by its submitter while it ran") from None
+        raise
 
 
 class BackendMechanism(JobMechanism):
     """A mechanism whose work is one worker function run on the job backend."""
+
+    #: a running job of this mechanism can be stopped by its submitter (served mode)
+    stoppable = True
 
     #: what runs on the worker (a module-level function: it is pickled to Ray)
     worker: WorkerFn

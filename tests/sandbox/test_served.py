@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield World(root, server.url, tokens)
 
 
-def _job_toml(path: Path, epsilon: float = 0.5) -> Path:
+def _job_toml(path: Path, epsilon: float = 0.5, epochs: int = 2, batch: int = 64) -> Path:
     feats = ", ".join(f'"{f}"' for f in FEATURES)
     path.write_text(
         f"""project = "readmission"
@@ -68,8 +69,8 @@ epsilon = {epsilon}
 delta = 1e-6
 max_grad_norm = 1.0
 [training]
-epochs = 2
-batch_size = 64
+epochs = {epochs}
+batch_size = {batch}
 lr = 0.5
 seed = 7
 [resources]
@@ -142,6 +143,41 @@ def test_submit_returns_at_once_then_follow_shows_the_end_and_result_downloads(
     # the analyst is no member: the job is not theirs to see
     denied = world.cli("ana", "jobs", "status", job, "--json")
     assert denied.returncode == 2 and last_json(denied)["error"] == "policy_denied"
+
+
+def test_a_running_job_is_cancelled_its_worker_stopped_and_its_charge_kept(
+    world: World, tmp_path: Path
+) -> None:
+    def spent_and_reserved() -> tuple[float, float]:
+        b = last_json(world.cli("rita", "budget", "readmission", "--json"))["budgets"]
+        return (
+            sum(x["spent_epsilon"] for x in b),
+            sum(x["reserved_epsilon"] for x in b),
+        )
+
+    before = spent_and_reserved()
+    spec = _job_toml(tmp_path / "long.toml", epsilon=0.25, epochs=1000, batch=8)
+    job = last_json(world.cli("rita", "submit", str(spec), "--json"))["id"]
+    deadline = time.monotonic() + 120
+    while True:  # running, and past its first epoch: its worker has read the rows
+        rec = last_json(world.cli("rita", "jobs", "status", job, "--json"))
+        if rec["state"] == "running" and (rec.get("progress") or {}).get("epoch", 0) >= 1:
+            break
+        assert rec["state"] in ("queued", "running"), rec
+        assert time.monotonic() < deadline, "the job never got going"
+        time.sleep(0.5)
+    other = world.cli("sam", "jobs", "cancel", job, "--json")
+    assert other.returncode == 2  # only its submitter stops a job
+    asked = world.cli("rita", "jobs", "cancel", job, "--json")
+    assert asked.returncode == 0, asked.stderr
+    done = last_json(world.cli("rita", "jobs", "status", job, "--follow", "--json"))
+    assert done["state"] == "failed" and "cancelled" in done["error"], done
+    spent, reserved = spent_and_reserved()
+    # it read rows: its whole reservation is spent, nothing left held, nothing refunded
+    assert spent == pytest.approx(before[0] + 0.25, rel=1e-9)
+    assert reserved == pytest.approx(before[1], abs=1e-12)
+    again = world.cli("rita", "jobs", "cancel", job, "--json")
+    assert again.returncode == 2 and "has ended" in last_json(again)["message"]
 
 
 def test_the_thin_client_imports_nothing_that_reads_rows_keys_or_the_ledger(
