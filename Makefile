@@ -25,9 +25,11 @@ demo: install
 demo-served: install
 	$(VENV)/bin/sandbox demo --served
 
-# the default run: fast tests plus integration tests on a real local Ray (< 10 min on 2 cores)
+# the default run: fast tests plus integration tests on a real local Ray, in two pytest
+# workers (whole files per worker: module fixtures are built once). On 2 cores: 7m13s vs 10m08s
+# in one process (1065 tests)
 test: install
-	$(PYTEST) -m "not slow" -q
+	$(PYTEST) -m "not slow" -q -n 2 --dist loadfile
 
 # slower real-engine tests (CI runs them too, after `make test`)
 test-slow: install
