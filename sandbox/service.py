@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from connectors.cohort import cohort_contract, generate_cohort
 from connectors.ingest import ingest_file, ingest_table
 from connectors.schema import SchemaContract
@@ -35,6 +37,7 @@ from policies.store import StateStore
 from privacy.ledger import Ledger
 from sandbox.backend import InProcessBackend, JobBackend
 from sandbox.context import ProgressFn, ZoneContext
+from sandbox.db_roles import grant_service_role, service_role_of
 from sandbox.disclosure import dataset_view, sees_everything
 from sandbox.jobs import JobRecord, JobState, JobStore
 from sandbox.jobspec import JobSpec, Mode
@@ -43,7 +46,7 @@ from sandbox.release import RELEASED_FILES, SYNTH_FILES, release_artefacts
 from sandbox.runner import JobRunner
 from sandbox.service_access import AccessCalls
 from sandbox.service_synth import SynthCalls
-from sandbox.zone import Zone
+from sandbox.zone import DEFAULT_DB_URL, Zone
 
 
 class Service(AccessCalls):
@@ -88,10 +91,26 @@ class Service(AccessCalls):
 
     @classmethod
     def init_zone(
-        cls, root: Path, backend: JobBackend | None = None, db_url: str | None = None
+        cls,
+        root: Path,
+        backend: JobBackend | None = None,
+        db_url: str | None = None,
+        service_db_url: str | None = None,
     ) -> tuple[Service, str]:
-        """Create a zone and its operator; returns the service and the operator's token."""
+        """Create a zone and its operator; returns the service and the operator's token.
 
+        With ``service_db_url`` (PostgreSQL) ``db_url`` is the schema owner's: the schema is
+        made as the owner, the service's role gets only its rights (``sandbox.db_roles``) and
+        the zone is written to run as the service's role from then on."""
+        role = None
+        if service_db_url is not None:
+            role = service_role_of(service_db_url)
+            if role == make_url(db_url or DEFAULT_DB_URL).username:
+                raise SpecError(
+                    "--service-db-url",
+                    "logs in as the schema's owner, so it could rewrite history",
+                    "give the service its own database role",
+                )
         zone = Zone.create(root, db_url)
         svc = cls(zone, backend)
         svc.store.create_schema()
@@ -100,7 +119,12 @@ class Service(AccessCalls):
         svc.jobs.create_schema()
         user, token = svc.store.add_user("operator", Role.OPERATOR)
         svc.audit.append(user.name, "zone.init", "ok", str(zone.root))
-        return svc, token
+        if role is None or service_db_url is None:
+            return svc, token
+        grant_service_role(svc.engine, role)
+        svc.audit.append(user.name, "zone.db_role", "ok", role, {"rights": "least privilege"})
+        svc.close()
+        return cls(zone.use_db_url(service_db_url), backend), token
 
     def close(self) -> None:
         self.backend.shutdown()

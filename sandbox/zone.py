@@ -340,6 +340,12 @@ class Zone:
         _write_config(root, zone.zone_id, setting)
         return zone
 
+    def use_db_url(self, url: str) -> Zone:
+        """The zone, opened from now on with ``url`` (written to zone.toml)."""
+        setting = stored_db_url(url, self.root, field="--service-db-url")
+        _write_config(self.root, self.zone_id, setting)
+        return replace(self, db_url=resolve_db_url(setting, self.root))
+
     def check_database(self, engine: Engine) -> Zone:
         """Refuse a database that is not this zone's; returns the zone (adopted if it was old).
 

@@ -4,8 +4,10 @@ import itertools
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
+import pg_cluster
 import pytest
 from sqlalchemy import Engine
 
@@ -32,8 +34,45 @@ def ray_local():
     ray.shutdown()
 
 
-#: set to a PostgreSQL URL to run the ledger's contract and race tests against PostgreSQL too
-PG_ENV = "SANDBOX_TEST_PG_URL"
+def pytest_report_header(config: pytest.Config) -> str:
+    why = pg_cluster.why_not()
+    if why is None:
+        where = (
+            "the server in " + pg_cluster.PG_ENV
+            if os.environ.get(pg_cluster.PG_ENV)
+            else ("a throwaway cluster on loopback")
+        )
+        return f"PostgreSQL cases: run, on {where}"
+    return f"PostgreSQL cases: SKIPPED ({why})"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """An admin URL of a PostgreSQL server for this test session (skips, saying why, when
+    there is none)."""
+    why = pg_cluster.why_not()
+    if why is not None:
+        pytest.skip(why)
+    with pg_cluster.cluster() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    with pg_cluster.fresh_database(pg_admin_url) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty state database on each engine the product supports."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'zone.db'}"
+        return
+    admin = request.getfixturevalue("pg_admin_url")
+    with pg_cluster.fresh_database(admin) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -42,28 +81,25 @@ def engine_factory(
 ) -> Iterator[Callable[[], Engine]]:
     """Makes a fresh, empty ledger database per call, on the parametrised backend."""
     from foundation.sql import make_engine
-    from privacy.ledger_schema import metadata
 
     made: list[Engine] = []
     counter = itertools.count()
-    if request.param == "sqlite":
+    with ExitStack() as stack:
+        if request.param == "sqlite":
 
-        def make() -> Engine:
-            engine = make_engine(f"sqlite:///{tmp_path / f'ledger-{next(counter)}.db'}")
-            made.append(engine)
-            return engine
+            def make() -> Engine:
+                engine = make_engine(f"sqlite:///{tmp_path / f'ledger-{next(counter)}.db'}")
+                made.append(engine)
+                return engine
 
-    else:
-        url = os.environ.get(PG_ENV)
-        if not url:
-            pytest.skip(f"set {PG_ENV} to run the ledger tests against PostgreSQL")
+        else:
+            admin = request.getfixturevalue("pg_admin_url")
 
-        def make() -> Engine:
-            engine = make_engine(url)
-            metadata.drop_all(engine)  # test setup only: the ledger itself never drops
-            made.append(engine)
-            return engine
+            def make() -> Engine:
+                engine = make_engine(stack.enter_context(pg_cluster.fresh_database(admin)))
+                made.append(engine)
+                return engine
 
-    yield make
-    for engine in made:
-        engine.dispose()
+        yield make
+        for engine in made:
+            engine.dispose()

@@ -36,8 +36,9 @@ def make_world(
     grant_epsilon: float | None = 5.0,
     columns: list[str] | None = None,
     expires_in_days: int = 30,
+    db_url: str | None = None,
 ) -> ZoneWorld:
-    svc, op_token = Service.init_zone(root, backend)
+    svc, op_token = Service.init_zone(root, backend, db_url)
     operator = svc.authenticate(op_token)
     _, st = svc.add_user(operator, "sam", "steward")
     _, rt = svc.add_user(operator, "rita", "researcher")

@@ -68,9 +68,9 @@ def test_handle_requires_authorization(tmp_path: Path) -> None:
         DatasetHandle(name="cohort", path=tmp_path, contract=cohort_contract(), authorization="")
 
 
-def test_reserved_before_worker_runs(tmp_path: Path) -> None:
+def test_reserved_before_worker_runs(tmp_path: Path, db_url: str) -> None:
     backend = SpyBackend()
-    w = _world(tmp_path, backend)
+    w = _world(tmp_path, backend, db_url=db_url)
     job = w.svc.submit(w.researcher, job_spec())
     assert backend.seen == [{"reservation_state": "open", "data_opened": False}]
     assert job.state is JobState.SUCCEEDED
@@ -83,9 +83,9 @@ def test_reserved_before_worker_runs(tmp_path: Path) -> None:
     assert bal.reserved_epsilon == 0
 
 
-def test_failure_before_data_releases(tmp_path: Path) -> None:
+def test_failure_before_data_releases(tmp_path: Path, db_url: str) -> None:
     backend = SpyBackend(fail_before=True)
-    w = _world(tmp_path, backend)
+    w = _world(tmp_path, backend, db_url=db_url)
     with pytest.raises(ZoneError):
         w.svc.submit(w.researcher, job_spec())
     (job,) = w.svc.jobs.list()
@@ -109,8 +109,8 @@ class FailAfterOpenBackend(InProcessBackend):
         return (opened_then_failed, payload)
 
 
-def test_failure_after_data_keeps_charge(tmp_path: Path) -> None:
-    w = _world(tmp_path, FailAfterOpenBackend(), patients=300)
+def test_failure_after_data_keeps_charge(tmp_path: Path, db_url: str) -> None:
+    w = _world(tmp_path, FailAfterOpenBackend(), patients=300, db_url=db_url)
     with pytest.raises(ComputeError):
         w.svc.submit(w.researcher, job_spec())
     (job,) = w.svc.jobs.list()
@@ -130,8 +130,8 @@ def test_batch_over_public_size_is_refused_before_any_charge(tmp_path: Path) -> 
     assert bal.spent_epsilon == 0 and bal.reserved_epsilon == 0
 
 
-def test_release_requires_committed_charge(tmp_path: Path) -> None:
-    w = _world(tmp_path, InProcessBackend())
+def test_release_requires_committed_charge(tmp_path: Path, db_url: str) -> None:
+    w = _world(tmp_path, InProcessBackend(), db_url=db_url)
     job = w.svc.submit(w.researcher, job_spec())
     # forge a job whose reservation is still open: the gate must refuse it
     rid = w.svc.ledger.reserve(KEY, 0.1, 1e-7, job_id="job-forged", actor="test")

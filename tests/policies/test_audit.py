@@ -42,8 +42,9 @@ class TickingClock:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = make_engine(f"sqlite:///{tmp_path / 'zone.db'}")
+def engine(db_url: str) -> Iterator[Engine]:
+    # every engine the product supports (conftest ``db_url``: SQLite, PostgreSQL)
+    eng = make_engine(db_url)
     yield eng
     eng.dispose()
 

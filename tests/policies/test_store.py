@@ -8,7 +8,6 @@ import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,8 +51,9 @@ def clock() -> FrozenClock:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = make_engine(f"sqlite:///{tmp_path / 'zone.db'}")
+def engine(db_url: str) -> Iterator[Engine]:
+    # every engine the product supports (conftest ``db_url``: SQLite, PostgreSQL)
+    eng = make_engine(db_url)
     yield eng
     eng.dispose()
 

@@ -1,8 +1,9 @@
 """Contract tests for the privacy ledger (``privacy/ledger.py``).
 
 One suite, run against every backend available: a fresh SQLite file database always, and
-PostgreSQL when ``SANDBOX_TEST_PG_URL`` points at a database this suite may drop and
-recreate ``ledger_events`` in (skipped otherwise).
+PostgreSQL on a fresh database per test (``tests/pg_cluster.py``: the server in
+``SANDBOX_TEST_PG_URL``, or a throwaway cluster when Debian's postgresql is installed;
+skipped, saying why, otherwise).
 
 Numbers are checked against hand arithmetic or against ``_recompute``, an independent fold
 of the raw events written here, never against the ledger's own ``fold_balance``.
@@ -50,7 +51,6 @@ from privacy.budget_events import (
 from privacy.ledger import Ledger
 from privacy.ledger_schema import ledger_events
 
-PG_ENV = "SANDBOX_TEST_PG_URL"
 KEY = BudgetKey("proj-a", "icu-cohort")
 
 EngineFactory = Callable[[], Engine]

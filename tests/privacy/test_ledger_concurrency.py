@@ -7,7 +7,7 @@ releases, chosen at random. Reserving and closing are separate phases so that no
 freed while others are still reserving: that is what makes "exactly 20" the right answer.
 
 - threads: 64 threads sharing one ``Ledger`` (one engine, pooled connections), on every
-  backend available (SQLite file; PostgreSQL when ``SANDBOX_TEST_PG_URL`` is set).
+  backend available (SQLite file; PostgreSQL: ``tests/pg_cluster.py``).
 - processes: 64 separate OS processes (multiprocessing, 'spawn' context), each importing the
   ledger afresh and opening its own engine on the same SQLite file; one submitter per
   process, released together by a cross-process barrier. This exercises SQLite's file lock
@@ -42,7 +42,6 @@ from foundation.sql import make_engine
 from privacy.budget_events import BudgetKey, EventKind, ReservationState
 from privacy.ledger import Ledger
 
-PG_ENV = "SANDBOX_TEST_PG_URL"
 KEY = BudgetKey("proj-race", "icu-cohort")
 SUBMITTERS = 64
 GRANTED = 10.0

@@ -15,8 +15,8 @@ from sandbox.jobs import JobState
 KEY = BudgetKey("readmission", "cohort")
 
 
-def test_a_revoked_grant_refuses_every_later_job(tmp_path: Path) -> None:
-    w = make_world(tmp_path / "zone", InProcessBackend(), patients=600)
+def test_a_revoked_grant_refuses_every_later_job(tmp_path: Path, db_url: str) -> None:
+    w = make_world(tmp_path / "zone", InProcessBackend(), patients=600, db_url=db_url)
     (grant,) = w.svc.store.list_grants(dataset="cohort")
     with pytest.raises(PolicyDenied):  # only a steward may revoke
         w.svc.revoke_grant(w.researcher, grant.id)
@@ -29,8 +29,10 @@ def test_a_revoked_grant_refuses_every_later_job(tmp_path: Path) -> None:
     assert any(e.action == "access.revoke" and e.outcome == "ok" for e in last)
 
 
-def test_a_queued_job_is_cancelled_and_its_reservation_released(tmp_path: Path) -> None:
-    w = make_world(tmp_path / "zone", InProcessBackend(), patients=600)
+def test_a_queued_job_is_cancelled_and_its_reservation_released(
+    tmp_path: Path, db_url: str
+) -> None:
+    w = make_world(tmp_path / "zone", InProcessBackend(), patients=600, db_url=db_url)
     spec = job_spec(**{"training.epochs": 1})
     job_id = w.svc.runner.admit("dp-sgd", w.researcher, spec, target=spec.project)
     assert w.svc.jobs.get(job_id).state is JobState.QUEUED

@@ -14,8 +14,8 @@ from privacy.budget_events import BudgetKey
 from sandbox.backend import InProcessBackend
 
 
-def _federated_world(root: Path):
-    w = make_world(root, InProcessBackend(), patients=3000, grant_epsilon=None)
+def _federated_world(root: Path, db_url: str | None = None):
+    w = make_world(root, InProcessBackend(), patients=3000, grant_epsilon=None, db_url=db_url)
     req = w.svc.request_access(
         w.researcher, "readmission", "cohort", [*FEATURES, LABEL], ["federated"], 3.0, 1e-5
     )
@@ -35,9 +35,9 @@ def _open_reservations(w) -> list:
     return [r for r in w.svc.ledger.open_reservations()]
 
 
-def test_a_spec_the_planner_refuses_reserves_nothing(tmp_path: Path) -> None:
+def test_a_spec_the_planner_refuses_reserves_nothing(tmp_path: Path, db_url: str) -> None:
     """Was: eight sites reserved and the job queued forever (clients_per_round > sites)."""
-    w = _federated_world(tmp_path / "zone")
+    w = _federated_world(tmp_path / "zone", db_url)
     with pytest.raises(SpecError, match="clients_per_round"):
         w.svc.submit(w.researcher, _fed_spec(clients_per_round=50))
     assert _open_reservations(w) == []
@@ -47,8 +47,8 @@ def test_a_spec_the_planner_refuses_reserves_nothing(tmp_path: Path) -> None:
         assert bal.reserved_epsilon == 0 and bal.spent_epsilon == 0
 
 
-def test_a_payload_that_cannot_be_written_releases_every_site(tmp_path: Path) -> None:
-    w = _federated_world(tmp_path / "zone")
+def test_a_payload_that_cannot_be_written_releases_every_site(tmp_path: Path, db_url: str) -> None:
+    w = _federated_world(tmp_path / "zone", db_url)
     jobs_dir = w.svc.zone.jobs_dir
     jobs_dir.rmdir()
     jobs_dir.write_text("not a folder")  # the job's folder cannot be made: after reserving
