@@ -9,6 +9,7 @@ Embedded mode (no ``--server``) stays the one-person default and is no trust bou
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +42,24 @@ def make_private(root: Path) -> None:
                 p.chmod(0o600)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    from foundation.errors import SpecError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SpecError(
+            "--port", f"cannot listen on {host}:{port} ({exc.strerror})", "pick another port"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -67,24 +86,29 @@ def register(app: typer.Typer) -> None:
         s = settings(zone)
         z = Zone.open(s.zone)
         make_private(z.root)
+        # the port is taken first: Ray, starting next, opens many ports of its own and could
+        # take this one in the meantime (and a port in use is then a clear error at once)
+        listener = _listen(host, port)
         # Ray puts the driver's working folder on its workers' import path: make it the
         # private zone, never a folder a client could write to
         os.chdir(z.root)
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zone-job")
         backend = RayBackend(z.root, s.ray_address)
         svc = Service(z, backend, executor=executor)
-        ended = svc.runner.reconcile()
-        # Ray starts here, in the main thread, before any request: Ray's own processes die
-        # with the *thread* that started them (parent-death signal), and the server's request
-        # threads come and go
-        took = backend.warm_up()
-        console.print(
-            f"zone {z.root} served at http://{host}:{port} (OpenAPI: /docs); "
-            f"{len(ended)} job(s) left by a stopped service ended; Ray up in {took:.1f} s"
-        )
-        logging.basicConfig(level=logging.WARNING)
         try:
-            uvicorn.run(create_app(svc), host=host, port=port, log_level="warning")
+            ended = svc.runner.reconcile()
+            # Ray starts here, in the main thread, before any request: Ray's own processes
+            # die with the *thread* that started them (parent-death signal), and the
+            # server's request threads come and go
+            took = backend.warm_up()
+            console.print(
+                f"zone {z.root} served at http://{host}:{port} (OpenAPI: /docs); "
+                f"{len(ended)} job(s) left by a stopped service ended; Ray up in {took:.1f} s"
+            )
+            logging.basicConfig(level=logging.WARNING)
+            config = uvicorn.Config(create_app(svc), log_level="warning")
+            uvicorn.Server(config).run(sockets=[listener])
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
             svc.close()
+            listener.close()
