@@ -2,7 +2,8 @@
 
 Layout of a governed dataset (``dest_dir``)::
 
-    dest_dir/data.parquet     one file, rows sorted by (site, pseudonym)
+    dest_dir/data.parquet     one file, rows sorted by (site, pseudonym), encrypted
+    dest_dir/dataset.key      the dataset's data key, wrapped by the zone's key
 
 Why one sorted file: every row group holds rows of a single site (groups are cut at site
 boundaries), so each group's site statistics have min == max and a site filter skips whole
@@ -14,6 +15,12 @@ so that summaries never read rows.
 
 Writing is atomic: the file is written into a temporary directory beside ``dest_dir`` and
 renamed into place; a failed ingest removes it and leaves nothing at ``dest_dir``.
+
+Encryption at rest (``connectors.dataset_key``): when ingest is given the zone's key file, the
+footer and every column are encrypted (Parquet modular encryption) under keys wrapped by a key
+of this dataset's own, itself wrapped by the zone's key; a copy of the file, or of the whole
+folder, taken out of the zone opens nowhere. A file whose footer is plain (written before
+encryption, or by a test without a zone) is read as it is.
 
 Reading starts from the footer: ``dataset_summary`` answers rows, persons and rows per site
 from it alone, and the reader checks the footer's layout version and the file's schema
@@ -32,6 +39,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from connectors.dataset_key import (
+    Decryption,
+    decryption,
+    destroy_data_key,
+    encryption_properties,
+    is_encrypted,
+    load_data_key,
+    new_wrapped_key,
+)
 from connectors.schema import SchemaContract
 from foundation.errors import BackendError, NotFoundError, SchemaError
 
@@ -56,11 +72,17 @@ def _write_atomically(
     slices: list[int],
     metadata: dict[str, object],
     id_name: str | None,
+    zone_key_file: Path | None = None,
 ) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.ingest-", dir=dest.parent))
     try:
         target = tmp / DATA_FILE
+        encryption = None
+        if zone_key_file is not None:
+            # tmp and dest are siblings: the zone key's relative path is the same from both
+            key = new_wrapped_key(tmp, zone_key_file, dest.name)
+            encryption = encryption_properties(key)
         schema = governed.schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
         # pseudonyms are all distinct: a dictionary page for them would only be discarded
         dictionary_columns = [n for n in governed.column_names if n != id_name]
@@ -70,6 +92,7 @@ def _write_atomically(
             compression="snappy",
             use_dictionary=dictionary_columns,
             write_statistics=True,
+            encryption_properties=encryption,
         ) as writer:
             start = 0
             # one write per site: a row group never spans two sites (see the module docstring)
@@ -106,13 +129,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def remove_governed(dest: Path) -> bool:
+    """Delete a governed dataset's folder: its data key first, then its files.
+
+    Returns whether a data key was destroyed (False for a plain dataset from before
+    encryption at rest, whose copies stay readable). The key goes first: should removing the
+    files fail half way, what is left (and any copy or backup of data.parquet) is already
+    unreadable.
+    """
+    if not dest.exists():
+        return False
+    destroyed = destroy_data_key(dest)
+    try:
+        shutil.rmtree(dest)
+    except OSError as exc:
+        raise BackendError(
+            f"could not remove the dataset's files at {dest}: {exc.strerror}", retryable=True
+        ) from None
+    _fsync_dir(dest.parent)
+    return destroyed
+
+
 # --- reading the footer -----------------------------------------------------------------------
 
 
 def dataset_summary(path: str | Path, contract: SchemaContract) -> dict[str, Any]:
     """Rows, persons and rows per site of a governed dataset, from its footer alone."""
     file = _data_file(Path(path), "dataset")
-    metadata = _read_metadata(file)
+    metadata = _read_metadata(file, open_decryption(file, "dataset"))
     schema = metadata.schema.to_arrow_schema()
     _check_schema(schema, contract)
     info = _footer_info(schema)
@@ -134,11 +178,25 @@ def _data_file(path: Path, name: str) -> Path:
     return file
 
 
-def _read_metadata(file: Path) -> pq.FileMetaData:
+def open_decryption(file: Path, name: str) -> Decryption | None:
+    """What it takes to read ``file``: None for a plain file, else its unwrapped key's
+    decryption (``SchemaError`` when the key is gone: a deleted dataset or a copied file)."""
+    try:
+        encrypted = is_encrypted(file)
+    except OSError:
+        raise SchemaError(f"{file.name} cannot be opened; re-ingest the dataset") from None
+    if not encrypted:
+        return None  # written before encryption at rest: plain Parquet
+    return decryption(load_data_key(file.parent, name))
+
+
+def _read_metadata(file: Path, crypt: Decryption | None = None) -> pq.FileMetaData:
     metadata: pq.FileMetaData | None
     try:
-        metadata = pq.read_metadata(file)
-    except (pa.ArrowInvalid, OSError):
+        metadata = pq.read_metadata(
+            file, decryption_properties=None if crypt is None else crypt.properties
+        )
+    except (pa.ArrowException, OSError, ValueError):
         metadata = None
     if metadata is None:  # raised outside the except block: pyarrow's message stays behind
         raise SchemaError(f"{file.name} is not a readable Parquet file; re-ingest the dataset")

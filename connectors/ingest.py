@@ -20,6 +20,10 @@ The checks of steps 1-3 are in ``connectors.ingest_sources`` (reading the source
 ``connectors.ingest_checks`` (conversion and values); the governed file's layout (one file
 sorted by site and pseudonym, counts in the footer) and its atomic write are in
 ``connectors.governed_file``.
+
+Given ``zone_key_file`` (the service always gives ``Zone.data_key_file()``), the file is
+encrypted at rest under a new key of the dataset's own (``connectors.dataset_key``); without
+it (tests and benchmarks outside a zone) the file is plain Parquet.
 """
 
 from __future__ import annotations
@@ -85,7 +89,12 @@ def pseudonym(identifier: str, secret: bytes) -> str:
 
 
 def ingest_file(
-    source: str | Path, contract: SchemaContract, dest_dir: str | Path, secret: bytes
+    source: str | Path,
+    contract: SchemaContract,
+    dest_dir: str | Path,
+    secret: bytes,
+    *,
+    zone_key_file: str | Path | None = None,
 ) -> IngestReport:
     """Ingest a CSV (``.csv``) or Parquet (``.parquet``/``.pq``) source file."""
     source = Path(source)
@@ -100,11 +109,16 @@ def ingest_file(
         table = _read_parquet(source, contract)
     else:
         raise SpecError("source", "has an unknown file type", "use a .csv or .parquet file")
-    return _ingest(table, contract, dest, secret)
+    return _ingest(table, contract, dest, secret, _key_file(zone_key_file))
 
 
 def ingest_table(
-    table: pa.Table, contract: SchemaContract, dest_dir: str | Path, secret: bytes
+    table: pa.Table,
+    contract: SchemaContract,
+    dest_dir: str | Path,
+    secret: bytes,
+    *,
+    zone_key_file: str | Path | None = None,
 ) -> IngestReport:
     """Ingest an in-memory Arrow table (columns in any order, types convertible)."""
     if not isinstance(table, pa.Table):
@@ -112,7 +126,7 @@ def ingest_table(
     _check_args(contract, secret)
     dest = _check_dest(Path(dest_dir))
     _check_column_names(list(table.column_names), contract)
-    return _ingest(table, contract, dest, secret)
+    return _ingest(table, contract, dest, secret, _key_file(zone_key_file))
 
 
 # --- argument checks --------------------------------------------------------------------------
@@ -131,6 +145,15 @@ def _check_args(contract: object, secret: object) -> None:
     if not isinstance(contract, SchemaContract):
         raise SpecError("contract", "must be a SchemaContract", "load it with SchemaContract")
     _check_secret(secret)
+
+
+def _key_file(zone_key_file: str | Path | None) -> Path | None:
+    if zone_key_file is None:
+        return None
+    path = Path(zone_key_file)
+    if not path.is_file():
+        raise NotFoundError(f"the zone's data key file {path} does not exist")
+    return path
 
 
 def _check_dest(dest: Path) -> Path:
@@ -155,7 +178,13 @@ def _pseudonyms(distinct: pa.Array, secret: bytes) -> pa.Array:
     )
 
 
-def _ingest(table: pa.Table, contract: SchemaContract, dest: Path, secret: bytes) -> IngestReport:
+def _ingest(
+    table: pa.Table,
+    contract: SchemaContract,
+    dest: Path,
+    secret: bytes,
+    zone_key_file: Path | None = None,
+) -> IngestReport:
     columns: dict[str, pa.ChunkedArray] = {}
     for spec in contract.columns:
         if spec.role is Role.DIRECT_IDENTIFIER:
@@ -210,7 +239,7 @@ def _ingest(table: pa.Table, contract: SchemaContract, dest: Path, secret: bytes
     }
     # one slice per site, in storage order (the whole table when there is no site column)
     slices = list(sites.values()) if sites else [n]
-    path = _write_atomically(governed, dest, slices, metadata, id_name)
+    path = _write_atomically(governed, dest, slices, metadata, id_name, zone_key_file)
     return IngestReport(
         rows=n,
         persons=persons,

@@ -46,7 +46,14 @@ import pyarrow.parquet as pq
 import torch
 
 from connectors.dataset_handle import DatasetHandle
-from connectors.governed_file import _check_schema, _data_file, _footer_info, _read_metadata
+from connectors.dataset_key import Decryption
+from connectors.governed_file import (
+    _check_schema,
+    _data_file,
+    _footer_info,
+    _read_metadata,
+    open_decryption,
+)
 from connectors.preprocess import FeaturePlan
 from connectors.preprocess_steps import StepKind
 from connectors.schema import RowsPerPerson, SchemaContract
@@ -197,6 +204,8 @@ class _Read:
     plan: FeaturePlan
     label: str
     sites: tuple[str, ...] | None
+    #: the file's unwrapped key, in this process only (None: a plain file)
+    crypt: Decryption | None = None
 
     @classmethod
     def prepare(
@@ -231,11 +240,12 @@ class _Read:
             )
         chosen = _site_list(sites, contract)
         file = _data_file(handle.path, handle.name)
-        metadata = _read_metadata(file)
+        crypt = open_decryption(file, handle.name)
+        metadata = _read_metadata(file, crypt)
         schema = metadata.schema.to_arrow_schema()
         _check_schema(schema, contract)
         _footer_info(schema)
-        return cls(handle, file, metadata, plan, label, chosen)
+        return cls(handle, file, metadata, plan, label, chosen, crypt)
 
     # -- planning: which row groups and rows -------------------------------------------------
     def _groups(self) -> list[_Group]:
@@ -268,7 +278,11 @@ class _Read:
             s.name for s in self.plan.steps if s.kind is StepKind.CATEGORY and s.name in columns
         ]
         return pq.ParquetFile(
-            self.file, metadata=self.metadata, memory_map=True, read_dictionary=dictionary
+            self.file,
+            metadata=self.metadata,
+            memory_map=True,
+            read_dictionary=dictionary,
+            decryption_properties=None if self.crypt is None else self.crypt.properties,
         )
 
     def _select(self, groups: list[_Group], split: tuple[Split, float, int] | None) -> list[_Group]:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from connectors.dataset_handle import DatasetHandle
-from connectors.governed_file import DATA_FILE
+from connectors.governed_file import _data_file, open_decryption
 from connectors.reader import Split, _hex_prefix, _splitmix64
 from connectors.schema_columns import Role
 from foundation.errors import SpecError
@@ -51,9 +51,14 @@ def load_table(
     id_name = contract.identifier
     wanted = [c for c in columns if c != id_name]
     read_cols = [*wanted, id_name] if id_name else wanted
-    path = handle.path / DATA_FILE if handle.path.is_dir() else handle.path
+    path = _data_file(handle.path, handle.name)
+    crypt = open_decryption(path, handle.name)  # before on_open: a gone key reads nothing
     handle._latch.fire(handle.on_open)
-    table = pq.read_table(path, columns=read_cols)
+    table = pq.read_table(
+        path,
+        columns=read_cols,
+        decryption_properties=None if crypt is None else crypt.properties,
+    )
     if id_name is None:
         persons = np.arange(table.num_rows, dtype=np.uint64)
         keep = np.ones(table.num_rows, dtype=bool)

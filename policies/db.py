@@ -83,6 +83,20 @@ users = Table(
     Column("revoked_at", UTCDateTime, nullable=True),
 )
 
+#: how each user logs in beyond the token (``policies.store_logins``): when the token
+#: expires, and their TOTP secret (sealed with a key from the zone's secret, never in clear),
+#: confirmed or pending, with the last time step accepted (a code is never accepted twice).
+#: No row: a user made before token expiry, whose token does not expire.
+user_logins = Table(
+    "user_logins",
+    metadata,
+    Column("name", String(NAME_LEN), ForeignKey("users.name"), primary_key=True),
+    Column("token_expires_at", UTCDateTime, nullable=True),
+    Column("totp_sealed", Text, nullable=True),
+    Column("totp_confirmed_at", UTCDateTime, nullable=True),
+    Column("totp_last_step", BigInteger, nullable=True),
+)
+
 datasets = Table(
     "datasets",
     metadata,
@@ -96,6 +110,16 @@ datasets = Table(
     Column("cross_site_persons", BigInteger, nullable=False, server_default="0"),
     Column("registered_by", String(NAME_LEN), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+# A deleted dataset keeps its ``datasets`` row (grants, requests, caps and the ledger name it)
+# and gets one row here: every read of a live dataset skips it (``policies.store_datasets``).
+dataset_deletions = Table(
+    "dataset_deletions",
+    metadata,
+    Column("dataset", String(NAME_LEN), ForeignKey("datasets.name"), primary_key=True),
+    Column("deleted_by", String(NAME_LEN), nullable=False),
+    Column("deleted_at", UTCDateTime, nullable=False),
 )
 
 projects = Table(

@@ -83,8 +83,12 @@ class Action(StrEnum):
     ACCESS_REVOKE = "access.revoke"
     PROJECT_MEMBER_ADD = "project.member.add"
     PROJECT_CLOSE = "project.close"
+    PROJECT_GPU_QUOTA = "project.gpu_quota"
     USER_REISSUE = "user.reissue"
     DATASET_CAP_SHOW = "dataset.cap.show"
+    USER_TOTP_ENROL = "user.totp.enrol"
+    USER_TOTP_CONFIRM = "user.totp.confirm"
+    DATASET_DELETE = "dataset.delete"
 
 
 _A = Action
@@ -97,16 +101,18 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.AUDIT_LIST, _A.AUDIT_VERIFY,
         _A.DATASET_LIST, _A.DATASET_CAP_SHOW,
         _A.PROJECT_LIST, _A.PROJECT_SHOW, _A.ACCESS_LIST, _A.JOB_LIST, _A.JOB_STATUS,
+        _A.USER_TOTP_ENROL, _A.USER_TOTP_CONFIRM,  # their own second factor
     }),
     Role.STEWARD: frozenset({
         _A.DATASET_INGEST, _A.DATASET_LIST, _A.DATASET_SHOW,
-        _A.DATASET_CAP, _A.DATASET_CAP_SHOW,
+        _A.DATASET_CAP, _A.DATASET_CAP_SHOW, _A.PROJECT_GPU_QUOTA, _A.DATASET_DELETE,
         _A.ACCESS_LIST, _A.ACCESS_APPROVE, _A.ACCESS_DENY, _A.ACCESS_REVOKE,
         _A.AUDIT_LIST, _A.AUDIT_VERIFY,
         _A.BUDGET_SHOW,
         _A.USER_LIST, _A.PROJECT_LIST, _A.PROJECT_SHOW, _A.JOB_LIST, _A.JOB_STATUS,
         # non-DP synthesizers fit inside the zone for stewards; their output is held
         _A.SYNTH_FIT, _A.SYNTH_REPORT, _A.SYNTH_RELEASE,
+        _A.USER_TOTP_ENROL, _A.USER_TOTP_CONFIRM,  # their own second factor
     }),
     Role.RESEARCHER: frozenset({
         _A.DATASET_LIST, _A.DATASET_SHOW,
@@ -116,6 +122,7 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.JOB_SUBMIT, _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT, _A.JOB_CANCEL,
         _A.BUDGET_SHOW,
         _A.SYNTH_DUMMY, _A.SYNTH_FIT, _A.SYNTH_REPORT, _A.JOB_QUOTE,
+        _A.USER_TOTP_ENROL, _A.USER_TOTP_CONFIRM,  # their own second factor
     }),
     Role.ANALYST: frozenset({
         _A.DATASET_LIST, _A.DATASET_SHOW,
@@ -124,6 +131,7 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT,
         _A.BUDGET_SHOW,
         _A.SYNTH_DUMMY, _A.SYNTH_REPORT, _A.JOB_QUOTE,
+        _A.USER_TOTP_ENROL, _A.USER_TOTP_CONFIRM,  # their own second factor
     }),
 })
 # fmt: on

@@ -1,7 +1,14 @@
-"""The store's datasets: register an ingested dataset, read one, list them.
+"""The store's datasets: register an ingested dataset, read one, list them, mark one deleted.
 
 A dataset's row holds its schema contract, where ``connectors`` find it inside the zone, and
 its counts (rows, persons, rows per site, persons at more than one site), taken at ingest.
+
+A deleted dataset keeps its row (requests, grants, caps and the ledger name it, and its name
+is never given to another dataset, so that history stays unambiguous) and gets a row in
+``dataset_deletions``. Reads are of live datasets unless they ask for deleted ones too: a
+lookup by name (and so every new request, grant, cap or job) is refused with
+``NotFoundError``, and lists leave it out; only views of past jobs pass
+``include_deleted=True``.
 """
 
 from __future__ import annotations
@@ -13,16 +20,25 @@ from sqlalchemy import Connection, Row, exists, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from foundation.errors import NotFoundError, SpecError
-from policies.db import datasets
+from policies.db import dataset_deletions, datasets
 from policies.store_base import StoreBase, check_count, check_name, check_text, known_names
 from policies.store_records import DatasetRecord, contract_columns, dataset_from_row, json_dumps
 
 
-def dataset_row(conn: Connection, name: str) -> Row[Any]:
+def _deleted(conn: Connection, name: str) -> bool:
+    return bool(conn.execute(select(exists().where(dataset_deletions.c.dataset == name))).scalar())
+
+
+def dataset_row(conn: Connection, name: str, *, include_deleted: bool = False) -> Row[Any]:
     row = conn.execute(select(datasets).where(datasets.c.name == name)).first()
     if row is None:
-        known = conn.execute(select(datasets.c.name)).scalars().all()
+        live = select(datasets.c.name).where(
+            ~exists().where(dataset_deletions.c.dataset == datasets.c.name)
+        )
+        known = conn.execute(live).scalars().all()
         raise NotFoundError(f"unknown dataset {name!r}; known datasets: {known_names(known)}")
+    if not include_deleted and _deleted(conn, name):
+        raise NotFoundError(f"dataset {name!r} was deleted; its history stays")
     return row
 
 
@@ -84,11 +100,34 @@ class DatasetsMixin(StoreBase):
             raise taken from None
         return dataset_from_row(row)
 
-    def get_dataset(self, name: str) -> DatasetRecord:
+    def get_dataset(self, name: str, *, include_deleted: bool = False) -> DatasetRecord:
+        """A live dataset (``include_deleted``: or a deleted one, for views of past jobs)."""
         with self.engine.connect() as conn:
-            return dataset_from_row(dataset_row(conn, name))
+            return dataset_from_row(dataset_row(conn, name, include_deleted=include_deleted))
 
     def list_datasets(self) -> list[DatasetRecord]:
+        """The live datasets (a deleted one is left out)."""
+        live = ~exists().where(dataset_deletions.c.dataset == datasets.c.name)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(datasets).order_by(datasets.c.name)).all()
+            rows = conn.execute(select(datasets).where(live).order_by(datasets.c.name)).all()
         return [dataset_from_row(r) for r in rows]
+
+    def is_dataset_deleted(self, name: str) -> bool:
+        with self.engine.connect() as conn:
+            return _deleted(conn, name)
+
+    def mark_dataset_deleted(self, name: str, by: str) -> DatasetRecord:
+        """Mark a live dataset deleted (its row stays); ``NotFoundError`` if it is not live."""
+        check_text("by", by, "pass the deleting steward's name")
+        try:
+            with self.engine.begin() as conn:
+                row = dataset_row(conn, name)
+                conn.execute(
+                    dataset_deletions.insert().values(
+                        dataset=name, deleted_by=by, deleted_at=self._now()
+                    )
+                )
+        except DBIntegrityError:
+            # another steward's deletion committed first
+            raise NotFoundError(f"dataset {name!r} was deleted; its history stays") from None
+        return dataset_from_row(row)

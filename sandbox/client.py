@@ -28,8 +28,8 @@ class EmbeddedZone:
     def __init__(self, service: Any) -> None:
         self.service = service
 
-    def authenticate(self, token: str | None) -> Any:
-        return self.service.authenticate(token)
+    def authenticate(self, token: str | None, *args: Any, **kw: Any) -> Any:
+        return self.service.authenticate(token, *args, **kw)
 
     def close(self) -> None:
         self.service.close()
@@ -49,12 +49,24 @@ class RemoteZone:
 
     served = True
 
-    def __init__(self, server: str, token: str | None, *, timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        server: str,
+        token: str | None,
+        *,
+        timeout: float = 600.0,
+        ca: Path | None = None,
+        otp: str | None = None,
+    ) -> None:
         import httpx
 
-        self.server = server.rstrip("/")
+        self.server = check_server_url(server).rstrip("/")
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+        if otp:
+            headers[OTP_HEADER] = otp
+        self._http = httpx.Client(
+            base_url=self.server, headers=headers, timeout=timeout, verify=_verify(ca)
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -124,16 +136,25 @@ class RemoteZone:
                 resp = self._http.get(path, params=data)
             else:
                 resp = self._http.post(path, json=data)
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise BackendError(
+                    f"the zone at {self.server} shows a certificate this client does not "
+                    "trust; give the CA that signed it with SANDBOX_CA or --ca",
+                    retryable=False,
+                ) from None
+            raise self._unreachable(exc) from None
         except httpx.TimeoutException:
             raise ComputeError(
                 f"the zone at {self.server} did not answer in time", retryable=True
             ) from None
         except httpx.HTTPError as exc:
-            raise BackendError(
-                f"cannot reach the zone at {self.server} ({type(exc).__name__}); is "
-                "`sandbox serve` running there? (SANDBOX_SERVER / --server)",
-                retryable=True,
-            ) from None
+            raise self._unreachable(exc) from None
+        opened = resp.headers.get(SESSION_HEADER)
+        if opened:
+            # a good one-time code opened a session: the code is spent, the session is sent
+            self._http.headers[SESSION_HEADER] = opened
+            self._http.headers.pop(OTP_HEADER, None)
         try:
             payload = resp.json()
         except ValueError:
@@ -145,6 +166,62 @@ class RemoteZone:
                 raise AuthError("the zone refused the token")
             raise BackendError(f"the zone answered HTTP {resp.status_code}", retryable=False)
         return payload
+
+    def _unreachable(self, exc: Exception) -> BackendError:
+        return BackendError(
+            f"cannot reach the zone at {self.server} ({type(exc).__name__}); is "
+            "`sandbox serve` running there? (SANDBOX_SERVER / --server)",
+            retryable=True,
+        )
+
+
+#: the headers of ``sandbox.server.app`` (the client imports no server code)
+OTP_HEADER = "x-sandbox-otp"
+SESSION_HEADER = "x-sandbox-session"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_server_url(server: str) -> str:
+    """An https URL, or http to this machine only: a token must not cross a network in clear."""
+    from urllib.parse import urlsplit
+
+    from foundation.errors import SpecError
+
+    try:
+        url = urlsplit(server)
+        host = url.hostname or ""
+    except ValueError:
+        url, host = None, ""
+    if url is None or url.scheme not in ("http", "https") or not host:
+        raise SpecError(
+            "--server", f"{server!r} is not a zone's URL", "e.g. https://zone.example.org:8750"
+        )
+    if url.scheme == "http" and host not in LOOPBACK:
+        raise SpecError(
+            "--server",
+            f"{server} is plain http to another machine: your token would cross the network "
+            "in clear",
+            "use https:// (the zone serves it with `sandbox serve --tls-cert/--tls-key`), or "
+            "http only to 127.0.0.1, localhost or ::1",
+        )
+    return server
+
+
+def _verify(ca: Path | None) -> Any:
+    """What httpx checks the server's certificate with: the CA file given, else the system's."""
+    if ca is None:
+        return True
+    import ssl
+
+    from foundation.errors import SpecError
+
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or "not PEM"
+        raise SpecError(
+            "--ca", f"cannot read a CA certificate from {ca} ({reason})", "give a PEM file"
+        ) from None
 
 
 def _segment(value: Any) -> str:

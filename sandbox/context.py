@@ -79,5 +79,6 @@ class ZoneContext:
 
     def job_view(self, actor: Actor, rec: JobRecord) -> JobRecord:
         """The job as ``actor`` may see it (``sandbox.disclosure``)."""
-        counts_public = self.store.get_dataset(rec.dataset).counts_public
-        return job_view(rec, role=actor.role, counts_public=counts_public)
+        # a past job's dataset may since have been deleted: its view stays
+        dataset = self.store.get_dataset(rec.dataset, include_deleted=True)
+        return job_view(rec, role=actor.role, counts_public=dataset.counts_public)

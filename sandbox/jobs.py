@@ -25,6 +25,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    Float,
     MetaData,
     String,
     Table,
@@ -80,6 +81,16 @@ jobs_table = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+
+#: a project's GPU quota, set by a steward (``sandbox.gpu_quotas``); no row: no quota
+gpu_quotas_table = Table(
+    "gpu_quotas",
+    metadata,
+    Column("project", String(200), primary_key=True),
+    Column("gpus", Float, nullable=False),
+    Column("set_by", String(200), nullable=False),
+    Column("set_at", DateTime(timezone=True), nullable=False),
 )
 
 

@@ -28,14 +28,16 @@ read and releasing them if not. Nothing stays ``running``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from foundation.errors import ComputeError, NotFoundError, ZoneError
+from foundation.errors import ComputeError, NotFoundError, SpecError, ZoneError
 from policies.roles import Action, Actor, Role
 from sandbox.context import ProgressFn, ZoneContext
+from sandbox.gpu_quotas import GpuQuotas, job_gpus
 from sandbox.jobs import JobRecord, JobState, new_job_id
 from sandbox.mechanisms import MECHANISMS
 from sandbox.mechanisms.base import (
@@ -59,6 +61,9 @@ class Failed:
 
 Outcome = Succeeded | Failed
 
+#: how often a job waiting for its project's GPU quota looks again (seconds)
+QUOTA_POLL_S = 1.0
+
 #: who ends a job that a stopped service left behind (the audit log's actor)
 SERVICE_ACTOR = Actor("zone-service", Role.OPERATOR)
 
@@ -72,6 +77,7 @@ class JobRunner:
         self.executor = executor
         #: job id -> (mechanism, actor, work) for admitted jobs not yet started
         self._pending: dict[str, tuple[JobMechanism, Actor, Any]] = {}
+        self.quotas = GpuQuotas(ctx.jobs.engine)
         #: job id -> mechanism, for jobs this process is running now
         self._running: dict[str, JobMechanism] = {}
 
@@ -186,6 +192,7 @@ class JobRunner:
         with self.ctx.act(actor, action, target, details) as extra:
             try:
                 admission = mechanism.admit(self.ctx, actor, request, job_id, reserved)
+                self._check_quota(admission)
                 self._create(actor, job_id, admission)
             except Exception as exc:
                 self._abandon(actor, job_id, reserved, exc)
@@ -198,6 +205,17 @@ class JobRunner:
             extra.update(job=job_id, backend=self.ctx.backend.name, **admission.details)
         self._pending[job_id] = (mechanism, actor, admission.work)
         return job_id
+
+    def _check_quota(self, admission: Admission) -> None:
+        """A job asking more GPUs than its project's quota could never start: refused."""
+        gpus = admission.resources.gpus
+        quota = self.quotas.get(admission.project) if gpus > 0 else None
+        if quota is not None and gpus > quota:
+            raise SpecError(
+                "resources.gpus",
+                f"asks for {gpus:g} GPU(s) but project {admission.project}'s quota is {quota:g}",
+                "ask for fewer, or ask a data steward to raise the quota",
+            )
 
     def _create(self, actor: Actor, job_id: str, admission: Admission) -> None:
         # a job with one dataset-wide reservation names it; a federated job's are per site
@@ -252,7 +270,27 @@ class JobRunner:
                 job.id, JobState.QUEUED, JobState.FAILED, error="the job's submitter stopped"
             )
             return
-        if self.ctx.jobs.move_if(job.id, JobState.QUEUED, JobState.RUNNING) is None:
+        gpus = job_gpus(job.spec)
+        quota = self.quotas.get(job.project) if gpus > 0 else None
+        if quota is None:
+            started = self.ctx.jobs.move_if(job.id, JobState.QUEUED, JobState.RUNNING) is not None
+        else:
+            start = self.quotas.start_within_quota(job.id, job.project, gpus, quota)
+            started = start.started
+            if not started and self.ctx.jobs.get(job.id).state is JobState.QUEUED:
+                # it waits, and says why (the follower shows it); it starts when a running
+                # job of the project ends
+                self.ctx.jobs.set_progress(
+                    job.id,
+                    {
+                        "waiting": f"project {job.project} runs jobs holding {start.running:g} "
+                        f"of its {quota:g} GPU(s); this job needs {gpus:g} and starts when "
+                        "they are free"
+                    },
+                )
+                time.sleep(QUOTA_POLL_S)
+                return
+        if not started:
             # cancelled between admission and start: the cancel closed its reservations
             self._pending.pop(job.id, None)
 

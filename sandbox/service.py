@@ -34,17 +34,22 @@ from policies.audit import AuditLog
 from policies.db import create_schema
 from policies.roles import Action, Actor, Role
 from policies.store import StateStore
+from policies.store_logins import LoginStore
 from privacy.ledger import Ledger
 from sandbox.backend import InProcessBackend, JobBackend
 from sandbox.context import ProgressFn, ZoneContext
+from sandbox.dataset_delete import delete_dataset
 from sandbox.db_roles import grant_service_role, service_role_of
 from sandbox.disclosure import dataset_view, sees_everything
 from sandbox.jobs import JobRecord, JobState, JobStore
 from sandbox.jobspec import JobSpec, Mode
+from sandbox.login_policy import LoginPolicy
 from sandbox.mechanisms.base import close_reservations, is_charged
 from sandbox.release import RELEASED_FILES, SYNTH_FILES, release_artefacts
 from sandbox.runner import JobRunner
+from sandbox.schema_upgrade import check_current, stamp_head
 from sandbox.service_access import AccessCalls
+from sandbox.service_login import Logins
 from sandbox.service_synth import SynthCalls
 from sandbox.zone import DEFAULT_DB_URL, Zone
 
@@ -57,13 +62,18 @@ class Service(AccessCalls):
         *,
         clock: Callable[[], datetime] = utcnow,
         executor: Executor | None = None,
+        check_schema: bool = True,
     ) -> None:
         """``executor``: where served mode runs jobs in the background (None: embedded, a
-        job runs inside the call that submits it)."""
+        job runs inside the call that submits it). ``check_schema=False`` only for
+        ``init_zone``, which is making the schema."""
         self.engine = make_engine(zone.db_url)
         try:
             # a zone opens only its own database: the zone ids in zone.toml and in it agree
             self.zone = zone.check_database(self.engine)
+            # a zone made by an older version opens only after `sandbox upgrade`
+            if check_schema:
+                check_current(self.engine)
             # the audit key lives outside the database (policies.audit): no key, no zone
             self.audit = AuditLog(self.engine, key=zone.audit_key(), head_path=zone.audit_head_path)
         except BaseException:
@@ -86,6 +96,8 @@ class Service(AccessCalls):
         )
         self.runner = JobRunner(self.ctx, executor)
         self.synth = SynthCalls(self.ctx, self.runner)
+        # token expiry and second factors (zone.toml [login])
+        self.logins = Logins(self.ctx, LoginStore(self.engine), LoginPolicy.of_zone(zone.root))
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -112,12 +124,15 @@ class Service(AccessCalls):
                     "give the service its own database role",
                 )
         zone = Zone.create(root, db_url)
-        svc = cls(zone, backend)
+        svc = cls(zone, backend, check_schema=False)
         svc.store.create_schema()
         svc.ledger.create_schema()
         create_schema(svc.engine)
         svc.jobs.create_schema()
+        # the whole schema, made at once, is the newest revision
+        stamp_head(svc.engine)
         user, token = svc.store.add_user("operator", Role.OPERATOR)
+        svc.logins.store.set_expiry(user.name, svc.logins.expiry(None))
         svc.audit.append(user.name, "zone.init", "ok", str(zone.root))
         if role is None or service_db_url is None:
             return svc, token
@@ -132,7 +147,19 @@ class Service(AccessCalls):
 
     # -- identity ---------------------------------------------------------------------------
 
-    def authenticate(self, token: str | None) -> Actor:
+    def authenticate(self, token: str | None, otp: str | None = None, **kw: Any) -> Actor:
+        return self.login(token, otp, **kw)[0]
+
+    def login(
+        self,
+        token: str | None,
+        otp: str | None = None,
+        *,
+        session: str | None = None,
+        enrolling: bool = False,
+    ) -> tuple[Actor, str | None]:
+        """The caller, and a new login session when a one-time code was used
+        (``sandbox.service_login``); ``enrolling``: a call that sets up a second factor."""
         if not token:
             self.audit.append("anonymous", "auth", "denied", "", {"reason": "no token"})
             raise PolicyDenied("no token given", missing=(NEEDS_TOKEN,), grantor="operator")
@@ -143,10 +170,15 @@ class Service(AccessCalls):
                 "anonymous", "auth", "denied", "", {"reason": "unknown or revoked token"}
             )
             raise
-        return Actor(user.name, user.role)
+        opened = self.logins.check(user, token, otp, session, enrolling=enrolling)
+        return Actor(user.name, user.role), opened
 
-    def add_user(self, actor: Actor, name: str, role: str) -> tuple[Any, str]:
+    def add_user(
+        self, actor: Actor, name: str, role: str, expires_in: int | None = None
+    ) -> tuple[Any, str]:
+        """``expires_in``: days the token lives (else the zone's ``[login] token_days``)."""
         with self.ctx.act(actor, Action.USER_ADD, name, {"role": role}):
+            expires = self.logins.expiry(expires_in)
             try:
                 r = Role(role)
             except ValueError:
@@ -155,11 +187,20 @@ class Service(AccessCalls):
                     "is not a known role",
                     f"use one of: {', '.join(x.value for x in Role)}",
                 ) from None
-            return self.store.add_user(name, r)
+            user, token = self.store.add_user(name, r)
+            self.logins.store.set_expiry(name, expires)
+            return user, token
 
     def revoke_user(self, actor: Actor, name: str) -> None:
         with self.ctx.act(actor, Action.USER_REVOKE, name):
             self.store.revoke_user(name)
+
+    def totp_enrol(self, actor: Actor) -> dict[str, Any]:
+        """A second factor for the caller: its secret, shown once, until confirmed."""
+        return self.logins.enrol(actor)
+
+    def totp_confirm(self, actor: Actor, code: str) -> dict[str, Any]:
+        return self.logins.confirm(actor, code)
 
     def list_users(self, actor: Actor) -> list[Any]:
         with self.ctx.act(actor, Action.USER_LIST):
@@ -173,7 +214,13 @@ class Service(AccessCalls):
 
         with self.ctx.act(actor, Action.DATASET_INGEST, name) as extra:
             self._check_new_dataset(name)
-            report = ingest_file(source, contract, self.zone.dataset_dir(name), self.zone.secret())
+            report = ingest_file(
+                source,
+                contract,
+                self.zone.dataset_dir(name),
+                self.zone.secret(),
+                zone_key_file=self.zone.data_key_file(),
+            )
             rec = self._register(actor, name, contract, report)
             extra.update(rows=report.rows, persons=report.persons)
             return rec
@@ -188,7 +235,13 @@ class Service(AccessCalls):
             self._check_new_dataset(name)
             contract = cohort_contract()
             table = generate_cohort(patients, seed=seed, canaries=canaries)
-            report = ingest_table(table, contract, self.zone.dataset_dir(name), self.zone.secret())
+            report = ingest_table(
+                table,
+                contract,
+                self.zone.dataset_dir(name),
+                self.zone.secret(),
+                zone_key_file=self.zone.data_key_file(),
+            )
             rec = self._register(actor, name, contract, report)
             extra.update(rows=report.rows, persons=report.persons)
             return rec
@@ -197,7 +250,8 @@ class Service(AccessCalls):
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             raise SpecError("NAME", "must be letters, digits, '-' or '_'", "e.g. cohort-2026")
         try:
-            self.store.get_dataset(name)
+            # a deleted dataset's name stays with its history (grants, ledger, audit)
+            self.store.get_dataset(name, include_deleted=True)
         except NotFoundError:
             return
         raise SpecError("NAME", f"dataset {name!r} already exists", "pick another name")
@@ -218,6 +272,10 @@ class Service(AccessCalls):
         """Dataset cards as the actor may see them (``sandbox.disclosure.dataset_view``)."""
         with self.ctx.act(actor, Action.DATASET_LIST):
             return [dataset_view(d, role=actor.role) for d in self.store.list_datasets()]
+
+    def delete_dataset(self, actor: Actor, name: str) -> dict[str, Any]:
+        """Delete a dataset: its files and data key go, its history stays (stewards)."""
+        return delete_dataset(self.ctx, actor, name)
 
     def show_dataset(self, actor: Actor, name: str) -> dict[str, Any]:
         with self.ctx.act(actor, Action.DATASET_SHOW, name):
@@ -331,7 +389,7 @@ class Service(AccessCalls):
             # released name); a refusal raises IntegrityError, audited as an error by act()
             from sandbox.release_check import expected_release
 
-            contract = self.store.get_dataset(rec.dataset).contract
+            contract = self.store.get_dataset(rec.dataset, include_deleted=True).contract
             expected = expected_release(job_id, rec.spec, result, contract)
             files = release_artefacts(self.zone.job_dir(job_id), out, names, expected=expected)
             extra.update(files=len(files))
@@ -387,11 +445,22 @@ class Service(AccessCalls):
             extra.update(chain_ok=bool(report.ok))
             return report
 
-    def reissue_token(self, actor: Actor, name: str) -> dict[str, Any]:
+    def reissue_token(
+        self, actor: Actor, name: str, expires_in: int | None = None
+    ) -> dict[str, Any]:
         """A new token for ``name`` (an operator's call), shown once: the old one stops
-        working. A revoked user is active again (``reactivated``)."""
+        working. A revoked user is active again (``reactivated``). Their second factor is
+        cleared (a lost phone is why one asks): they enrol again."""
         with self.ctx.act(actor, Action.USER_REISSUE, name) as extra:
+            expires = self.logins.expiry(expires_in)
             was_active = self.store.get_user(name).active
             user, token = self.store.reissue_token(name)
+            self.logins.store.set_expiry(name, expires)
+            self.logins.store.clear_totp(name)
             extra.update(reactivated=not was_active)
-            return {"user": user, "token": token, "reactivated": not was_active}
+            return {
+                "user": user,
+                "token": token,
+                "reactivated": not was_active,
+                "expires_at": expires.isoformat(),
+            }

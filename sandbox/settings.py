@@ -14,6 +14,10 @@ ZONE_ENV = "SANDBOX_ZONE"
 TOKEN_ENV = "SANDBOX_TOKEN"
 RAY_ENV = "RAY_ADDRESS"
 SERVER_ENV = "SANDBOX_SERVER"
+#: the CA certificate (PEM) a served zone's HTTPS certificate must chain to
+CA_ENV = "SANDBOX_CA"
+#: the one-time code of a user with a second factor
+OTP_ENV = "SANDBOX_OTP"
 DEFAULT_ZONE = Path("zone")
 
 
@@ -24,6 +28,9 @@ class Settings:
     ray_address: str | None
     #: a served zone's URL: when set, the CLI is a thin client and ``zone`` is not used
     server: str | None = None
+    #: the CA file that vouches for the server's certificate (else the system's CAs)
+    ca: Path | None = None
+    otp: str | None = None
 
     @classmethod
     def resolve(
@@ -34,6 +41,8 @@ class Settings:
         token: str | None = None,
         ray_address: str | None = None,
         server: str | None = None,
+        ca: Path | None = None,
+        otp: str | None = None,
     ) -> Settings:
         """Options win over the environment, the environment over the defaults."""
         zone_path = zone or (Path(environ[ZONE_ENV]) if environ.get(ZONE_ENV) else DEFAULT_ZONE)
@@ -42,4 +51,6 @@ class Settings:
             token=token or environ.get(TOKEN_ENV) or None,
             ray_address=ray_address or environ.get(RAY_ENV) or None,
             server=server or environ.get(SERVER_ENV) or None,
+            ca=ca or (Path(environ[CA_ENV]) if environ.get(CA_ENV) else None),
+            otp=otp or environ.get(OTP_ENV) or None,
         )

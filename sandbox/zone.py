@@ -6,6 +6,7 @@ Layout::
     ZONE/state.db         SQLite state (users, grants, ledger, audit, jobs) unless a URL says otherwise
     ZONE/secret.key       the HMAC key for pseudonyms (0600; never leaves the zone)
     ZONE/audit.key        the HMAC key of the audit chain (0600; never in the database)
+    ZONE/data.key         wraps each dataset's own data key (0600; ``connectors.dataset_key``)
     ZONE/audit.head       the audit log's last line and MAC, signed with audit.key (0600),
                           and audit.head.lock, its writers' lock (``policies.audit``)
     ZONE/data/NAME/       governed Parquet, one folder per dataset (only connectors reads it)
@@ -70,6 +71,7 @@ SECRET_BYTES = 32
 SECRET_FILE = "secret.key"
 AUDIT_KEY_FILE = "audit.key"
 AUDIT_HEAD_FILE = "audit.head"
+DATA_KEY_FILE = "data.key"
 #: the ``zone_meta`` key holding the zone id
 ZONE_ID_KEY = "zone_id"
 #: the field named by errors about the zone's database
@@ -268,6 +270,20 @@ class Zone:
             )
         return key
 
+    def data_key_file(self) -> Path:
+        """The file of the key that wraps every dataset's data key (encryption at rest).
+
+        Made at ``init``; a zone made before encryption at rest gets it at its first ingest
+        (unlike ``audit.key``, a key drawn late vouches for nothing: it wraps only the data
+        keys drawn after it, and older datasets stay plain Parquet).
+        """
+        path = self.root / DATA_KEY_FILE
+        try:
+            _write_new_key(path)
+        except FileExistsError:
+            pass  # the usual case; O_EXCL also settles two first ingests racing
+        return path
+
     @property
     def audit_head_path(self) -> Path:
         """The audit log's head file (``policies.audit_head``)."""
@@ -337,6 +353,7 @@ class Zone:
             )
         _write_new_key(root / SECRET_FILE)
         _write_new_key(root / AUDIT_KEY_FILE)
+        _write_new_key(root / DATA_KEY_FILE)
         _write_config(root, zone.zone_id, setting)
         return zone
 

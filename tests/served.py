@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cli_runner import SANDBOX
 
@@ -41,7 +43,9 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+def _wait_healthy(
+    url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float, verify: Any = True
+) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -49,7 +53,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
         if proc.poll() is not None:
             raise RuntimeError(f"sandbox serve exited {proc.returncode}: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(url + "/v1/health", timeout=1.0).status_code == 200:
+            if httpx.get(url + "/v1/health", timeout=1.0, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -63,7 +67,10 @@ def start_server(
     user: str | None = None,
     extra_env: dict[str, str] | None = None,
     extra_args: Sequence[str] = (),
+    ca: Path | None = None,
 ) -> Server:
+    """``ca``: the server serves HTTPS (``extra_args`` has --tls-cert/--tls-key) with a
+    certificate this CA file vouches for."""
     port = free_port()
     log = root.parent / f"serve-{port}.log"
     env = {k: v for k, v in os.environ.items() if k in _KEEP}
@@ -83,8 +90,9 @@ def start_server(
         proc = subprocess.Popen(
             list(argv), env=env, stdout=sink, stderr=sink, start_new_session=True
         )
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, proc, log, timeout=120)
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
+    verify = ssl.create_default_context(cafile=str(ca)) if ca else True
+    _wait_healthy(url, proc, log, timeout=120, verify=verify)
     return Server(url, proc, log)
 
 

@@ -50,6 +50,9 @@ class Call:
     args: tuple[Arg, ...] = ()
     #: the job runs in the background when served: the call returns the QUEUED record
     background: bool = False
+    #: a call that sets up the caller's own second factor: allowed before they have one even
+    #: where the zone requires it (``sandbox.service_login``)
+    login: bool = False
 
     @property
     def path_params(self) -> tuple[str, ...]:
@@ -65,9 +68,20 @@ _A = Action
 CALLS: tuple[Call, ...] = (
     # users (operator)
     Call("list_users", "GET", "/v1/users", _A.USER_LIST),
-    Call("add_user", "POST", "/v1/users", _A.USER_ADD, _a("name", "role")),
+    Call("add_user", "POST", "/v1/users", _A.USER_ADD, _a("name", "role", "expires_in?")),
     Call("revoke_user", "POST", "/v1/users/{name}/revoke", _A.USER_REVOKE, _a("name")),
-    Call("reissue_token", "POST", "/v1/users/{name}/reissue", _A.USER_REISSUE, _a("name")),
+    Call(
+        "reissue_token",
+        "POST",
+        "/v1/users/{name}/reissue",
+        _A.USER_REISSUE,
+        _a("name", "expires_in?"),
+    ),
+    # the caller's own second factor (every role)
+    Call("totp_enrol", "POST", "/v1/me/totp", _A.USER_TOTP_ENROL, login=True),
+    Call(
+        "totp_confirm", "POST", "/v1/me/totp/confirm", _A.USER_TOTP_CONFIRM, _a("code"), login=True
+    ),
     # datasets
     Call("list_datasets", "GET", "/v1/datasets", _A.DATASET_LIST),
     Call("show_dataset", "GET", "/v1/datasets/{name}", _A.DATASET_SHOW, _a("name")),
@@ -93,10 +107,18 @@ CALLS: tuple[Call, ...] = (
         _a("dataset", "epsilon", "delta?"),
     ),
     Call("dataset_caps", "GET", "/v1/datasets/{dataset}/caps", _A.DATASET_CAP_SHOW, _a("dataset")),
+    Call("delete_dataset", "POST", "/v1/datasets/{name}/delete", _A.DATASET_DELETE, _a("name")),
     # projects
     Call("list_projects", "GET", "/v1/projects", _A.PROJECT_LIST),
     Call("create_project", "POST", "/v1/projects", _A.PROJECT_CREATE, _a("name", "purpose")),
     Call("show_project", "GET", "/v1/projects/{name}", _A.PROJECT_SHOW, _a("name")),
+    Call(
+        "set_gpu_quota",
+        "POST",
+        "/v1/projects/{project}/gpu-quota",
+        _A.PROJECT_GPU_QUOTA,
+        _a("project", "gpus?"),
+    ),
     Call(
         "add_project_member",
         "POST",

@@ -48,8 +48,9 @@ class Session:
         self.service.close()
 
 
-#: ``sandbox --server URL ...`` (the root option; else $SANDBOX_SERVER)
-SERVER_OPTION: dict[str, str | None] = {"server": None}
+#: ``sandbox --server URL --ca FILE --otp CODE ...`` (root options; else $SANDBOX_SERVER,
+#: $SANDBOX_CA, $SANDBOX_OTP)
+SERVER_OPTION: dict[str, str | None] = {"server": None, "ca": None, "otp": None}
 
 
 def settings(
@@ -61,10 +62,20 @@ def settings(
         token=token,
         ray_address=ray_address,
         server=SERVER_OPTION["server"],
+        ca=Path(ca) if (ca := SERVER_OPTION.get("ca")) else None,
+        otp=SERVER_OPTION.get("otp"),
     )
 
 
-def open_session(zone: Path | None, token: str | None, ray_address: str | None = None) -> Session:
+def open_session(
+    zone: Path | None,
+    token: str | None,
+    ray_address: str | None = None,
+    *,
+    enrolling: bool = False,
+) -> Session:
+    """``enrolling``: the command sets up the caller's second factor (allowed before it has
+    one, where the zone requires one)."""
     from sandbox.client import EmbeddedZone, RemoteZone
 
     s = settings(zone, token, ray_address)
@@ -77,7 +88,7 @@ def open_session(zone: Path | None, token: str | None, ray_address: str | None =
                 "cannot be chosen against a served zone (its service runs its own cluster)",
                 "drop --ray-address",
             )
-        remote = RemoteZone(s.server, s.token)
+        remote = RemoteZone(s.server, s.token, ca=s.ca, otp=s.otp)
         try:
             return Session(remote, remote.authenticate(s.token))
         except BaseException:
@@ -90,7 +101,7 @@ def open_session(zone: Path | None, token: str | None, ray_address: str | None =
     z = Zone.open(s.zone)
     svc = Service(z, RayBackend(z.root, s.ray_address))
     try:
-        user = svc.authenticate(s.token)
+        user = svc.authenticate(s.token, s.otp, enrolling=enrolling)
     except BaseException:
         svc.close()
         raise
@@ -99,10 +110,14 @@ def open_session(zone: Path | None, token: str | None, ray_address: str | None =
 
 @contextmanager
 def session(
-    zone: Path | None, token: str | None, ray_address: str | None = None
+    zone: Path | None,
+    token: str | None,
+    ray_address: str | None = None,
+    *,
+    enrolling: bool = False,
 ) -> Iterator[Session]:
     """An authenticated session for one command; the service is closed whatever happens."""
-    s = open_session(zone, token, ray_address)
+    s = open_session(zone, token, ray_address, enrolling=enrolling)
     try:
         yield s
     finally:

@@ -184,3 +184,24 @@ def caps(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonO
             )
 
     emit(out, as_json, human)
+
+
+@app.command("delete")
+def delete(
+    name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Delete a dataset (stewards): its files go and its data key is destroyed, so copies of
+    its Parquet are unreadable; its grants, ledger and audit history stay. Refused while a
+    queued or running job uses it."""
+    with session(zone, token) as s:
+        out = s.service.delete_dataset(s.user, name)
+
+    def human(o: dict[str, Any]) -> None:
+        console.print(f"dataset {o['name']} deleted; its history stays in the ledger and audit log")
+        if not o["key_destroyed"]:
+            console.print(
+                "[yellow]it was ingested before encryption at rest: copies of its files made "
+                "earlier stay readable[/yellow]"
+            )
+
+    emit(out, as_json, human)

@@ -275,7 +275,8 @@ def follow_job(s: Any, job_id: str, as_json: bool) -> Any:
                 description=f"{job_id} {'rounds' if rounds else 'epochs'}",
                 completed=p.get("round", p.get("epoch", 0)),
                 total=p.get("rounds", p.get("epochs")),
-                note=rec.state,
+                # a job held by its project's GPU quota says so
+                note=p.get("waiting") if rec.state == "queued" and p.get("waiting") else rec.state,
             )
             time.sleep(FOLLOW_POLL_S)
             rec = s.service.job_status(s.user, job_id)

@@ -43,8 +43,14 @@ def _root(
     server: str | None = typer.Option(
         None, "--server", help="a served zone's URL (else $SANDBOX_SERVER; else embedded)"
     ),
+    ca: str | None = typer.Option(
+        None, "--ca", help="CA certificate (PEM) the zone's HTTPS must chain to (else $SANDBOX_CA)"
+    ),
+    otp: str | None = typer.Option(
+        None, "--otp", help="your one-time code, if you have a second factor (else $SANDBOX_OTP)"
+    ),
 ) -> None:
-    common.SERVER_OPTION["server"] = server
+    common.SERVER_OPTION.update(server=server, ca=ca, otp=otp)
 
 
 zone_cmds.register(app)

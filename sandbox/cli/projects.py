@@ -48,6 +48,8 @@ def show(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonO
         console.print(f"[bold]{p['name']}[/bold] ({p['status']}), owner {p['owner']}")
         console.print(f"purpose: {p['purpose']}")
         console.print("members: " + ", ".join(p["members"]))
+        if p.get("gpu_quota") is not None:
+            console.print(f"GPU quota: {p['gpu_quota']:g}")
         if not p["grants"]:
             console.print("no grants yet")
             return
@@ -90,5 +92,34 @@ def close(
         as_json,
         lambda p: console.print(
             f"project {p.name} closed: no new members, access requests or jobs"
+        ),
+    )
+
+
+@app.command("gpu-quota")
+def gpu_quota(
+    name: str,
+    gpus: Annotated[
+        float | None,
+        typer.Option("--gpus", help="GPUs the project's running jobs may hold at once"),
+    ] = None,
+    lift: Annotated[bool, typer.Option("--lift", help="remove the project's quota")] = False,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set a project's GPU quota (a data steward): jobs over it wait in the queue."""
+    from foundation.errors import SpecError
+
+    if (gpus is None) == (not lift):
+        raise SpecError("--gpus", "give --gpus N or --lift", "e.g. --gpus 2")
+    with session(zone, token) as s:
+        q = s.service.set_gpu_quota(s.user, name, None if lift else gpus)
+    emit(
+        q,
+        as_json,
+        lambda q: console.print(
+            f"project {q['project']}: "
+            + ("no GPU quota" if q["gpu_quota"] is None else f"GPU quota {q['gpu_quota']:g}")
         ),
     )

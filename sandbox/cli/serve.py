@@ -60,6 +60,35 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_tls(cert: Path | None, key: Path | None) -> bool:
+    """Both files or neither; they must load as a certificate and its key (say so now, not
+    at the first client's handshake)."""
+    import ssl
+
+    from foundation.errors import SpecError
+
+    if cert is None and key is None:
+        return False
+    if cert is None or key is None:
+        given, other = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
+        raise SpecError(other, f"is missing ({given} was given)", "give both or neither")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except OSError as exc:
+        field = "--tls-key" if cert.is_file() else "--tls-cert"
+        bad = key if field == "--tls-key" else cert
+        raise SpecError(
+            field, f"cannot read {bad} ({exc.strerror or exc})", "give a PEM file"
+        ) from None
+    except ssl.SSLError:
+        raise SpecError(
+            "--tls-key",
+            f"{key} is not the private key of {cert} (or either is not PEM)",
+            "give the certificate and its own key, both PEM",
+        ) from None
+    return True
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -69,8 +98,15 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[
             int, typer.Option("--jobs", help="jobs the service runs at once", min=1, max=64)
         ] = 2,
+        tls_cert: Annotated[
+            Path | None, typer.Option("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+        ] = None,
+        tls_key: Annotated[
+            Path | None, typer.Option("--tls-key", help="the certificate's private key (PEM)")
+        ] = None,
     ) -> None:
-        """Serve the zone over HTTP (OpenAPI at /docs); jobs run in the service."""
+        """Serve the zone over HTTP, or HTTPS with --tls-cert/--tls-key (OpenAPI at /docs);
+        jobs run in the service."""
         import logging
         from concurrent.futures import ThreadPoolExecutor
 
@@ -84,6 +120,10 @@ def register(app: typer.Typer) -> None:
         # the service's own settings: the zone and its Ray cluster come from the account
         # that runs it, never from a client
         s = settings(zone)
+        tls = check_tls(tls_cert, tls_key)
+        # absolute: uvicorn reads them after the service has moved into the zone folder
+        certfile = str(tls_cert.resolve()) if tls and tls_cert else None
+        keyfile = str(tls_key.resolve()) if tls and tls_key else None
         z = Zone.open(s.zone)
         make_private(z.root)
         # the port is taken first: Ray, starting next, opens many ports of its own and could
@@ -102,11 +142,14 @@ def register(app: typer.Typer) -> None:
             # server's request threads come and go
             took = backend.warm_up()
             console.print(
-                f"zone {z.root} served at http://{host}:{port} (OpenAPI: /docs); "
+                f"zone {z.root} served at {'https' if tls else 'http'}://{host}:{port} "
+                "(OpenAPI: /docs); "
                 f"{len(ended)} job(s) left by a stopped service ended; Ray up in {took:.1f} s"
             )
             logging.basicConfig(level=logging.WARNING)
-            config = uvicorn.Config(create_app(svc), log_level="warning")
+            config = uvicorn.Config(
+                create_app(svc), log_level="warning", ssl_certfile=certfile, ssl_keyfile=keyfile
+            )
             uvicorn.Server(config).run(sockets=[listener])
         finally:
             executor.shutdown(wait=False, cancel_futures=True)

@@ -10,18 +10,24 @@ from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, sessio
 
 app = typer.Typer(help="Users and tokens.", no_args_is_help=True)
 
+ExpiresOpt = Annotated[
+    int | None,
+    typer.Option("--expires-in", help="days the token lives (else the zone's [login] token_days)"),
+]
+
 
 @app.command("add")
 def add(
     name: str,
     role: Annotated[str, typer.Option("--role", help="steward | researcher | analyst | operator")],
+    expires_in: ExpiresOpt = None,
     zone: ZoneOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add a user; prints their token once (only a hash is stored)."""
     with session(zone, token) as s:
-        user, new_token = s.service.add_user(s.user, name, role)
+        user, new_token = s.service.add_user(s.user, name, role, expires_in=expires_in)
     out = {"user": user.to_dict(), "token": new_token}
     emit(
         out,
@@ -58,12 +64,16 @@ def revoke(
 
 @app.command("reissue")
 def reissue(
-    name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+    name: str,
+    expires_in: ExpiresOpt = None,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Give a user a new token (operators); prints it once. The old token stops working, and
-    a revoked user is active again."""
+    """Give a user a new token (operators); prints it once. The old token stops working, a
+    revoked user is active again, and their second factor is cleared (they enrol again)."""
     with session(zone, token) as s:
-        out = s.service.reissue_token(s.user, name)
+        out = s.service.reissue_token(s.user, name, expires_in=expires_in)
     again = " (reactivated: the user was revoked)" if out["reactivated"] else ""
     emit(
         out,
@@ -71,5 +81,42 @@ def reissue(
         lambda o: console.print(
             f"user {name}: new token (shown once): [bold]{o['token']}[/bold];"
             f" the old one no longer works{again}"
+        ),
+    )
+
+
+@app.command("totp-enrol")
+def totp_enrol(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Give yourself a second factor: prints its secret and otpauth:// URI once (add it to an
+    authenticator app), then confirm with `sandbox user totp-confirm CODE`."""
+    with session(zone, token, enrolling=True) as s:
+        out = s.service.totp_enrol(s.user)
+    emit(
+        out,
+        as_json,
+        lambda o: console.print(
+            f"secret (shown once): [bold]{o['secret']}[/bold]\nURI: {o['uri']}\n"
+            "add it to your authenticator app, then run `sandbox user totp-confirm CODE` "
+            "with the code it shows"
+        ),
+    )
+
+
+@app.command("totp-confirm")
+def totp_confirm(
+    code: Annotated[str, typer.Argument(help="the 6 digits your authenticator shows now")],
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Confirm your second factor with its first code; from then on every call needs a code
+    (SANDBOX_OTP or --otp)."""
+    with session(zone, token, enrolling=True) as s:
+        out = s.service.totp_confirm(s.user, code)
+    emit(
+        out,
+        as_json,
+        lambda o: console.print(
+            "second factor confirmed: give a fresh code with SANDBOX_OTP or --otp from now on"
         ),
     )

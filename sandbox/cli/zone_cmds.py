@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from sqlalchemy.engine import make_url
 
 from sandbox.cli.common import JsonOpt, ZoneOpt, console, emit, settings
 
@@ -46,3 +47,46 @@ def register(app: typer.Typer) -> None:
             console.print("export SANDBOX_TOKEN=... to act as the operator")
 
         emit(out, as_json, human)
+
+    @app.command("upgrade")
+    def upgrade(
+        zone: ZoneOpt = None,
+        db_url: Annotated[
+            str | None,
+            typer.Option(
+                "--db-url",
+                help="the schema owner's URL (where the service runs as a least-privilege role)",
+            ),
+        ] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Upgrade a zone made by an older version in place (its database's schema)."""
+        from foundation.sql import make_engine
+        from policies.audit import AuditLog
+        from sandbox.db_roles import grant_service_role
+        from sandbox.schema_upgrade import upgrade as run_upgrade
+        from sandbox.zone import Zone
+
+        z = Zone.open(settings(zone).zone)
+        owner = make_engine(db_url or z.db_url)
+        try:
+            z.check_database(owner)
+            before, after = run_upgrade(owner)
+            service_role = make_url(z.db_url).username
+            regranted = None
+            if db_url and owner.dialect.name == "postgresql" and service_role:
+                if service_role != make_url(db_url).username:
+                    # the tables the migrations added: the service role gets its rights on them
+                    grant_service_role(owner, service_role)
+                    regranted = service_role
+            AuditLog(owner, key=z.audit_key(), head_path=z.audit_head_path).append(
+                "zone-owner", "zone.upgrade", "ok", str(z.root), {"from": before, "to": after}
+            )
+        finally:
+            owner.dispose()
+        out = {"zone": str(z.root), "from": before, "to": after, "regranted": regranted}
+        emit(
+            out,
+            as_json,
+            lambda o: console.print(f"zone {o['zone']}: schema {o['from']} -> {o['to']}"),
+        )

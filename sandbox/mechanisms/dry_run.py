@@ -103,14 +103,18 @@ class DryRunMechanism(BackendMechanism):
         # the dry-run table's size is public (see the module docstring): refusals are free
         plan = service_plan(spec, int(table.num_rows * TRAIN_FRACTION), counts_public=True)
         dest = ctx.zone.job_dir(job_id) / "dry-run-data"
-        ingest_table(table, contract, dest, ctx.zone.secret())
+        ingest_table(
+            table, contract, dest, ctx.zone.secret(), zone_key_file=ctx.zone.data_key_file()
+        )
         payload = worker_payload(ctx, job_id, spec, contract, str(dest), plan)
         payload["dry_run"] = on
+        # it runs on CPUs: its record says so (the GPU quota counts what running jobs hold)
+        ran = replace(spec, resources=replace(spec.resources, gpus=0))
         return Admission(
             project=spec.project,
             dataset=spec.dataset,
-            spec=spec.to_dict(),
-            spec_hash=spec.spec_hash(),
+            spec=ran.to_dict(),
+            spec_hash=ran.spec_hash(),
             reservations={},
             work=payload,
             resources=Resources(cpus=spec.resources.cpus, gpus=0),

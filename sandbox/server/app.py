@@ -59,6 +59,26 @@ def _token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+#: a one-time code (TOTP) from the caller's authenticator, for a user with a second factor
+OTP_HEADER = "x-sandbox-otp"
+#: the login session a good code opened (``sandbox.service_login``): sent back instead of a code
+SESSION_HEADER = "x-sandbox-session"
+
+
+def _login(service: Any, request: Request, *, enrolling: bool) -> tuple[Any, str | None]:
+    return service.login(
+        _token(request),
+        request.headers.get(OTP_HEADER) or None,
+        session=request.headers.get(SESSION_HEADER) or None,
+        enrolling=enrolling,
+    )
+
+
+def _with_session(body: Any, opened: str | None) -> JSONResponse:
+    headers = {SESSION_HEADER: opened} if opened else None
+    return JSONResponse(body, headers=headers)
+
+
 def create_app(service: Any) -> FastAPI:
     """The API over ``service`` (a ``sandbox.service.Service`` opened by ``sandbox serve``)."""
     app = FastAPI(
@@ -66,7 +86,8 @@ def create_app(service: Any) -> FastAPI:
         version=API_VERSION,
         description=(
             "Train on sensitive healthcare data without seeing a row of it. Every call takes "
-            "`Authorization: Bearer <token>`; every call is decided and audited by the zone's "
+            "`Authorization: Bearer <token>` (and `X-Sandbox-OTP: <code>` for a user with a "
+            "second factor); every call is decided and audited by the zone's "
             "service. Errors are `{error, message, retryable, fields}`."
         ),
     )
@@ -86,9 +107,14 @@ def create_app(service: Any) -> FastAPI:
         return {"ok": True, "zone": service.zone.zone_id, "api": API_VERSION}
 
     @app.get("/v1/whoami", tags=["zone"], summary="The caller as the zone knows them")
-    async def whoami(request: Request) -> dict[str, Any]:
-        actor = await run_in_threadpool(service.authenticate, _token(request))
-        return dict(to_jsonable(actor))
+    async def whoami(request: Request) -> JSONResponse:
+        # says only who the token is (its holder knows that): allowed before a required
+        # second factor is enrolled, so that `sandbox user totp-enrol` can start
+        def run() -> tuple[Any, str | None]:
+            return _login(service, request, enrolling=True)
+
+        actor, opened = await run_in_threadpool(run)
+        return _with_session(dict(to_jsonable(actor)), opened)
 
     for call in CALLS:
         app.add_api_route(
@@ -105,7 +131,6 @@ def create_app(service: Any) -> FastAPI:
 
 def _endpoint(service: Any, call: Call) -> Any:
     async def endpoint(request: Request) -> JSONResponse:
-        token = _token(request)
         body: dict[str, Any] = {}
         if call.verb == "POST":
             raw = await request.body()
@@ -125,11 +150,12 @@ def _endpoint(service: Any, call: Call) -> Any:
             body = dict(request.query_params)
         body.update(request.path_params)
 
-        def run() -> Any:
-            actor = service.authenticate(token)
-            return call_service(service, call, actor, body)
+        def run() -> tuple[Any, str | None]:
+            actor, opened = _login(service, request, enrolling=call.login)
+            return call_service(service, call, actor, body), opened
 
-        return JSONResponse(await run_in_threadpool(run))
+        result, opened = await run_in_threadpool(run)
+        return _with_session(result, opened)
 
     endpoint.__name__ = call.name
     return endpoint

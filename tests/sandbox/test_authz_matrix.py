@@ -34,7 +34,7 @@ from factories import FEATURES, LABEL, job_spec, make_world
 from served import served_zone
 
 from connectors.cohort import cohort_contract, generate_cohort
-from policies.roles import PERMISSIONS, Role
+from policies.roles import PERMISSIONS, Action, Role
 from sandbox.api.calls import CALLS, Call
 from sandbox.backend import InProcessBackend
 from sandbox.service import Service
@@ -84,6 +84,7 @@ SCOPE: dict[str, str] = {
 ALLOWED_BUT: dict[str, int] = {
     "cancel_job": 422,  # the target job has finished: only a queued job can be cancelled
     "quote_curve": 422,  # sent with on="bogus": six dry runs would cost too much here
+    "totp_confirm": 422,  # sent with a wrong code (the secret went to the enrolling caller)
 }
 
 #: calls that change the zone: they run after every other call
@@ -95,6 +96,7 @@ DESTRUCTIVE = (
     "close_project",
     "revoke_user",
     "reissue_token",
+    "delete_dataset",
 )
 
 
@@ -196,6 +198,8 @@ def arguments(call: str, caller: str, p: str, t: Targets) -> tuple[dict[str, Any
         "add_user": lambda: ({"name": f"added-{tag}", "role": "analyst"}, None),
         "revoke_user": lambda: ({"name": f"rv-{tag}"}, None),
         "reissue_token": lambda: ({"name": f"ri-{tag}"}, None),
+        "totp_enrol": lambda: ({}, None),
+        "totp_confirm": lambda: ({"code": "abcdef"}, None),
         "list_datasets": lambda: ({}, None),
         "show_dataset": lambda: ({"name": "cohort"}, None),
         "ingest_dataset": lambda: (
@@ -205,9 +209,13 @@ def arguments(call: str, caller: str, p: str, t: Targets) -> tuple[dict[str, Any
         "ingest_demo": lambda: ({"name": f"demo-{tag}", "patients": 100, "seed": 1}, None),
         "set_dataset_cap": lambda: ({"dataset": "cohort", "epsilon": 1000.0}, None),
         "dataset_caps": lambda: ({"dataset": "cohort"}, None),
+        # a throwaway dataset per row (made for stewards in build_world)
+        "delete_dataset": lambda: ({"name": f"del-{tag}"}, None),
         "list_projects": lambda: ({}, None),
         "create_project": lambda: ({"name": f"new-{tag}", "purpose": "matrix"}, None),
         "show_project": lambda: ({"name": p}, p),
+        # a quota above what any row's job asks: it changes no later decision
+        "set_gpu_quota": lambda: ({"project": p, "gpus": 2.0}, p),
         "add_project_member": lambda: ({"project": p, "user": "extra"}, p),
         "close_project": lambda: ({"name": t.close[p]}, t.close[p]),
         "request_access": lambda: (
@@ -305,6 +313,11 @@ def build_world(root: Path) -> tuple[dict[str, str], Targets]:
         svc.add_project_member(rita, OWN, user)
     svc.create_project(rex, OTHER, "someone else's project")
     svc.add_project_member(rex, OTHER, "oz")
+
+    for caller, role in CALLERS.items():
+        if Action.DATASET_DELETE in PERMISSIONS[role]:
+            for p in PROJECTS:
+                svc.ingest_demo(sam, f"del-{caller}-{p}", 100, seed=1)
 
     t = Targets()
     expires = datetime.now(UTC) + timedelta(days=30)

@@ -1,0 +1,1 @@
+"""The state database's schema history (Alembic). See ``sandbox.schema_upgrade``."""
