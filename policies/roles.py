@@ -11,9 +11,9 @@ The roles (the Five Safes' "safe people"):
 - **operator** runs the zone: adds and revokes users and reissues their tokens, reads and
   verifies the audit log, lists and shows what exists (projects, their grants, dataset caps).
   Never touches data, never decides access.
-- **steward** governs data: registers datasets, caps what one person of a dataset may be
-  charged across all projects, approves or denies access requests, reads budgets and the
-  audit log. Never submits jobs or queries (separation of duties: the person who grants
+- **steward** governs data: registers and deletes datasets, caps what one person of a
+  dataset may be charged across all projects, sets a project's GPU quota, approves or denies
+  access requests, reads budgets and the audit log. Never submits jobs or queries (separation of duties: the person who grants
   access does not also spend it).
 - **researcher** owns projects: creates them, adds members and closes them (the project's
   owner only, checked by the service), requests access, develops on dummy data, submits
@@ -24,6 +24,8 @@ The roles (the Five Safes' "safe people"):
   cancel training jobs, create projects or request access: those belong to the researcher
   who owns the project, who adds the analyst as a member. (The architecture gives analysts
   "DP queries and synthetic data only, never raw rows"; a training job is neither.)
+
+Every role enrols and confirms its own second factor (``user.totp.*``).
 
 ``dataset.list`` and ``dataset.show`` for researchers and analysts mean the schema contract
 only (``DatasetRecord.to_public_dict``): no storage path, no counts taken from real rows.

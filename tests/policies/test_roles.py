@@ -17,16 +17,20 @@ user.add            x        .       .          .
 user.revoke         x        .       .          .
 user.list           x        x       .          .
 user.reissue        x        .       .          .
+user.totp.enrol     x        x       x          x
+user.totp.confirm   x        x       x          x
 dataset.ingest      .        x       .          .
 dataset.list        x        x       x          x
 dataset.show        .        x       x          x
 dataset.cap         .        x       .          .
 dataset.cap.show    x        x       .          .
+dataset.delete      .        x       .          .
 project.create      .        .       x          .
 project.list        x        x       x          x
 project.show        x        x       x          x
 project.member.add  .        .       x          .
 project.close       .        .       x          .
+project.gpu_quota   .        x       .          .
 access.request      .        .       x          .
 access.list         x        x       x          x
 access.approve      .        x       .          .
@@ -96,8 +100,9 @@ def test_action_values_are_the_service_calls() -> None:
         "job.submit", "job.list", "job.status", "job.result", "job.cancel",
         "budget.show", "audit.list", "audit.verify", "synth.dummy",
         "synth.fit", "synth.report", "synth.release", "job.quote", "dataset.cap",
-        "access.revoke", "project.member.add", "project.close", "user.reissue",
-        "dataset.cap.show",
+        "access.revoke", "project.member.add", "project.close", "project.gpu_quota",
+        "user.reissue", "dataset.cap.show", "user.totp.enrol", "user.totp.confirm",
+        "dataset.delete",
     ]  # fmt: skip
 
 

@@ -40,7 +40,8 @@ from sandbox.backend import InProcessBackend
 from sandbox.service import Service
 from sandbox.zone import Zone
 
-pytestmark = pytest.mark.ray
+# ~400 HTTP rows against a real server: make test-slow (CI runs it)
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 OWN, OTHER = "readmission", "other"
 PROJECTS = (OWN, OTHER)

@@ -239,7 +239,7 @@ def _in_process(mp: pytest.MonkeyPatch) -> None:
     from sandbox.service import Service
     from sandbox.zone import Zone
 
-    def open_session(zone, token, ray_address=None):  # type: ignore[no-untyped-def]
+    def open_session(zone, token, ray_address=None, enrolling=False):  # type: ignore[no-untyped-def]
         s = common.settings(zone, token, ray_address)
         svc = Service(Zone.open(s.zone), InProcessBackend())
         return common.Session(EmbeddedZone(svc), svc.authenticate(s.token))

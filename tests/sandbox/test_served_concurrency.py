@@ -114,6 +114,7 @@ def _wait_ended(http: httpx.Client, job_ids: list[str]) -> dict[str, dict[str, A
     raise AssertionError(f"jobs not ended after {JOBS_WAIT_S:.0f}s: {pending}")
 
 
+@pytest.mark.slow  # a real server and 64 clients: make test-slow (CI runs it)
 def test_64_clients_against_one_grant_never_overspend_it(tmp_path: Path) -> None:
     root = tmp_path / "zone"
     w = make_world(root, InProcessBackend(), patients=300, grant_epsilon=GRANT_EPSILON)
@@ -198,6 +199,7 @@ def test_64_clients_against_one_grant_never_overspend_it(tmp_path: Path) -> None
     assert kinds["budget_exceeded"] >= len(refused), kinds
 
 
+@pytest.mark.slow  # a real server and 64 clients: make test-slow (CI runs it)
 def test_concurrent_first_submits_to_a_fresh_service_are_all_answered(tmp_path: Path) -> None:
     """A service just started has not started Ray yet (``RayBackend`` starts it on first
     use): a few submits arriving together must each be admitted or refused, not left
