@@ -138,30 +138,23 @@ def sanitise_environ(environ: MutableMapping[str, str] | None = None) -> None:
     target.update(clean)
 
 
-def _private(path: Path) -> bool:
-    """``path`` is a real folder (not a link), ours, and nobody else may enter or write it."""
+def _ours_without(path: Path, forbidden: int) -> bool:
+    """``path`` is a real folder (not a link) of ours whose mode has none of ``forbidden``."""
     try:
         st = path.lstat()
     except OSError:
         return False
-    return (
-        stat.S_ISDIR(st.st_mode)
-        and st.st_uid == os.getuid()
-        and not st.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
-    )
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & forbidden
+
+
+def _private(path: Path) -> bool:
+    """Ours, and nobody else may enter or write it."""
+    return _ours_without(path, stat.S_IRWXG | stat.S_IRWXO)
 
 
 def _owned(path: Path) -> bool:
-    """``path`` is a real folder of ours that no one else may write into."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    return (
-        stat.S_ISDIR(st.st_mode)
-        and st.st_uid == os.getuid()
-        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    )
+    """Ours, and no one else may write into it."""
+    return _ours_without(path, stat.S_IWGRP | stat.S_IWOTH)
 
 
 def ray_temp_dir(zone_dir: Path) -> Path:

@@ -28,12 +28,11 @@ from sandbox.context import ProgressFn, ZoneContext
 from sandbox.disclosure import redact_counts, sees_everything
 from sandbox.jobs import JobRecord, JobState
 from sandbox.jobspec import JobSpec
-from sandbox.mechanisms.dpsgd import TRAIN_FRACTION
+from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, plan_spec
 from sandbox.mechanisms.dry_run import DryRunMechanism, DryRunRequest, synthetic_job
 from sandbox.mechanisms.federated import plan_sites
 from sandbox.mechanisms.synthetic import SyntheticMechanism, SynthRequest
 from sandbox.runner import JobRunner
-from sandbox.worker import EVAL_SHARE
 from training.federated.config import EVAL_SHARE as FED_EVAL_SHARE
 
 #: epsilons a quote's utility curve tries by default
@@ -220,15 +219,7 @@ class SynthCalls:
                 }
             else:
                 n_train = int(rec.persons * TRAIN_FRACTION)
-                p = plan_job(
-                    spec.privacy.epsilon,
-                    spec.privacy.delta,
-                    n_train,
-                    spec.training.batch_size,
-                    spec.training.epochs,
-                    evaluate=spec.privacy.evaluate,
-                    eval_share=EVAL_SHARE,
-                )
+                p = plan_spec(spec, n_train)
                 quote = {
                     "mode": "dp-sgd",
                     "epsilon": p.epsilon if rec.counts_public else spec.privacy.epsilon,

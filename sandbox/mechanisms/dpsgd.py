@@ -110,6 +110,23 @@ def check_batch_size(spec: JobSpec, dataset: Any) -> None:
         )
 
 
+def plan_spec(spec: JobSpec, n_train: int) -> Any:
+    """The accountant's plan (``privacy.job_plan.JobPlan``) for a DP-SGD ``spec`` on
+    ``n_train`` training persons: the one planning the submit, the quote and dry runs share."""
+    from privacy.job_plan import plan_job
+
+    return plan_job(
+        spec.privacy.epsilon,
+        spec.privacy.delta,
+        n_train,
+        spec.training.batch_size,
+        spec.training.epochs,
+        # privacy.evaluate = false: no evaluation release, its share goes to training
+        evaluate=spec.privacy.evaluate,
+        eval_share=EVAL_SHARE,
+    )
+
+
 def service_plan(
     spec: JobSpec, n_train: int, *, counts_public: bool
 ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
@@ -121,22 +138,12 @@ def service_plan(
     like one whose batch is too large, and ``(None, error)`` carries the refusal (its
     field and fix; the problem without the size) for the worker to raise after reading."""
     from privacy import accountant
-    from privacy.job_plan import plan_job
 
     # refusals that do not depend on the size stay free
     accountant._check_epsilon(spec.privacy.epsilon)
     accountant._check_delta(spec.privacy.delta)
     try:
-        dp = plan_job(
-            spec.privacy.epsilon,
-            spec.privacy.delta,
-            n_train,
-            spec.training.batch_size,
-            spec.training.epochs,
-            # privacy.evaluate = false: no evaluation release, its share goes to training
-            evaluate=spec.privacy.evaluate,
-            eval_share=EVAL_SHARE,
-        )
+        dp = plan_spec(spec, n_train)
     except SpecError as exc:
         if counts_public:
             raise
