@@ -103,3 +103,18 @@ def engine_factory(
         yield make
         for engine in made:
             engine.dispose()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line that says whether the PostgreSQL cases ran (``-q`` hides the header)."""
+    stats = terminalreporter.stats
+
+    def count(kind: str) -> int:
+        return sum(1 for r in stats.get(kind, []) if "postgresql" in getattr(r, "nodeid", ""))
+
+    ran, skipped = count("passed") + count("failed"), count("skipped")
+    if ran or skipped:
+        why = pg_cluster.why_not()
+        terminalreporter.write_line(
+            f"PostgreSQL cases: {ran} ran, {skipped} skipped" + (f" ({why})" if why else "")
+        )
