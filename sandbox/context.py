@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from foundation.errors import PolicyDenied, UserError, ZoneError
@@ -22,6 +23,7 @@ from policies.store import StateStore
 from privacy.ledger import Ledger
 from sandbox.backend import JobBackend
 from sandbox.disclosure import job_view, sees_everything
+from sandbox.gpu_quotas import GpuQuotas
 from sandbox.jobs import JobRecord, JobStore
 from sandbox.zone import Zone
 
@@ -65,6 +67,11 @@ class ZoneContext:
             raise
         else:
             self.audit.append(actor.name, str(action), "ok", target, extra)
+
+    @cached_property
+    def quotas(self) -> GpuQuotas:
+        """The zone's GPU quotas (one per context: it remembers whether its table exists)."""
+        return GpuQuotas(self.jobs.engine)
 
     def check_member(self, actor: Actor, project: str) -> None:
         """Stewards and operators see every project; everyone else only their own."""

@@ -25,7 +25,7 @@ from sqlalchemy import Engine, delete, insert, inspect, select, update
 from foundation.clock import utcnow
 from foundation.errors import SpecError
 from foundation.sql import lock_key
-from sandbox.jobs import JobState, gpu_quotas_table, jobs_table
+from sandbox.jobs import JobState, gpu_quotas_table, jobs_table, moved_values
 
 
 def job_gpus(spec: Mapping[str, Any]) -> float:
@@ -102,6 +102,6 @@ class GpuQuotas:
             moved = conn.execute(
                 update(jobs_table)
                 .where(jobs_table.c.id == job_id, jobs_table.c.state == JobState.QUEUED.value)
-                .values(state=JobState.RUNNING.value, started_at=utcnow())
+                .values(**moved_values(JobState.RUNNING))
             ).rowcount
         return Start(bool(moved), running)

@@ -62,6 +62,20 @@ def check_transition(src: JobState, dst: JobState) -> None:
         raise IntegrityError(f"job cannot go from {src} to {dst}")
 
 
+def moved_values(dst: JobState, **fields: Any) -> dict[str, Any]:
+    """The columns a move to ``dst`` writes: the state, its timestamp, then ``fields``
+    (``result`` as JSON)."""
+    values: dict[str, Any] = {"state": dst.value}
+    if dst is JobState.RUNNING:
+        values["started_at"] = utcnow()
+    if dst in TERMINAL:
+        values["finished_at"] = utcnow()
+    if "result" in fields:
+        values["result_json"] = json.dumps(fields.pop("result"), sort_keys=True)
+    values.update(fields)
+    return values
+
+
 metadata = MetaData()
 jobs_table = Table(
     "jobs",
@@ -218,14 +232,7 @@ class JobStore:
             if r is None:
                 raise NotFoundError(f"job {job_id!r} not found")
             check_transition(JobState(r.state), dst)
-            values: dict[str, Any] = {"state": dst.value}
-            if dst is JobState.RUNNING:
-                values["started_at"] = utcnow()
-            if dst in TERMINAL:
-                values["finished_at"] = utcnow()
-            if "result" in fields:
-                values["result_json"] = json.dumps(fields.pop("result"), sort_keys=True)
-            values.update(fields)
+            values = moved_values(dst, **fields)
             conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
         return self.get(job_id)
 
@@ -234,12 +241,7 @@ class JobStore:
         UPDATE: of two threads racing, e.g. a cancel and the runner's start, one wins); the
         moved record, or None when the job had already left ``src``."""
         check_transition(src, dst)
-        values: dict[str, Any] = {"state": dst.value}
-        if dst is JobState.RUNNING:
-            values["started_at"] = utcnow()
-        if dst in TERMINAL:
-            values["finished_at"] = utcnow()
-        values.update(fields)
+        values = moved_values(dst, **fields)
         with self.engine.begin() as conn:
             moved = conn.execute(
                 update(jobs_table)

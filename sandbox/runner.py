@@ -37,7 +37,7 @@ from typing import Any
 from foundation.errors import ComputeError, NotFoundError, SpecError, ZoneError
 from policies.roles import Action, Actor, Role
 from sandbox.context import ProgressFn, ZoneContext
-from sandbox.gpu_quotas import GpuQuotas, job_gpus
+from sandbox.gpu_quotas import job_gpus
 from sandbox.jobs import JobRecord, JobState, new_job_id
 from sandbox.mechanisms import MECHANISMS
 from sandbox.mechanisms.base import (
@@ -77,7 +77,6 @@ class JobRunner:
         self.executor = executor
         #: job id -> (mechanism, actor, work) for admitted jobs not yet started
         self._pending: dict[str, tuple[JobMechanism, Actor, Any]] = {}
-        self.quotas = GpuQuotas(ctx.jobs.engine)
         #: job id -> mechanism, for jobs this process is running now
         self._running: dict[str, JobMechanism] = {}
 
@@ -209,7 +208,7 @@ class JobRunner:
     def _check_quota(self, admission: Admission) -> None:
         """A job asking more GPUs than its project's quota could never start: refused."""
         gpus = admission.resources.gpus
-        quota = self.quotas.get(admission.project) if gpus > 0 else None
+        quota = self.ctx.quotas.get(admission.project) if gpus > 0 else None
         if quota is not None and gpus > quota:
             raise SpecError(
                 "resources.gpus",
@@ -271,11 +270,11 @@ class JobRunner:
             )
             return
         gpus = job_gpus(job.spec)
-        quota = self.quotas.get(job.project) if gpus > 0 else None
+        quota = self.ctx.quotas.get(job.project) if gpus > 0 else None
         if quota is None:
             started = self.ctx.jobs.move_if(job.id, JobState.QUEUED, JobState.RUNNING) is not None
         else:
-            start = self.quotas.start_within_quota(job.id, job.project, gpus, quota)
+            start = self.ctx.quotas.start_within_quota(job.id, job.project, gpus, quota)
             started = start.started
             if not started and self.ctx.jobs.get(job.id).state is JobState.QUEUED:
                 # it waits, and says why (the follower shows it); it starts when a running

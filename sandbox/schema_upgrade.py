@@ -13,6 +13,7 @@ owner's URL and re-grants the service role its rights on the tables the migratio
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -38,7 +39,9 @@ def _config(connection: object | None = None) -> Config:
     return cfg
 
 
+@functools.cache
 def head() -> str:
+    """The newest revision (read from the migrations once per process: every open checks it)."""
     found = ScriptDirectory.from_config(_config()).get_current_head()
     assert found is not None, "no migrations"
     return found

@@ -23,7 +23,6 @@ from policies.worst_case import ledger_grant_id
 from privacy.budget_events import BudgetKey
 from sandbox.context import ZoneContext
 from sandbox.disclosure import sees_everything
-from sandbox.gpu_quotas import GpuQuotas
 
 
 class AccessCalls:
@@ -181,7 +180,7 @@ class AccessCalls:
             self.ctx.check_member(actor, name)
             now = self.ctx.clock()
             grants = [self._grant_row(g, now) for g in self.ctx.store.list_grants(project=name)]
-            quota = GpuQuotas(self.ctx.jobs.engine).get(name)
+            quota = self.ctx.quotas.get(name)
             return {**rec.to_dict(), "grants": grants, "gpu_quota": quota}
 
     def set_gpu_quota(self, actor: Actor, project: str, gpus: float | None) -> dict[str, Any]:
@@ -191,7 +190,7 @@ class AccessCalls:
             self.ctx.store.get_project(project)
             if gpus is not None and (gpus != gpus or gpus < 0 or gpus > 4096):
                 raise SpecError("--gpus", "must be a number of GPUs >= 0", "e.g. --gpus 2")
-            GpuQuotas(self.ctx.jobs.engine).set(project, gpus, by=actor.name)
+            self.ctx.quotas.set(project, gpus, by=actor.name)
             return {"project": project, "gpu_quota": gpus}
 
     def add_project_member(self, actor: Actor, project: str, user: str) -> ProjectRecord:
