@@ -35,6 +35,22 @@ def _cli_path() -> str:
     return str(Path(sys.executable).parent / "sandbox")
 
 
+def let_accounts_run_the_install() -> None:
+    """Other accounts must be able to run this interpreter, its venv's scripts and the product's
+    code (an editable install reads the checkout): give every folder above them search
+    permission (``o+x``: enter, not list) where it lacks it (pyenv in ``/root``, a checkout
+    in a ``mktemp -d`` folder). Root only: the demo and the tests that make accounts."""
+    real = Path(os.path.realpath(sys.executable))
+    code = Path(__file__).resolve().parent.parent  # the folder that holds ``sandbox/``
+    folders: set[Path] = set()
+    for leaf in (real.parent, Path(sys.prefix) / "bin", code):
+        folders.update([leaf, *leaf.parents])
+    for folder in sorted(folders):
+        mode = folder.stat().st_mode
+        if not mode & 0o001:
+            folder.chmod(mode | 0o001)
+
+
 def _accounts(as_root: bool) -> None:
     if not as_root:
         return
@@ -42,11 +58,7 @@ def _accounts(as_root: bool) -> None:
         if subprocess.run(["id", "-u", name], capture_output=True).returncode != 0:
             subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
     # other accounts must be able to run this Python (pyenv under /root, say): enter, not list
-    real = Path(os.path.realpath(sys.executable))
-    for folder in [*reversed(real.parents), Path(sys.prefix)]:
-        mode = folder.stat().st_mode
-        if not mode & 0o001:
-            folder.chmod(mode | 0o001)
+    let_accounts_run_the_install()
 
 
 def _free_port() -> int:

@@ -12,7 +12,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -137,11 +136,7 @@ def client_cli(
 
 
 def let_accounts_run_python() -> None:
-    """Other accounts must be able to run this venv's Python: where the interpreter lives
-    under a folder only root may enter (pyenv in ``/root``), give that folder search
-    permission (``o+x``: enter, not list). Runs as root only, in tests that make accounts."""
-    real = Path(os.path.realpath(sys.executable))
-    for folder in [*reversed(real.parents), Path(sys.prefix)]:
-        mode = folder.stat().st_mode
-        if not mode & 0o001:
-            folder.chmod(mode | 0o001)
+    """Other accounts must be able to run the installed CLI (see the product's own rule)."""
+    from sandbox.demo_served import let_accounts_run_the_install
+
+    let_accounts_run_the_install()
