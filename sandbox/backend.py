@@ -26,6 +26,9 @@ WorkerFn = Callable[[Payload], Any]
 class Resources:
     cpus: float
     gpus: float
+    #: the Ray namespace the job's worker is named in: its project's (``run_on_backend``
+    #: sets it), so one project's jobs are listed, found and killed apart from another's
+    namespace: str | None = None
 
 
 class JobBackend(ABC):

@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,21 @@ def _from_task_error(exc: BaseException) -> ZoneError:
         return cause.with_traceback(None)
     name = type(cause).__name__ if cause is not None else "unknown"
     return ComputeError(f"the job failed in its worker ({name})", retryable=False)
+
+
+class _JobHost:
+    """The actor one job's worker function runs in (``RayBackend.submit``)."""
+
+    def run(self, fn: WorkerFn, payload: Payload) -> Any:
+        return fn(payload)
+
+
+@dataclass(frozen=True)
+class _Running:
+    """A started job: its actor (killed to stop it) and the reference to its result."""
+
+    actor: Any
+    ref: Any
 
 
 class RayBackend(JobBackend):
@@ -137,25 +153,43 @@ class RayBackend(JobBackend):
 
     def submit(self, fn: WorkerFn, payload: Payload, resources: Resources) -> Any:
         ray = self._ensure()
-        remote = ray.remote(fn).options(
-            num_cpus=resources.cpus,
-            num_gpus=resources.gpus,
-            max_retries=0,
-            name=str(payload.get("job_id", "job")),
-        )
-        return remote.remote(payload)
+        job_id = str(payload.get("job_id", "job"))
+        # The job's worker is an actor named after the job in its project's namespace (tasks
+        # have no namespace): `ray list actors` and `ray.util.list_named_actors` show each
+        # project's jobs apart. Its class carries the job id too, so the worker process's
+        # title is ``ray::<job id>`` (an operator finds it with pgrep).
+        host = type(job_id, (_JobHost,), {"__module__": __name__})
+        options: dict[str, Any] = {
+            "num_cpus": resources.cpus,
+            "num_gpus": resources.gpus,
+            "max_restarts": 0,
+            "max_task_retries": 0,
+            "name": job_id,
+        }
+        if resources.namespace:
+            options["namespace"] = resources.namespace
+        actor = ray.remote(host).options(**options).remote()
+        return _Running(actor=actor, ref=actor.run.options(name=job_id).remote(fn, payload))
 
     def wait(self, handle: Any, *, poll: Callable[[], None], poll_s: float = 0.5) -> Any:
         ray = self._ensure()
+        running: _Running = handle
+        try:
+            return self._result(ray, running, poll, poll_s)
+        finally:
+            # the actor holds its CPUs and GPUs until it ends: end it with its job
+            ray.kill(running.actor, no_restart=True)
+
+    def _result(self, ray: Any, running: _Running, poll: Callable[[], None], poll_s: float) -> Any:
         from ray import exceptions as rex
 
         while True:
-            ready, _ = ray.wait([handle], timeout=poll_s)
+            ready, _ = ray.wait([running.ref], timeout=poll_s)
             poll()
             if ready:
                 break
         try:
-            return ray.get(handle)
+            return ray.get(running.ref)
         except rex.RayTaskError as exc:
             raise _from_task_error(exc) from None
         except rex.UnserializableException:
@@ -179,8 +213,8 @@ class RayBackend(JobBackend):
 
     def stop(self, handle: Any) -> bool:
         ray = self._ensure()
-        # force: the worker process is killed (a DP-SGD step does not check for a cancel)
-        ray.cancel(handle, force=True)
+        # the worker process is killed (a DP-SGD step does not check for a cancel)
+        ray.kill(handle.actor, no_restart=True)
         return True
 
     def shutdown(self) -> None:

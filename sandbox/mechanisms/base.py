@@ -23,6 +23,7 @@ A mechanism never moves a job between states: the runner does, in one place.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -154,7 +155,9 @@ def run_on_backend(
             stopped.append(ctx.backend.stop(handle))
         poll()
 
-    handle = ctx.backend.submit(fn, payload, resources)
+    # each project's jobs run in that project's own Ray namespace
+    placed = dataclasses.replace(resources, namespace=job.project)
+    handle = ctx.backend.submit(fn, payload, placed)
     try:
         return ctx.backend.wait(handle, poll=poll_or_stop)
     except ZoneError:

@@ -301,7 +301,12 @@ class FederatedMechanism(JobMechanism):
                 on_progress(progress)
 
         run = run_federated_simulation(
-            Path(work), timeout_s=FEDERATED_TIMEOUT_S, zone_dir=ctx.zone.root, on_round=on_round
+            Path(work),
+            timeout_s=FEDERATED_TIMEOUT_S,
+            zone_dir=ctx.zone.root,
+            on_round=on_round,
+            # the sites' actors are named in the job's project's namespace
+            namespace=job.project,
         )
         # a completed run set its sites up, which reads their rows, whatever they recorded
         ctx.jobs.mark_data_opened(job.id)

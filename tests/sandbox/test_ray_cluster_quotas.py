@@ -12,6 +12,7 @@ run more GPUs than its quota.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,20 @@ def cluster() -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _named_actors(address: str) -> set[tuple[str, str]]:
+    """The cluster's live named actors, (name, namespace), read by a driver of its own."""
+    code = (
+        "import json, ray\n"
+        "from ray.util import list_named_actors\n"
+        f"ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False)\n"
+        "print(json.dumps(list_named_actors(all_namespaces=True)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return {(a["name"], a["namespace"]) for a in json.loads(out.stdout.strip().splitlines()[-1])}
+
+
 def test_gpu_quotas_hold_with_two_projects_competing_on_a_ray_cluster(
     tmp_path: Path, cluster: str
 ) -> None:
@@ -117,8 +132,12 @@ def test_gpu_quotas_hold_with_two_projects_competing_on_a_ray_cluster(
             states = {n: steward.get(f"/v1/jobs/{j}").json() for n, j in jobs.items()}
             running = {n for n, s in states.items() if s["state"] == "running"}
             assert not {"a1", "a2"} <= running, "readmission ran 2 GPUs on a quota of 1"
-            if {"a1", "b1"} <= running:
+            if {"a1", "b1"} <= running and not seen_both_projects:
                 seen_both_projects = True
+                # each project's job is an actor named after it in the project's namespace
+                named = _named_actors(cluster)
+                assert (jobs["a1"], "readmission") in named, named
+                assert (jobs["b1"], "second") in named, named
             a2 = states["a2"]
             if a2["state"] == "queued" and "waiting" in (a2.get("progress") or {}):
                 seen_a2_waiting = True

@@ -238,6 +238,7 @@ def run_federated_simulation(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     client_factory: str = DEFAULT_CLIENT_FACTORY,
     log_path: Path | None = None,
+    namespace: str | None = None,
 ) -> FederatedResult:
     """Run the job in ``payload_path`` on Flower's Simulation Engine; at most ``timeout_s``.
 
@@ -245,7 +246,8 @@ def run_federated_simulation(
     a folder in the system temp dir). ``client_factory`` names the ClientApp factory
     (``"module:function"``, called with the payload path). Raises ``ComputeError`` when the
     job fails or times out; ``summary.json`` (status "failed") then still holds what each
-    site spent, for the ledger. Raises ``SpecError`` for a bad payload or resources."""
+    site spent, for the ledger. Raises ``SpecError`` for a bad payload or resources.
+    ``namespace``: the Ray namespace the child's driver joins (the job's project)."""
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
         raise SpecError("timeout_s", "must be a number of seconds > 0", "e.g. 600")
     payload_path = Path(payload_path).resolve()
@@ -268,6 +270,7 @@ def run_federated_simulation(
         "payload": str(payload_path),
         "client_factory": client_factory,
         "ray_address": address,
+        "namespace": namespace,
         "ray_temp_dir": str(ray_temp_dir(zone)),
         "num_cpus_total": os.cpu_count() or 1,
         "num_supernodes": len(cfg.sites),
@@ -385,6 +388,7 @@ def _child(spec_path: str) -> int:
         if spec["ray_address"] is not None:
             ray.init(
                 address=spec["ray_address"],
+                namespace=spec.get("namespace"),
                 log_to_driver=False,
                 logging_level=logging.ERROR,
                 runtime_env=runtime_env,
@@ -394,6 +398,7 @@ def _child(spec_path: str) -> int:
             tmp.mkdir(parents=True, exist_ok=True)
             ray.init(
                 address="local",
+                namespace=spec.get("namespace"),
                 num_cpus=int(spec["num_cpus_total"]),
                 include_dashboard=False,
                 _temp_dir=str(tmp),
