@@ -17,6 +17,8 @@ A contract looks like::
     rows_per_person = "one"         # "one" | "many"; without an identifier it must be "one"
     counts = "private"              # "private" | "public": may researchers see exact row,
                                     # person and per-site counts? (default private)
+    query_rows_per_person = 1       # DP queries count at most this many rows per person
+                                    # (default 1; above 1 only with rows_per_person = "many")
 
     [columns.subject_id]
     type = "string"                 # an Arrow type name, see schema_columns.ARROW_TYPES
@@ -75,7 +77,7 @@ class RowsPerPerson(StrEnum):
     MANY = "many"
 
 
-_DATASET_KEYS = ("description", "rows_per_person", "counts")
+_DATASET_KEYS = ("description", "rows_per_person", "counts", "query_rows_per_person")
 _TOP_KEYS = ("dataset", "columns")
 _TOML_LOCATION = re.compile(r"\(at line (\d+), column (\d+)\)")
 
@@ -92,6 +94,10 @@ class SchemaContract:
     #: researcher: not in the dataset card, not through a plan's sample rate, not through a
     #: site left out for being small.
     counts_public: bool = False
+    #: the contribution bound of DP queries (``privacy.dpquery``): they read at most this many
+    #: rows per person (the first in storage order), and their sensitivity grows with it.
+    #: Above 1 only for ``rows_per_person = "many"``: with one row each there is nothing more.
+    query_rows_per_person: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.columns, tuple) or not self.columns:
@@ -116,6 +122,19 @@ class SchemaContract:
         if not isinstance(self.counts_public, bool):
             raise _fail(
                 "dataset.counts", "must be private or public", 'write "private" or "public"'
+            )
+        k = self.query_rows_per_person
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise _fail(
+                "dataset.query_rows_per_person",
+                "must be a whole number of at least 1",
+                "write e.g. query_rows_per_person = 1",
+            )
+        if k > 1 and self.rows_per_person is RowsPerPerson.ONE:
+            raise _fail(
+                "dataset.query_rows_per_person",
+                'is above 1 but rows_per_person is "one"',
+                'remove it, or declare rows_per_person = "many"',
             )
         for role in (Role.IDENTIFIER, Role.SITE):
             holders = [c.name for c in self.columns if c.role is role]
@@ -205,6 +224,7 @@ class SchemaContract:
             rows_per_person=RowsPerPerson(rows_per_person),
             description=dataset.get("description", ""),
             counts_public=counts == "public",
+            query_rows_per_person=dataset.get("query_rows_per_person", 1),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +234,9 @@ class SchemaContract:
             dataset["description"] = self.description
         if self.counts_public:
             dataset["counts"] = "public"
+        # left out at its default so contracts written before it keep their dicts and hashes
+        if self.query_rows_per_person != 1:
+            dataset["query_rows_per_person"] = self.query_rows_per_person
         return {
             "dataset": dataset,
             "columns": {c.name: c.to_dict() for c in self.columns},

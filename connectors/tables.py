@@ -2,7 +2,9 @@
 
 DP synthesis fits on a table of governed columns; like ``reader.load_split`` this keeps one
 row per person (the first in storage order) and splits by person with the same hash, so the
-train part here is the train part everywhere. The handle's ``on_open`` fires before the first
+train part here is the train part everywhere. DP queries (``privacy.dpquery``) pass
+``max_rows_per_person=k`` (the contract's ``query_rows_per_person``) to keep each person's
+first k rows in storage order instead; k = 1 is the one-row rule above. The handle's ``on_open`` fires before the first
 row is read. Direct identifiers never exist in governed storage; the pseudonym is read only
 to split and deduplicate and is dropped unless asked for.
 """
@@ -31,8 +33,12 @@ def load_table(
     test_fraction: float = 0.2,
     seed: int = 0,
     keep_identifier: bool = False,
+    max_rows_per_person: int = 1,
 ) -> pa.Table:
     contract = handle.contract
+    k = max_rows_per_person
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SpecError("max_rows_per_person", "must be a whole number of at least 1", "pass 1")
     known = {c.name: c for c in contract.columns}
     for name in columns:
         spec = known.get(name)
@@ -65,11 +71,18 @@ def load_table(
     else:
         ids = table.column(id_name).combine_chunks()
         persons = _hex_prefix(ids)
-        # first row of each person in storage order: one row per person bounds contributions
+        # each person's first k rows in storage order: k rows per person bounds contributions
+        # (k = 1: the first row). A stable sort groups a person's rows, keeping their order;
+        # a row's rank is its place in its group.
         codes = np.asarray(pc.dictionary_encode(ids).indices)
-        _, first = np.unique(codes, return_index=True)
-        keep = np.zeros(table.num_rows, dtype=bool)
-        keep[first] = True
+        order = np.argsort(codes, kind="stable")
+        new_group = np.ones(len(order), dtype=bool)
+        new_group[1:] = codes[order][1:] != codes[order][:-1]
+        starts = np.flatnonzero(new_group)
+        group_start = starts[np.cumsum(new_group) - 1]
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order)) - group_start
+        keep = rank < k
     if part is not None:
         salt = _splitmix64(np.array([seed], dtype=np.uint64))[0]
         u = (_splitmix64(persons ^ salt) >> np.uint64(11)).astype(np.float64) * 2.0**-53

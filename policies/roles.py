@@ -13,17 +13,17 @@ The roles (the Five Safes' "safe people"):
   Never touches data, never decides access.
 - **steward** governs data: registers and deletes datasets, caps what one person of a
   dataset may be charged across all projects, sets a project's GPU quota, approves or denies
-  access requests, reads budgets and the audit log. Never submits jobs or queries (separation of duties: the person who grants
-  access does not also spend it).
+  access requests, reads budgets, released queries and the audit log. Never submits jobs or queries
+  (separation of duties: the person who grants access does not also spend it).
 - **researcher** owns projects: creates them, adds members and closes them (the project's
   owner only, checked by the service), requests access, develops on dummy data, submits
   training jobs, fetches released results.
-- **analyst** explores approved data from the notebook kernel: dummy data and quotes,
-  reading the jobs and results of projects they belong to (DP queries come later, with their
-  own action and code path). An analyst does *not* submit or
-  cancel training jobs, create projects or request access: those belong to the researcher
-  who owns the project, who adds the analyst as a member. (The architecture gives analysts
-  "DP queries and synthetic data only, never raw rows"; a training job is neither.)
+- **analyst** explores approved data from a notebook kernel inside the zone, as a member of
+  a project: DP queries (``query.run``, charged to the project's ``dp-query`` grant), dummy
+  data, released synthetic data and quotes, and submitting, following and cancelling the
+  project's jobs (the mission: analysts reach data "only through DP queries, synthetic data
+  and job submission"). An analyst does *not* create projects, request access or fit
+  synthetic data: those belong to the researcher who owns the project and adds the analyst.
 
 Every role enrols and confirms its own second factor (``user.totp.*``).
 
@@ -91,6 +91,8 @@ class Action(StrEnum):
     USER_TOTP_ENROL = "user.totp.enrol"
     USER_TOTP_CONFIRM = "user.totp.confirm"
     DATASET_DELETE = "dataset.delete"
+    QUERY_RUN = "query.run"
+    QUERY_LIST = "query.list"
 
 
 _A = Action
@@ -110,7 +112,7 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.DATASET_CAP, _A.DATASET_CAP_SHOW, _A.PROJECT_GPU_QUOTA, _A.DATASET_DELETE,
         _A.ACCESS_LIST, _A.ACCESS_APPROVE, _A.ACCESS_DENY, _A.ACCESS_REVOKE,
         _A.AUDIT_LIST, _A.AUDIT_VERIFY,
-        _A.BUDGET_SHOW,
+        _A.BUDGET_SHOW, _A.QUERY_LIST,
         _A.USER_LIST, _A.PROJECT_LIST, _A.PROJECT_SHOW, _A.JOB_LIST, _A.JOB_STATUS,
         # non-DP synthesizers fit inside the zone for stewards; their output is held
         _A.SYNTH_FIT, _A.SYNTH_REPORT, _A.SYNTH_RELEASE,
@@ -124,15 +126,19 @@ PERMISSIONS: Mapping[Role, frozenset[Action]] = MappingProxyType({
         _A.JOB_SUBMIT, _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT, _A.JOB_CANCEL,
         _A.BUDGET_SHOW,
         _A.SYNTH_DUMMY, _A.SYNTH_FIT, _A.SYNTH_REPORT, _A.JOB_QUOTE,
+        _A.QUERY_RUN, _A.QUERY_LIST,
         _A.USER_TOTP_ENROL, _A.USER_TOTP_CONFIRM,  # their own second factor
     }),
+    # analysts explore in a notebook kernel: DP queries, dummy and released synthetic data, and
+    # jobs in the projects they are members of (they neither create projects nor ask for access)
     Role.ANALYST: frozenset({
         _A.DATASET_LIST, _A.DATASET_SHOW,
         _A.PROJECT_LIST, _A.PROJECT_SHOW,
         _A.ACCESS_LIST,
-        _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT,
+        _A.JOB_SUBMIT, _A.JOB_LIST, _A.JOB_STATUS, _A.JOB_RESULT, _A.JOB_CANCEL,
         _A.BUDGET_SHOW,
         _A.SYNTH_DUMMY, _A.SYNTH_REPORT, _A.JOB_QUOTE,
+        _A.QUERY_RUN, _A.QUERY_LIST,
         _A.USER_TOTP_ENROL, _A.USER_TOTP_CONFIRM,  # their own second factor
     }),
 })

@@ -22,8 +22,9 @@ from sqlalchemy.engine import make_url
 
 from foundation.errors import SpecError
 
-#: history: the service appends and reads, never rewrites
-APPEND_ONLY = frozenset({"ledger_events", "audit_events"})
+#: history (the ledger, the audit log, released DP query answers): the service appends and
+#: reads, never rewrites
+APPEND_ONLY = frozenset({"ledger_events", "audit_events", "query_releases"})
 #: written once by the owner at init
 READ_ONLY = frozenset({"zone_meta"})
 

@@ -146,14 +146,14 @@ def run_demo(
         step('sandbox project create readmission --purpose "30-day readmission risk"   # as rita')
         svc.create_project(rita, "readmission", "30-day readmission risk model")
         step(
-            "sandbox access request readmission --dataset cohort --columns ... --mechanism dp-sgd,federated,synthetic --epsilon 3 --delta 1e-5"
+            "sandbox access request readmission --dataset cohort --columns ... --mechanism dp-sgd,federated,synthetic,dp-query --epsilon 3 --delta 1e-5"
         )
         req = svc.request_access(
             rita,
             "readmission",
             "cohort",
             [*DEMO_FEATURES, DEMO_LABEL, "hospital"],
-            ["dp-sgd", "federated", "synthetic"],
+            ["dp-sgd", "federated", "synthetic", "dp-query"],
             3.0,
             1e-5,
         )
@@ -255,6 +255,23 @@ def run_demo(
             )
         console.print(f"  curve: {curve['png']}")
 
+        step(
+            "sandbox query run mean age --by hospital --project readmission --dataset cohort"
+            " --epsilon 0.1   # as rita: a DP query, quoted then charged"
+        )
+        query = {"dataset": "cohort", "kind": "mean", "column": "age", "by": "hospital"}
+        query["epsilon"] = 0.1
+        quoted = svc.run_query(rita, "readmission", query, dry=True)
+        asked = svc.run_query(rita, "readmission", query)
+        console.print(
+            f"  quoted epsilon {quoted['epsilon']:g}, charged {asked['epsilon']:g}; "
+            f"mean age at {len(asked['figures'])} hospitals, e.g. "
+            + ", ".join(
+                f"{f['group']} {f['value']:.1f} ({f['ci_low']:.1f}-{f['ci_high']:.1f})"
+                for f in asked["figures"][:2]
+            )
+        )
+
         step("sandbox budget readmission")
         bal = next(b for b in svc.budget(rita, "readmission") if not b.key.site)
         step("sandbox audit verify   # as sam")
@@ -289,6 +306,14 @@ def run_demo(
                 "excluded": fed.get("excluded"),
                 "dp_metrics": fed.get("metrics"),
             },
+            "query": {
+                "id": asked["id"],
+                "kind": "mean age by hospital",
+                "quoted_epsilon": quoted["epsilon"],
+                "charged_epsilon": asked["epsilon"],
+                "groups": len(asked["figures"]),
+            },
+            "spent_by": dict(bal.spent_by),
             "release": str(out),
             "scored_rows": scored,
             "audit": {"verified": verified.ok, "events": verified.checked},
@@ -313,6 +338,11 @@ def run_demo(
             + ", ".join(
                 f"{s} {e:.3f}" for s, e in sorted(summary["federated"]["site_epsilon"].items())
             )
+        )
+        console.print(
+            "spent by mechanism: "
+            + ", ".join(f"{m} {e:.3f}" for m, e in summary["spent_by"].items())
+            + f" (the DP query: epsilon {summary['query']['charged_epsilon']:g})"
         )
         console.print(f"audit chain verified: {verified.ok} ({verified.checked} events)")
         console.print(f"release in {out}; zone in {root}; {summary['seconds']} s")

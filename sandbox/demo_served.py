@@ -140,7 +140,7 @@ def run_served_demo(patients: int = 20_000, as_json: bool = False) -> dict[str, 
         cols = ",".join([*DEMO_FEATURES, DEMO_LABEL, "hospital"])
         req = d.run(
             "researcher", "access", "request", "readmission", "--dataset", "cohort",
-            "--columns", cols, "--mechanism", "dp-sgd,federated,synthetic",
+            "--columns", cols, "--mechanism", "dp-sgd,federated,synthetic,dp-query",
             "--epsilon", "3", "--delta", "1e-5",
         )  # fmt: skip
         expires = (datetime.now(UTC) + timedelta(days=90)).date().isoformat()
@@ -198,6 +198,14 @@ def run_served_demo(patients: int = 20_000, as_json: bool = False) -> dict[str, 
                 if auroc is not None
                 else f"  epsilon {pt['epsilon']:>4g}: -"
             )
+        q = ["query", "run", "mean", "age", "--by", "hospital", "--project", "readmission",
+             "--dataset", "cohort", "--epsilon", "0.1"]  # fmt: skip
+        quoted = d.run("researcher", *q, "--dry")
+        asked = d.run("researcher", *q)
+        console.print(
+            f"  DP query (mean age by hospital): quoted epsilon {quoted['epsilon']:g}, "
+            f"charged {asked['epsilon']:g}, {len(asked['figures'])} hospitals"
+        )
         budget = d.run("researcher", "budget", "readmission")
         audit = d.run("operator", "audit", "verify")
         (b,) = [x for x in budget["budgets"] if not x["key"].get("site")]
@@ -217,6 +225,11 @@ def run_served_demo(patients: int = 20_000, as_json: bool = False) -> dict[str, 
                 "report": report,
                 "quote_epsilon": quote.get("epsilon"),
                 "curve": (quote.get("curve") or {}).get("points"),
+            },
+            "query": {
+                "id": asked.get("id"),
+                "quoted_epsilon": quoted.get("epsilon"),
+                "charged_epsilon": asked.get("epsilon"),
             },
             "audit": {"verified": audit.get("ok"), "events": audit.get("checked")},
             "seconds": round(time.perf_counter() - t0, 1),
@@ -242,6 +255,11 @@ def run_served_demo(patients: int = 20_000, as_json: bool = False) -> dict[str, 
     console.print(
         "federated per-site epsilon: "
         + ", ".join(f"{s} {e:.3f}" for s, e in sorted(summary["federated"].items()))
+    )
+    console.print(
+        "spent by mechanism: "
+        + ", ".join(f"{m} {e:.3f}" for m, e in (b.get("spent_by") or {}).items())
+        + f" (the DP query: epsilon {summary['query']['charged_epsilon']:g})"
     )
     console.print(
         f"audit chain verified: {summary['audit']['verified']} ({summary['audit']['events']} events)"

@@ -37,6 +37,7 @@ from policies.store import StateStore
 from policies.store_logins import LoginStore
 from privacy.ledger import Ledger
 from sandbox.backend import InProcessBackend, JobBackend
+from sandbox.budget_view import BudgetView, spent_by_mechanism
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.dataset_delete import delete_dataset
 from sandbox.db_roles import grant_service_role, service_role_of
@@ -45,11 +46,13 @@ from sandbox.jobs import JobRecord, JobState, JobStore
 from sandbox.jobspec import JobSpec, Mode
 from sandbox.login_policy import LoginPolicy
 from sandbox.mechanisms.base import close_reservations, is_charged
+from sandbox.query_releases import QueryReleases
 from sandbox.release import RELEASED_FILES, SYNTH_FILES, release_artefacts
 from sandbox.runner import JobRunner
 from sandbox.schema_upgrade import check_current, stamp_head
 from sandbox.service_access import AccessCalls
 from sandbox.service_login import Logins
+from sandbox.service_query import QueryCalls
 from sandbox.service_synth import SynthCalls
 from sandbox.zone import DEFAULT_DB_URL, Zone
 
@@ -96,6 +99,8 @@ class Service(AccessCalls):
         )
         self.runner = JobRunner(self.ctx, executor)
         self.synth = SynthCalls(self.ctx, self.runner)
+        # analysts' DP queries, answered in this process (``sandbox.service_query``)
+        self.queries = QueryCalls(self.ctx, QueryReleases(self.engine))
         # token expiry and second factors (zone.toml [login])
         self.logins = Logins(self.ctx, LoginStore(self.engine), LoginPolicy.of_zone(zone.root))
 
@@ -129,6 +134,7 @@ class Service(AccessCalls):
         svc.ledger.create_schema()
         create_schema(svc.engine)
         svc.jobs.create_schema()
+        svc.queries.releases.create_schema()
         # the whole schema, made at once, is the newest revision
         stamp_head(svc.engine)
         user, token = svc.store.add_user("operator", Role.OPERATOR)
@@ -429,10 +435,25 @@ class Service(AccessCalls):
     # -- budget and audit --------------------------------------------------------------------
 
     def budget(self, actor: Actor, project: str) -> list[Any]:
+        """Each budget key's balance, with what each mechanism spent of it (``spent_by``:
+        training, federated, synthetic data and DP queries side by side)."""
         with self.ctx.act(actor, Action.BUDGET_SHOW, project):
             self.store.get_project(project)
             self.ctx.check_member(actor, project)
-            return self.ledger.balances(project)
+            return [
+                BudgetView.of(b, spent_by_mechanism(self.ledger.events(b.key), self.jobs))
+                for b in self.ledger.balances(project)
+            ]
+
+    # -- DP queries (``sandbox.service_query``) ----------------------------------------------
+
+    def run_query(
+        self, actor: Actor, project: str, query: Any, dry: bool = False
+    ) -> dict[str, Any]:
+        return self.queries.run_query(actor, project, query, dry)
+
+    def list_queries(self, actor: Actor, project: str) -> list[dict[str, Any]]:
+        return self.queries.list_queries(actor, project)
 
     def audit_list(self, actor: Actor, limit: int = 100) -> list[Any]:
         with self.ctx.act(actor, Action.AUDIT_LIST):

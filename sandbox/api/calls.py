@@ -228,6 +228,15 @@ CALLS: tuple[Call, ...] = (
     ),
     # budget and audit
     Call("budget", "GET", "/v1/projects/{project}/budget", _A.BUDGET_SHOW, _a("project")),
+    # analysts' DP queries (answered in the service; ``dry`` only quotes)
+    Call(
+        "run_query",
+        "POST",
+        "/v1/projects/{project}/queries",
+        _A.QUERY_RUN,
+        _a("project", "query", "dry?"),
+    ),
+    Call("list_queries", "GET", "/v1/projects/{project}/queries", _A.QUERY_LIST, _a("project")),
     Call("audit_list", "GET", "/v1/audit", _A.AUDIT_LIST, _a("limit?")),
     Call("audit_verify", "POST", "/v1/audit/verify", _A.AUDIT_VERIFY),
 )

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
     def budget(
         project: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
     ) -> None:
-        """Granted, reserved, spent and remaining epsilon and delta, per dataset."""
+        """Granted, reserved, spent (per mechanism) and remaining epsilon and delta, per dataset."""
         with session(zone, token) as s:
             bs = s.service.budget(s.user, project)
         emit(
@@ -31,6 +31,10 @@ def register(app: typer.Typer) -> None:
                     {
                         **to_jsonable(b),
                         "dataset": b.key.dataset + (f"@{b.key.site}" if b.key.site else ""),
+                        # training, federated, synthetic data and DP queries side by side
+                        "spent by": ", ".join(
+                            f"{m} {v:.3g}" for m, v in (b.spent_by or {}).items()
+                        ),
                     }
                     for b in bs
                 ],
@@ -39,6 +43,7 @@ def register(app: typer.Typer) -> None:
                     "granted_epsilon",
                     "reserved_epsilon",
                     "spent_epsilon",
+                    "spent by",
                     "remaining_epsilon",
                     "granted_delta",
                     "spent_delta",

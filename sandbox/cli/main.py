@@ -23,6 +23,7 @@ from sandbox.cli import (
     jobs,
     models,
     projects,
+    query,
     serve,
     synth,
     users,
@@ -66,6 +67,7 @@ app.add_typer(models.app, name="model")
 budget.register(app)
 app.add_typer(audit.app, name="audit")
 app.add_typer(synth.app, name="synth")
+app.add_typer(query.app, name="query")
 demo.register(app)
 
 

@@ -36,11 +36,11 @@ access.list         x        x       x          x
 access.approve      .        x       .          .
 access.deny         .        x       .          .
 access.revoke       .        x       .          .
-job.submit          .        .       x          .
+job.submit          .        .       x          x
 job.list            x        x       x          x
 job.status          x        x       x          x
 job.result          .        .       x          x
-job.cancel          .        .       x          .
+job.cancel          .        .       x          x
 budget.show         .        x       x          x
 audit.list          x        x       .          .
 audit.verify        x        x       .          .
@@ -49,6 +49,8 @@ synth.fit           .        x       x          .
 synth.report        .        x       x          x
 synth.release       .        x       .          .
 job.quote           .        .       x          x
+query.run           .        .       x          x
+query.list          .        x       x          x
 """
 
 
@@ -102,13 +104,13 @@ def test_action_values_are_the_service_calls() -> None:
         "synth.fit", "synth.report", "synth.release", "job.quote", "dataset.cap",
         "access.revoke", "project.member.add", "project.close", "project.gpu_quota",
         "user.reissue", "dataset.cap.show", "user.totp.enrol", "user.totp.confirm",
-        "dataset.delete",
+        "dataset.delete", "query.run", "query.list",
     ]  # fmt: skip
 
 
 def test_separation_of_duties() -> None:
     # who grants access never spends it; who runs the zone never decides access or sees data
-    for spend in (Action.JOB_SUBMIT, Action.JOB_CANCEL, Action.ACCESS_REQUEST):
+    for spend in (Action.JOB_SUBMIT, Action.JOB_CANCEL, Action.ACCESS_REQUEST, Action.QUERY_RUN):
         assert not is_allowed(Role.STEWARD, spend)
         assert not is_allowed(Role.OPERATOR, spend)
     for decide in (

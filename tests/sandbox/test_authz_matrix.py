@@ -79,6 +79,8 @@ SCOPE: dict[str, str] = {
     "synth_fit": "dp_synth",
     "synth_report": "member",
     "budget": "member",
+    "run_query": "member",
+    "list_queries": "member",
 }
 
 #: allowed rows that still fail, for a reason that is no authorisation: the status expected
@@ -265,6 +267,16 @@ def arguments(call: str, caller: str, p: str, t: Targets) -> tuple[dict[str, Any
         "synth_report": lambda: ({"job_id": t.job[p]}, p),
         "synth_release": lambda: ({"job_id": t.job[p]}, p),
         "budget": lambda: ({"project": p}, p),
+        # a quote (dry): decided like a run, on the dp-query grant every project holds
+        "run_query": lambda: (
+            {
+                "project": p,
+                "query": {"dataset": "cohort", "kind": "mean", "column": "age", "epsilon": 0.05},
+                "dry": True,
+            },
+            p,
+        ),
+        "list_queries": lambda: ({"project": p}, p),
         "audit_list": lambda: ({"limit": 5}, None),
         "audit_verify": lambda: ({}, None),
     }
@@ -334,7 +346,7 @@ def build_world(root: Path) -> tuple[dict[str, str], Targets]:
     for p, (owner, members) in owners.items():
         t.owner[p] = owner.name
         t.members[p] = {owner.name, *members}
-        # a throwaway grant for revoke_grant (a mechanism no row uses)
+        # a dp-query grant: run_query's rows quote on it, then revoke_grant revokes it
         t.grant_revoke[p] = granted(p, ["age"], ["dp-query"], 0.1)
         for bucket in (t.req_show, t.req_approve, t.req_deny):
             bucket[p] = str(
