@@ -221,8 +221,8 @@ def zone(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             rita,
             "readmission",
             ds,
-            [*FEATURES, LABEL],
-            ["dp-sgd", "synthetic", "federated"],
+            [*FEATURES, LABEL, "hospital"],
+            ["dp-sgd", "synthetic", "federated", "dp-query"],
             20.0,
             1e-5,
         )
@@ -289,6 +289,14 @@ def researcher_session(cli: Cli, tmp: Path, ds: str, *, curve: bool) -> None:
     cli.file("synth_card.json", srel / "synth_card.json", ds)
     cli("jobs", "status", fit["id"])
     cli("jobs", "list")
+    # DP queries: a quote, answers of each shape, the list of released answers
+    ask = ["--project", "readmission", "--dataset", ds, "--epsilon"]
+    cli("query", "run", "mean", "age", *ask, "0.1", "--by", "hospital", "--dry", dataset=ds)
+    cli("query", "run", "mean", "age", *ask, "0.1", "--by", "hospital", dataset=ds)
+    cli("query", "run", "count", *ask, "0.1", dataset=ds)
+    cli("query", "run", "histogram", "age", *ask, "0.1", "--bins", "4", dataset=ds)
+    cli("query", "run", "quantiles", "age", *ask, "0.1", "-q", "0.5", dataset=ds)
+    cli("query", "list", "--project", "readmission", dataset=ds)
     cli("budget", "readmission")
 
 
