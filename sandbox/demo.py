@@ -259,7 +259,8 @@ def run_demo(
             "sandbox query run mean age --by hospital --project readmission --dataset cohort"
             " --epsilon 0.1   # as rita: a DP query, quoted then charged"
         )
-        query = {"dataset": "cohort", "kind": "mean", "column": "age", "by": "hospital"}
+        query: dict[str, Any] = {"dataset": "cohort", "kind": "mean", "column": "age"}
+        query["by"] = "hospital"
         query["epsilon"] = 0.1
         quoted = svc.run_query(rita, "readmission", query, dry=True)
         asked = svc.run_query(rita, "readmission", query)

@@ -22,6 +22,7 @@ from sandbox.cli import (
     demo,
     jobs,
     models,
+    notebook,
     projects,
     query,
     serve,
@@ -69,6 +70,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(synth.app, name="synth")
 app.add_typer(query.app, name="query")
 demo.register(app)
+notebook.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
