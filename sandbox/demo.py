@@ -266,7 +266,7 @@ def run_demo(
         asked = svc.run_query(rita, "readmission", query)
         console.print(
             f"  quoted epsilon {quoted['epsilon']:g}, charged {asked['epsilon']:g}; "
-            f"mean age at {len(asked['figures'])} hospitals, e.g. "
+            f"mean age in {len(asked['figures'])} groups (the declared hospitals and (other)), e.g. "
             + ", ".join(
                 f"{f['group']} {f['value']:.1f} ({f['ci_low']:.1f}-{f['ci_high']:.1f})"
                 for f in asked["figures"][:2]

@@ -204,7 +204,7 @@ def run_served_demo(patients: int = 20_000, as_json: bool = False) -> dict[str, 
         asked = d.run("researcher", *q)
         console.print(
             f"  DP query (mean age by hospital): quoted epsilon {quoted['epsilon']:g}, "
-            f"charged {asked['epsilon']:g}, {len(asked['figures'])} hospitals"
+            f"charged {asked['epsilon']:g}, {len(asked['figures'])} groups (the declared hospitals and (other))"
         )
         budget = d.run("researcher", "budget", "readmission")
         audit = d.run("operator", "audit", "verify")
