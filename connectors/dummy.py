@@ -21,6 +21,9 @@ data):
 * numeric columns with a declared ``[min, max]``: integers uniformly over the integer values
   in the domain; floats uniformly, or triangular with its mode at the declared ``fill`` when
   there is one; values always lie inside the domain after rounding to the column's type;
+  a column declared ``scale = "log"`` draws the same way on ``log(1 + x)`` (uniform, or
+  triangular with its mode at ``log1p(fill)``, between ``log1p(min)`` and ``log1p(max)``;
+  integers are rounded), so its values are heavy-tailed as the declaration says;
 * numeric columns without a domain: :data:`UNDECLARED_NUMERIC_RANGE`;
 * bool columns: fair coin flips;
 * labels: 1 (``True``) with the declared ``positive_rate`` (else one half), else 0; an integer
@@ -42,6 +45,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from connectors.scales import Scale, from_scale, to_scale
 from connectors.schema import SchemaContract
 from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import SpecError
@@ -199,6 +203,15 @@ def _numbers(spec: ColumnSpec, n: int, rng: np.random.Generator) -> np.ndarray:
     if spec.type == "bool":
         return (rng.random(n) < 0.5).astype(np.float64)
     lo, hi = _domain(spec, UNDECLARED_NUMERIC_RANGE)
+    if spec.scale is Scale.LOG:
+        # the contract's rules guarantee a declared domain with min >= 0 here
+        a, b = float(to_scale(lo, spec.scale)), float(to_scale(hi, spec.scale))
+        if spec.fill is not None and lo < spec.fill < hi:
+            drawn = rng.triangular(a, float(to_scale(spec.fill, spec.scale)), b, size=n)
+        else:
+            drawn = rng.uniform(a, b, size=n)
+        values = np.clip(from_scale(drawn, spec.scale), lo, hi)
+        return np.round(values) if spec.is_integer else values
     if spec.is_integer:
         low, high = math.ceil(lo), math.floor(hi)
         return rng.integers(low, high + 1, size=n).astype(np.float64)

@@ -3,8 +3,9 @@
 A mean, a range or a vocabulary computed on real rows would be an uncharged release (see
 ``docs/privacy-model.md``), so ``FeaturePlan.from_contract`` reads nothing but the contract:
 each feature column becomes one ``FeatureStep`` (``connectors.preprocess_steps``: a numeric
-column scaled by its declared domain, a bool flag as 0/1, or a string one-hot over its declared
-vocabulary, each with a missing indicator), and the plan is those steps in order.
+column scaled by its declared domain, linearly or, where the contract declares
+``scale = "log"``, by ``log(1 + x)``; a bool flag as 0/1; or a string one-hot over its declared
+vocabulary; each with a missing indicator), and the plan is those steps in order.
 
 The plan is JSON-safe (``to_dict``/``from_dict``) and travels with a released model, so that
 ``predict`` outside the zone applies exactly the same transformation to new rows.

@@ -76,7 +76,7 @@ def _normalise(step: FeatureStep, column: pa.ChunkedArray) -> pa.ChunkedArray:
         column, t = pc.cast(column, t.value_type), t.value_type
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
         column, t = pc.cast(column, pa.string()), pa.string()
-    if step.kind is StepKind.NUMERIC:
+    if step.scaled:
         if pa.types.is_integer(t) or t in (pa.float32(), pa.float64()):
             return column
         if pa.types.is_boolean(t):
@@ -218,6 +218,25 @@ def _numeric_kernel(step: FeatureStep, chunk: pa.Array, rows: np.ndarray) -> Non
     _finish(values, indicator, missing, step.scaled_fill)
 
 
+def _log_kernel(step: FeatureStep, chunk: pa.Array, rows: np.ndarray) -> None:
+    values, indicator = rows[0], rows[1]
+    lo, width = step.log_bounds
+    # clamp into [min, max] first (log1p of a value below -1 would be NaN, read as missing),
+    # then (log1p(x) - log1p(min)) / (log1p(max) - log1p(min)) in float32; a division, not a
+    # multiplication by the reciprocal, so x = max gives exactly 1 (x = min gives exactly 0)
+    np.copyto(values, _values(chunk), casting="unsafe")
+    np.clip(values, np.float32(step.min), np.float32(step.max), out=values)
+    np.log1p(values, out=values)
+    np.subtract(values, lo, out=values)
+    np.divide(values, width, out=values)
+    np.clip(values, 0.0, 1.0, out=values)
+    missing = _missing(chunk)
+    if pa.types.is_floating(chunk.type) and np.isnan(values).any():
+        nan = np.isnan(values)  # NaN is missing too (it arrives from files outside the zone)
+        missing = nan if missing is None else np.logical_or(missing, nan)
+    _finish(values, indicator, missing, step.scaled_fill)
+
+
 def _flag_kernel(step: FeatureStep, chunk: pa.Array, rows: np.ndarray) -> None:
     values, indicator = rows[0], rows[1]
     bits = _bitmap(chunk.buffers()[1], chunk.offset, len(chunk), invert=False)
@@ -267,6 +286,8 @@ def _apply(step: FeatureStep, chunk: pa.Array, lookup: np.ndarray | None, rows: 
         _all_missing(step, rows)
     elif step.kind is StepKind.NUMERIC:
         _numeric_kernel(step, chunk, rows)
+    elif step.kind is StepKind.LOG:
+        _log_kernel(step, chunk, rows)
     elif step.kind is StepKind.FLAG:
         _flag_kernel(step, chunk, rows)
     else:

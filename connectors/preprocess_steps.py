@@ -6,6 +6,11 @@
   clipped to [0, 1]; a missing value (null or NaN) -> the declared ``fill`` (else the domain
   midpoint), scaled the same way, plus a ``NAME__missing`` indicator. An int 0/1 flag is a
   numeric feature with ``min = 0, max = 1``, so it comes out as 0/1 unchanged.
+* numeric feature declared ``scale = "log"`` -> the same, on ``log(1 + x)``: the value is
+  clamped into [min, max], then ``(log1p(x) - log1p(min)) / (log1p(max) - log1p(min))``, so
+  min -> 0 and max -> 1 as on the linear path; a missing value -> the declared ``fill`` put
+  through the same transform (else 0.5, the midpoint on the log scale), plus the indicator.
+  Its step kind is ``log`` (a plan written before it never holds one).
 * bool feature -> 0/1; missing -> ``fill`` (else 0.5) plus ``NAME__missing``.
 * string feature (declared ``categories``) -> one-hot ``NAME=CATEGORY`` per category, then
   ``NAME__other`` for anything outside the vocabulary and ``NAME__missing`` for nulls.
@@ -23,6 +28,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
+from connectors.scales import Scale
 from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import SpecError
 
@@ -30,6 +38,9 @@ from foundation.errors import SpecError
 class StepKind(StrEnum):
     #: scaled to [0, 1] by the declared domain, plus a missing indicator
     NUMERIC = "numeric"
+    #: scaled to [0, 1] by log(1 + x) over the declared domain (``scale = "log"``), plus a
+    #: missing indicator
+    LOG = "log"
     #: a bool column as 0/1, plus a missing indicator
     FLAG = "flag"
     #: one-hot over the declared categories, plus "other" and "missing"
@@ -60,17 +71,23 @@ class FeatureStep:
             object.__setattr__(self, "kind", StepKind(self.kind))
         except ValueError:
             raise SpecError(
-                f"{field}.kind", "is not a known step kind", "use numeric, flag or category"
+                f"{field}.kind",
+                "is not a known step kind",
+                "use numeric, log, flag or category",
             ) from None
-        if self.kind is StepKind.NUMERIC:
+        if self.scaled:
             lo, hi = _finite(self.min, f"{field}.min"), _finite(self.max, f"{field}.max")
             if lo >= hi:
                 raise SpecError(f"{field}.min", "must be below max", "rebuild from the contract")
+            if self.kind is StepKind.LOG and lo < 0:
+                raise SpecError(
+                    f"{field}.min", "must be 0 or more for a log step", "rebuild from the contract"
+                )
             object.__setattr__(self, "min", lo)
             object.__setattr__(self, "max", hi)
         if self.fill is not None:
             fill = _finite(self.fill, f"{field}.fill")
-            bounds = (self.min, self.max) if self.kind is StepKind.NUMERIC else (0.0, 1.0)
+            bounds = (self.min, self.max) if self.scaled else (0.0, 1.0)
             lo_b, hi_b = bounds
             if self.kind is StepKind.CATEGORY or not (lo_b <= fill <= hi_b):  # type: ignore[operator]
                 raise SpecError(
@@ -104,16 +121,34 @@ class FeatureStep:
         return len(self.categories) + 2 if self.kind is StepKind.CATEGORY else 2
 
     @property
+    def scaled(self) -> bool:
+        """Whether the step scales a number by its declared domain (numeric or log)."""
+        return self.kind in (StepKind.NUMERIC, StepKind.LOG)
+
+    @property
+    def log_bounds(self) -> tuple[np.float32, np.float32]:
+        """``log1p(min)`` and ``log1p(max) - log1p(min)`` as the log kernel computes them
+        (float32 ``log1p`` of the float32 bounds), so that min maps to exactly 0 and max to
+        exactly 1."""
+        lo = np.log1p(np.float32(self.min))
+        return lo, np.log1p(np.float32(self.max)) - lo
+
+    @property
     def scaled_fill(self) -> float:
         if self.kind is StepKind.NUMERIC:
             lo, hi = self.min, self.max
             fill = (lo + hi) / 2.0 if self.fill is None else self.fill  # type: ignore[operator]
             return (fill - lo) / (hi - lo)  # type: ignore[operator]
+        if self.kind is StepKind.LOG:
+            if self.fill is None:
+                return 0.5
+            log_lo, width = self.log_bounds
+            return float((np.log1p(np.float32(self.fill)) - log_lo) / width)
         return 0.5 if self.fill is None else self.fill
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "type": self.type}
-        if self.kind is StepKind.NUMERIC:
+        if self.scaled:
             out["min"], out["max"] = self.min, self.max
         if self.fill is not None:
             out["fill"] = self.fill
@@ -153,7 +188,8 @@ def _step_for(spec: ColumnSpec) -> FeatureStep:
                 f"{name!r} has no declared min/max to scale by",
                 "declare its domain in the schema contract",
             )
-        return FeatureStep(name, StepKind.NUMERIC, spec.type, spec.min, spec.max, spec.fill)
+        kind = StepKind.LOG if spec.scale is Scale.LOG else StepKind.NUMERIC
+        return FeatureStep(name, kind, spec.type, spec.min, spec.max, spec.fill)
     if spec.type == "bool":
         return FeatureStep(name, StepKind.FLAG, spec.type, fill=spec.fill)
     if spec.categories is None:

@@ -1,10 +1,10 @@
 """The schema contract: what a data steward declares about a dataset, as TOML.
 
 The contract is the single source of every fact the zone may use about a dataset without
-spending privacy budget: column names, Arrow types, roles, declared domains (``min``/``max``),
-declared vocabularies (``categories``) and declared fills. Preprocessing takes its parameters
-from here and never from rows, because a range or vocabulary computed on real rows would be
-an uncharged release (see ``docs/privacy-model.md``).
+spending privacy budget: column names, Arrow types, roles, declared domains (``min``/``max``)
+and their ``scale``, declared vocabularies (``categories``) and declared fills. Preprocessing
+takes its parameters from here and never from rows, because a range or vocabulary computed on
+real rows would be an uncharged release (see ``docs/privacy-model.md``).
 
 This module holds the contract as a whole (``SchemaContract``: TOML in, Arrow schemas out, the
 dataset-level rules); one column's declaration and its rules (``ColumnSpec``, ``Role``,
@@ -32,6 +32,15 @@ A contract looks like::
     fill = 50                       # optional fill for missing values (inside the domain)
     missing_rate = 0.0              # optional, declared, 0..1 (for dummy data)
 
+    [columns.crp]
+    type = "float64"
+    role = "feature"
+    min = 0                         # scale = "log" needs min >= 0
+    max = 500
+    scale = "log"                   # optional, "linear" (default) or "log": a heavy-tailed
+                                    # column is spread by log(1 + x), in preprocessing, the
+                                    # synthesizers' bins, DP query histograms and dummy data
+
     [columns.sex]
     type = "string"
     role = "feature"
@@ -45,7 +54,8 @@ A contract looks like::
     # outcome (what training and synthesis assume); declare min and max for any other range
 
 Other optional column keys: ``nullable`` (bool; identifier, site and label columns are
-always non-null) and ``description``.
+always non-null) and ``description``. ``scale = "log"`` is allowed on numeric feature and
+sensitive columns only, with a declared domain whose ``min`` is 0 or more.
 
 Every check runs on construction (``ColumnSpec`` and ``SchemaContract`` validate themselves
 in ``__post_init__``), so a contract object that exists is a valid one. Errors are

@@ -2,11 +2,11 @@
 
 A ``ColumnSpec`` is one ``[columns.NAME]`` table of the contract (``connectors.schema`` shows
 the whole TOML layout): its Arrow type (a key of ``ARROW_TYPES``), its ``Role``, and the facts a
-steward declares about it (domain, vocabulary, fill, rates, nullability). Every rule that ties
-those keys to the column's type and role runs in ``__post_init__``, so a spec that exists is a
-valid one. Errors are ``SchemaError`` naming the TOML key (``columns.age.min``) and the fix,
-never a value; column names are checked here too (``_check_name``), because preprocessing's
-output names reserve ``__`` and ``=``.
+steward declares about it (domain and its ``Scale``, from ``connectors.scales``; vocabulary,
+fill, rates, nullability). Every rule that ties those keys to the column's type and role runs
+in ``__post_init__``, so a spec that exists is a valid one. Errors are ``SchemaError`` naming
+the TOML key (``columns.age.min``) and the fix, never a value; column names are checked here
+too (``_check_name``), because preprocessing's output names reserve ``__`` and ``=``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from connectors.scales import Scale
 from foundation.errors import SchemaError
 
 
@@ -78,6 +79,7 @@ _COLUMN_KEYS = (
     "positive_rate",
     "nullable",
     "description",
+    "scale",
 )
 
 # "__" and "=" are reserved by preprocessing's output names (``age__missing``, ``sex=F``),
@@ -130,6 +132,8 @@ class ColumnSpec:
     #: None means "the role's default": identifier, site and label are non-null, others nullable
     nullable: bool | None = None
     description: str = ""
+    #: how the declared domain is spread (numeric feature and sensitive columns only)
+    scale: Scale = Scale.LINEAR
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -180,7 +184,36 @@ class ColumnSpec:
             )
         if not isinstance(self.description, str):
             raise _fail(f"{key}.description", "must be a string", 'write "..."', self.name)
+        try:
+            object.__setattr__(self, "scale", Scale(self.scale))
+        except (ValueError, TypeError):
+            raise _fail(
+                f"{key}.scale",
+                'must be "linear" or "log"',
+                'write scale = "log" for a heavy-tailed column, or leave scale out (linear)',
+                self.name,
+            ) from None
         self._check_role_rules(key)
+        self._check_scale(key)
+
+    def _check_scale(self, key: str) -> None:
+        if self.scale is Scale.LINEAR:
+            return
+        name, problem = self.name, None
+        if self.role not in (Role.FEATURE, Role.SENSITIVE):
+            problem = f"is not allowed on a {self.role.value} column"
+            fix = "remove scale (only numeric feature and sensitive columns have one)"
+        elif self.type not in _NUMERIC_TYPES:
+            problem = "is only allowed on an integer or float column"
+            fix = "remove scale"
+        elif self.min is None or self.max is None:
+            problem = '"log" needs a declared domain'
+            fix = "declare min (0 or more) and max, or remove scale"
+        elif self.min < 0:
+            problem = '"log" spreads values by log(1 + x), which needs min >= 0'
+            fix = "declare min >= 0, or remove scale (linear) for a column with negative values"
+        if problem is not None:
+            raise _fail(f"{key}.scale", problem, fix, name)
 
     # -- the rules that relate keys to type and role --------------------------------------
     def _check_role_rules(self, key: str) -> None:
@@ -342,6 +375,9 @@ class ColumnSpec:
             out["nullable"] = self.nullable
         if self.description:
             out["description"] = self.description
+        # left out when linear, so contracts written before it keep their dicts and hashes
+        if self.scale is not Scale.LINEAR:
+            out["scale"] = self.scale.value
         return out
 
     @classmethod
@@ -383,6 +419,7 @@ class ColumnSpec:
             positive_rate=table.get("positive_rate"),
             nullable=table.get("nullable"),
             description=table.get("description", ""),
+            scale=table.get("scale", Scale.LINEAR.value),
         )
 
 

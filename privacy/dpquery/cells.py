@@ -7,7 +7,8 @@ comes from the contract:
 - a column with declared ``categories``: one cell per category, in declared order, then
   ``(other)`` (ingest keeps values outside the vocabulary: they map to "other", as in
   preprocessing), then ``(missing)`` when the column may be null;
-- a numeric column with declared ``min``/``max``: ``bins`` equal-width bins over [min, max],
+- a numeric column with declared ``min``/``max``: ``bins`` equal-width bins over [min, max]
+  (log-spaced, equal-width in ``log(1 + x)``, when the contract declares ``scale = "log"``),
   labelled ``[lo, hi)`` (the last ``[lo, hi]``), values clamped into the range first, then
   ``(missing)`` when the column may be null.
 
@@ -23,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from connectors.scales import Scale, scale_edges
 from connectors.schema_columns import ColumnSpec
 from foundation.errors import SpecError
 from privacy.dpquery.spec import MISSING, OTHER
@@ -95,9 +97,33 @@ def _label(x: float, digits: int) -> str:
     return f"{x:.{digits}g}"
 
 
+def bin_note(col: ColumnSpec, bins: int) -> str:
+    """How ``bin_cells`` spreads ``bins`` bins over the column's declared range."""
+    lo, hi = bounds(col)
+    if col.scale is Scale.LOG:
+        how = "log-spaced bins (equal width in log(1 + x), inner edges rounded)"
+    else:
+        how = "equal-width bins"
+    return f"{bins} {how} over the declared [{lo:g}, {hi:g}]"
+
+
+def _rounded(edges: list[float], lo: float, hi: float) -> tuple[float, ...]:
+    """Log-spaced inner edges rounded to the fewest significant digits (3 or more) that keep
+    them strictly increasing inside (lo, hi), so the labels stay short; the edges stay a
+    function of the contract alone."""
+    for digits in range(3, 18):
+        inner = [float(f"{e:.{digits}g}") for e in edges[1:-1]]
+        out = (lo, *inner, hi)
+        if all(a < b for a, b in zip(out, out[1:], strict=False)):
+            return out
+    return (lo, *edges[1:-1], hi)
+
+
 def bin_cells(col: ColumnSpec, bins: int) -> Cells:
     lo, hi = bounds(col)
-    edges = tuple(lo + (hi - lo) * i / bins for i in range(bins)) + (hi,)
+    edges = tuple(float(e) for e in scale_edges(lo, hi, bins, col.scale))
+    if col.scale is Scale.LOG:
+        edges = _rounded(list(edges), lo, hi)
     # short labels, unless the range is so narrow that they would collide
     digits = 10
     while len({_label(e, digits) for e in edges}) < len(edges) and digits < 17:

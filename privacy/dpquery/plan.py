@@ -33,7 +33,7 @@ import numpy as np
 
 from connectors.schema import SchemaContract
 from privacy.dpquery import noise
-from privacy.dpquery.cells import Cells, bin_cells, bounds, category_cells
+from privacy.dpquery.cells import Cells, bin_cells, bin_note, bounds, category_cells
 from privacy.dpquery.spec import MISSING, OTHER, QueryKind, QuerySpec, check_against
 
 #: the most rows a float sum may add (see the module docstring's slack)
@@ -191,11 +191,10 @@ def make_plan(spec: QuerySpec, contract: SchemaContract) -> Plan:
             cells = category_cells(col)
             notes += _group_notes(cells)
         else:
-            lo, hi = bounds(col)
             cells = bin_cells(col, spec.bins)
             notes.append(
-                f"{spec.bins} equal-width bins over the declared [{lo:g}, {hi:g}]; values "
-                "outside it count in the first or last bin"
+                bin_note(col, spec.bins)
+                + "; values outside it count in the first or last bin"
                 + (f"; nulls count in {MISSING}" if cells.has_missing else "")
             )
         notes.append("noisy counts are whole numbers and may be negative: they are not clamped")

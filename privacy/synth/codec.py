@@ -10,7 +10,8 @@ an uncharged release:
 
 * a float column, a wide integer column and a date/timestamp column -> equal-width bins over
   the declared ``[min, max]`` (dates: :data:`DEFAULT_DATE_RANGE` when the contract cannot
-  declare one); values outside are clipped into the edge bins;
+  declare one), log-spaced (equal-width in ``log(1 + x)``) for a column declared
+  ``scale = "log"``; values outside are clipped into the edge bins;
 * a narrow integer domain (at most :data:`NUMERIC_BINS` integers, e.g. 0/1 flags) -> one value
   per integer; bool -> two values; a label without a declared domain -> 0/1;
 * a string column -> its declared vocabulary, plus "other" for every value outside it (so a
@@ -18,9 +19,9 @@ an uncharged release:
   column without a vocabulary is all "other";
 * a nullable column -> one more value, "missing".
 
-Decoding: a bin comes out as a uniform draw inside the bin, "other" as the literal string
-:data:`OTHER` (or the declared category "other" when the vocabulary has one), "missing" as
-null, and the identifier as fresh random pseudonyms, never the input's.
+Decoding: a bin comes out as a uniform draw inside the bin (on its scale), "other" as the
+literal string :data:`OTHER` (or the declared category "other" when the vocabulary has one),
+"missing" as null, and the identifier as fresh random pseudonyms, never the input's.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.dummy import random_pseudonyms, to_arrow_within_domain
+from connectors.scales import Scale, bin_codes, draw_in_bins, scale_edges
 from connectors.schema import SchemaContract
 from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import IntegrityError, SchemaError, SpecError
@@ -96,7 +98,7 @@ _SECONDS_PER_UNIT = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 class ValueKind(StrEnum):
     """How a column's values become a finite domain of integer codes."""
 
-    #: equal-width bins over a declared (or, for dates, default) range; decoded uniformly
+    #: bins over a declared (or dates' default) range, equal-width on the column's scale
     BINNED = "binned"
     #: each integer of a narrow declared domain is its own value
     INTEGER = "integer"
@@ -122,6 +124,7 @@ class ColumnCodec:
     #: a separate code for values outside the vocabulary (False when "other" is declared)
     has_other: bool = False
     has_missing: bool = False
+    scale: Scale = Scale.LINEAR  # how a BINNED column's bins spread (the contract's scale)
 
     @classmethod
     def from_spec(cls, spec: ColumnSpec) -> ColumnCodec:
@@ -169,11 +172,18 @@ class ColumnCodec:
                     ihi - ilo + 1,
                     has_missing=missing,
                 )
-        return cls(spec, ValueKind.BINNED, lo, hi, NUMERIC_BINS, has_missing=missing)
+        return cls(
+            spec, ValueKind.BINNED, lo, hi, NUMERIC_BINS, has_missing=missing, scale=spec.scale
+        )
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def edges(self) -> np.ndarray:
+        """A BINNED column's bin edges: equal-width on its scale (log-spaced for log)."""
+        return scale_edges(self.lo, self.hi, self.n_values, self.scale)
 
     @property
     def size(self) -> int:
@@ -221,6 +231,8 @@ class ColumnCodec:
             x = self._numbers(column)
             if self.kind is ValueKind.INTEGER:
                 codes = np.clip(np.round(np.nan_to_num(x)) - self.lo, 0, self.n_values - 1)
+            elif self.scale is Scale.LOG:
+                codes = bin_codes(np.nan_to_num(x, nan=self.lo), self.edges)
             else:
                 scaled = (np.nan_to_num(x, nan=self.lo) - self.lo) / (self.hi - self.lo)
                 codes = np.clip(np.floor(scaled * self.n_values), 0, self.n_values - 1)
@@ -256,6 +268,8 @@ class ColumnCodec:
             values = in_domain.astype(np.float64)
         elif self.kind is ValueKind.INTEGER:
             values = self.lo + in_domain.astype(np.float64)
+        elif self.scale is Scale.LOG:  # uniform in log(1 + x) within the bin
+            values = draw_in_bins(in_domain, self.edges, self.scale, rng.random(codes.size))
         else:
             width = (self.hi - self.lo) / self.n_values
             values = self.lo + (in_domain + rng.random(codes.size)) * width

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from connectors.scales import Scale, scale_edges
 from connectors.schema import SchemaContract
 from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import SpecError
@@ -160,7 +161,9 @@ def _plot_marginals(
 
 def _numeric_panel(ax: Any, spec: ColumnSpec, real: np.ndarray, synth: np.ndarray) -> None:
     lo, hi = float(spec.min), float(spec.max)  # type: ignore[arg-type]
-    edges = _nice_edges(lo, hi)
+    log = spec.scale is Scale.LOG
+    # a log-scaled column: log-spaced bins on a log(1 + x) axis, as the synthesizers bin it
+    edges = scale_edges(lo, hi, _HIST_BINS, spec.scale) if log else _nice_edges(lo, hi)
     for values, colour, name in ((real, "#55a868", "real"), (synth, "#4c72b0", "synthetic")):
         known = values[~np.isnan(values)]
         missing = 1.0 - known.size / max(values.size, 1)
@@ -173,8 +176,15 @@ def _numeric_panel(ax: Any, spec: ColumnSpec, real: np.ndarray, synth: np.ndarra
             color=colour,
             label=f"{name} ({missing:.0%} missing)",
         )
+    if log:
+        ax.set_xscale("function", functions=(_log1p_axis, np.expm1))
     ax.set_xlim(edges[0], edges[-1])
     ax.tick_params(labelsize=7)
+
+
+def _log1p_axis(x: np.ndarray) -> np.ndarray:
+    # matplotlib probes a scale's forward function with values left of the axis too
+    return np.log1p(np.maximum(x, 0.0))
 
 
 def _nice_edges(lo: float, hi: float) -> np.ndarray:
