@@ -125,7 +125,7 @@ class Zone:
         cols = self._remote.show_dataset(None, name)["contract"]["columns"]
         if isinstance(cols, Mapping):
             cols = [{"name": k, **v} for k, v in cols.items()]
-        keep = ["name", "type", "role", "min", "max", "categories", "missing_rate"]
+        keep = ["name", "type", "role", "min", "max", "scale", "categories", "missing_rate"]
         return _frame([{k: c.get(k) for k in keep} for c in cols], keep)
 
     # -- rows you may hold -----------------------------------------------------------------

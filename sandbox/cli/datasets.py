@@ -110,6 +110,8 @@ def show(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonO
         rows = []
         for c in cols:
             dom = f"[{c.get('min')}, {c.get('max')}]" if c.get("min") is not None else ""
+            if dom and c.get("scale") == "log":
+                dom += " log"  # a declared transform (preprocessing and bins use log(1 + x))
             if c.get("categories"):
                 dom = f"{len(c['categories'])} categories"
             rows.append({"column": c["name"], "type": c["type"], "role": c["role"], "domain": dom})
