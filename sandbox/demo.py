@@ -57,7 +57,6 @@ max_grad_norm = 1.0
 [training]
 epochs = {epochs}
 batch_size = 1024
-lr = 1.0
 seed = 7
 [resources]
 gpus = 0
@@ -86,7 +85,6 @@ delta = 1e-6
 max_grad_norm = 1.0
 [training]
 batch_size = 256
-lr = 1.0
 seed = 7
 """
 

@@ -2,13 +2,21 @@
 
 Every problem is a ``SpecError`` naming the field (``privacy.epsilon``) and the fix; unknown
 keys are refused so a typo never silently falls back to a default.
+
+``training.optimizer`` (``"adam"``, ``"adamw"`` or ``"sgd"``) came after specs were first
+stored, and its default changed their meaning: a spec a user writes now without it trains
+with Adam (``parse_job_spec``), while every spec stored before it existed trained with SGD.
+So a stored spec (the job's row, a worker's payload) is read back with
+``parse_stored_spec``, where a missing optimizer means ``"sgd"``. ``to_dict`` always writes
+the optimizer (a spec stored now reads back the same either way) and ``spec_hash`` leaves
+``"sgd"`` out, so an old job's stored hash still matches its spec and an SGD spec written
+now hashes as the same spec did before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -17,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from foundation.errors import SpecError
+from sandbox.spec_fields import flag, name, number, unknown
+from training.dpsgd_config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, Optimizer
 from training.model_config import ModelConfig, ModelKind
 
 
@@ -39,8 +49,22 @@ class PrivacySpec:
 class TrainingSpec:
     epochs: int
     batch_size: int
+    #: written by the user, else ``DEFAULT_LR[optimizer]``
     lr: float
     seed: int
+    #: the update rule applied to the privatized gradient (post-processing: the plan and
+    #: the epsilon do not depend on it)
+    optimizer: Optimizer = Optimizer.ADAM
+    #: AdamW's decoupled weight decay; 0 for the other optimizers (the parser refuses it there)
+    weight_decay: float = 0.0
+
+    def optimizer_summary(self) -> dict[str, Any]:
+        """What a result and the CLI show: ``{"name": "adam", "lr": 0.03}``, with
+        ``weight_decay`` for adamw (the researcher's own settings, echoed)."""
+        out: dict[str, Any] = {"name": self.optimizer.value, "lr": self.lr}
+        if self.optimizer is Optimizer.ADAMW:
+            out["weight_decay"] = self.weight_decay
+        return out
 
 
 @dataclass(frozen=True)
@@ -96,6 +120,10 @@ class JobSpec:
         d["features"] = list(self.features)
         d["mode"] = str(self.mode)
         d["model"] = {"kind": str(self.model.kind), "hidden": list(self.model.hidden)}
+        d["training"]["optimizer"] = str(self.training.optimizer)
+        if self.training.optimizer is not Optimizer.ADAMW:
+            # always 0 there (the parser refuses any other value): left out, as before
+            d["training"].pop("weight_decay")
         if self.privacy.evaluate:
             # the default is left out, so a spec that does not mention it hashes as before
             d["privacy"].pop("evaluate")
@@ -125,7 +153,12 @@ class JobSpec:
         return d
 
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        d = self.to_dict()
+        if d["training"]["optimizer"] == Optimizer.SGD.value:
+            # what every spec stored before training.optimizer existed meant: left out, so an
+            # old job's hash still matches its spec (``parse_stored_spec``)
+            d["training"].pop("optimizer")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 _TOP = {
@@ -143,7 +176,7 @@ _TOP = {
 _SECTIONS = {
     "model": {"kind", "hidden"},
     "privacy": {"epsilon", "delta", "max_grad_norm", "evaluate"},
-    "training": {"epochs", "batch_size", "lr", "seed"},
+    "training": {"epochs", "batch_size", "lr", "seed", "optimizer", "weight_decay"},
     "resources": {"gpus", "cpus"},
     "federated": {
         "rounds",
@@ -165,63 +198,6 @@ _SECTIONS = {
 DEFAULT_MIN_SITE_ROWS = 200
 
 
-def _unknown(where: str, got: Mapping[str, Any], known: set[str]) -> None:
-    extra = sorted(set(got) - known)
-    if extra:
-        prefix = f"{where}." if where else ""
-        raise SpecError(
-            f"{prefix}{extra[0]}",
-            "is not a known field",
-            f"known fields: {', '.join(sorted(known))}",
-        )
-
-
-def _name(d: Mapping[str, Any], key: str) -> str:
-    if key not in d:
-        raise SpecError(key, "is required", f'add {key} = "..."')
-    v = d[key]
-    if not isinstance(v, str) or not v.strip():
-        raise SpecError(key, "must be a non-empty string", f'e.g. {key} = "name"')
-    return v
-
-
-def _number(
-    d: Mapping[str, Any],
-    section: str,
-    key: str,
-    *,
-    default: float | None = None,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    integer: bool = False,
-) -> Any:
-    field = f"{section}.{key}"
-    if key not in d:
-        if default is None:
-            raise SpecError(field, "is required", f"add {key} = ... under [{section}]")
-        return default
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise SpecError(field, "must be a number", f"write {key} = <number>")
-    if integer and not isinstance(v, int):
-        raise SpecError(field, "must be a whole number", f"e.g. {key} = {int(v)}")
-    if not math.isfinite(v):
-        raise SpecError(field, "must be finite", "use a finite number")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise SpecError(field, f"must be {'>' if lo_open else '>='} {lo}", "raise it")
-    if hi is not None and v > hi:
-        raise SpecError(field, f"must be <= {hi}", "lower it")
-    return v
-
-
-def _flag(d: Mapping[str, Any], section: str, key: str, *, default: bool) -> bool:
-    v = d.get(key, default)
-    if not isinstance(v, bool):
-        raise SpecError(f"{section}.{key}", "must be true or false", f"write {key} = false")
-    return v
-
-
 def _section(d: Mapping[str, Any], key: str, required: bool) -> Mapping[str, Any]:
     if key not in d:
         if required:
@@ -230,12 +206,49 @@ def _section(d: Mapping[str, Any], key: str, required: bool) -> Mapping[str, Any
     v = d[key]
     if not isinstance(v, dict):
         raise SpecError(key, "must be a table", f"write it as [{key}]")
-    _unknown(key, v, _SECTIONS[key])
+    unknown(key, v, _SECTIONS[key])
     return v
 
 
 def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
-    _unknown("", data, _TOP)
+    """A spec the user writes now (``job.toml``'s tables, or the same as a dict): a missing
+    ``training.optimizer`` is ``"adam"``."""
+    return _parse(data, Optimizer.ADAM)
+
+
+def parse_stored_spec(data: Mapping[str, Any]) -> JobSpec:
+    """A spec the zone stored (``JobSpec.to_dict``: a job's row, a worker's payload), read
+    back: a missing ``training.optimizer`` is ``"sgd"``, what it meant when it was stored."""
+    return _parse(data, Optimizer.SGD)
+
+
+def _optimizer(t: Mapping[str, Any], missing: Optimizer) -> tuple[Optimizer, float]:
+    raw = t.get("optimizer", missing.value)
+    try:
+        optimizer = Optimizer(raw)
+    except (ValueError, TypeError):
+        raise SpecError(
+            "training.optimizer",
+            "is not a known optimizer",
+            f"use one of: {', '.join(o.value for o in Optimizer)}",
+        ) from None
+    if optimizer is not Optimizer.ADAMW:
+        # an explicit 0 is what these optimizers do anyway; Adam's L2-coupled decay is not
+        # offered (AdamW's decoupled one is the one that behaves)
+        written = t.get("weight_decay", 0)
+        if isinstance(written, bool) or written != 0:
+            raise SpecError(
+                "training.weight_decay",
+                'is only used with optimizer = "adamw"',
+                'drop weight_decay or set optimizer = "adamw"',
+            )
+        return optimizer, 0.0
+    wd = number(t, "training", "weight_decay", default=DEFAULT_WEIGHT_DECAY, lo=0, hi=1)
+    return optimizer, float(wd)
+
+
+def _parse(data: Mapping[str, Any], missing_optimizer: Optimizer) -> JobSpec:
+    unknown("", data, _TOP)
     mode_raw = data.get("mode", Mode.DP_SGD.value)
     try:
         mode = Mode(mode_raw)
@@ -254,7 +267,7 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
         )
     if len(set(features)) != len(features):
         raise SpecError("features", "lists a column twice", "list each column once")
-    label = _name(data, "label")
+    label = name(data, "label")
     if label in features:
         raise SpecError("features", "contains the label column", "remove the label from features")
 
@@ -277,12 +290,12 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
 
     p = _section(data, "privacy", True)
     privacy = PrivacySpec(
-        epsilon=float(_number(p, "privacy", "epsilon", lo=0, lo_open=True, hi=100)),
-        delta=float(_number(p, "privacy", "delta", lo=0, lo_open=True, hi=0.01)),
+        epsilon=float(number(p, "privacy", "epsilon", lo=0, lo_open=True, hi=100)),
+        delta=float(number(p, "privacy", "delta", lo=0, lo_open=True, hi=0.01)),
         max_grad_norm=float(
-            _number(p, "privacy", "max_grad_norm", default=1.0, lo=0, lo_open=True, hi=1e4)
+            number(p, "privacy", "max_grad_norm", default=1.0, lo=0, lo_open=True, hi=1e4)
         ),
-        evaluate=_flag(p, "privacy", "evaluate", default=True),
+        evaluate=flag(p, "privacy", "evaluate", default=True),
     )
     t = _section(data, "training", True)
     federated = _federated(data) if mode is Mode.FEDERATED else None
@@ -292,9 +305,10 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
             'is only used with mode = "federated"',
             'add mode = "federated" or drop [federated]',
         )
+    optimizer, weight_decay = _optimizer(t, missing_optimizer)
     training = TrainingSpec(
         epochs=int(
-            _number(
+            number(
                 t,
                 "training",
                 "epochs",
@@ -304,18 +318,22 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
                 integer=True,
             )
         ),
-        batch_size=int(_number(t, "training", "batch_size", lo=1, hi=1_000_000, integer=True)),
-        lr=float(_number(t, "training", "lr", lo=0, lo_open=True, hi=100)),
-        seed=int(_number(t, "training", "seed", default=0, lo=0, hi=2**31 - 1, integer=True)),
+        batch_size=int(number(t, "training", "batch_size", lo=1, hi=1_000_000, integer=True)),
+        lr=float(
+            number(t, "training", "lr", default=DEFAULT_LR[optimizer], lo=0, lo_open=True, hi=100)
+        ),
+        seed=int(number(t, "training", "seed", default=0, lo=0, hi=2**31 - 1, integer=True)),
+        optimizer=optimizer,
+        weight_decay=weight_decay,
     )
     r = _section(data, "resources", False)
     resources = ResourceSpec(
-        gpus=float(_number(r, "resources", "gpus", default=0, lo=0, hi=64)),
-        cpus=float(_number(r, "resources", "cpus", default=1, lo=0, lo_open=True, hi=256)),
+        gpus=float(number(r, "resources", "gpus", default=0, lo=0, hi=64)),
+        cpus=float(number(r, "resources", "cpus", default=1, lo=0, lo_open=True, hi=256)),
     )
     return JobSpec(
-        project=_name(data, "project"),
-        dataset=_name(data, "dataset"),
+        project=name(data, "project"),
+        dataset=name(data, "dataset"),
         label=label,
         features=tuple(features),
         mode=mode,
@@ -329,7 +347,7 @@ def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
 
 def _federated(data: Mapping[str, Any]) -> FederatedSpec:
     f = _section(data, "federated", True)
-    rounds = int(_number(f, "federated", "rounds", lo=1, hi=10_000, integer=True))
+    rounds = int(number(f, "federated", "rounds", lo=1, hi=10_000, integer=True))
     sites_raw = f.get("sites", "all")
     if sites_raw == "all":
         sites: tuple[str, ...] = ()
@@ -351,9 +369,9 @@ def _federated(data: Mapping[str, Any]) -> FederatedSpec:
     clients_per_round = (
         None
         if cpr is None
-        else int(_number(f, "federated", "clients_per_round", lo=1, hi=10_000, integer=True))
+        else int(number(f, "federated", "clients_per_round", lo=1, hi=10_000, integer=True))
     )
-    min_sites = int(_number(f, "federated", "min_sites", default=1, lo=1, hi=10_000, integer=True))
+    min_sites = int(number(f, "federated", "min_sites", default=1, lo=1, hi=10_000, integer=True))
     if clients_per_round is not None and min_sites > clients_per_round:
         raise SpecError(
             "federated.min_sites",
@@ -378,7 +396,7 @@ def _federated(data: Mapping[str, Any]) -> FederatedSpec:
             "federated.mu", 'is only used with strategy = "fedprox"', "drop mu or use fedprox"
         )
     mu = float(
-        _number(
+        number(
             f,
             "federated",
             "mu",
@@ -402,12 +420,12 @@ def _federated(data: Mapping[str, Any]) -> FederatedSpec:
             "set server_noise_multiplier and server_clipping_norm together",
         )
     z = (
-        float(_number(f, "federated", "server_noise_multiplier", lo=0, lo_open=True, hi=1e3))
+        float(number(f, "federated", "server_noise_multiplier", lo=0, lo_open=True, hi=1e3))
         if has_z
         else None
     )
     c = (
-        float(_number(f, "federated", "server_clipping_norm", lo=0, lo_open=True, hi=1e6))
+        float(number(f, "federated", "server_clipping_norm", lo=0, lo_open=True, hi=1e6))
         if has_c
         else None
     )
@@ -417,7 +435,7 @@ def _federated(data: Mapping[str, Any]) -> FederatedSpec:
         clients_per_round=clients_per_round,
         min_sites=min_sites,
         local_epochs=int(
-            _number(f, "federated", "local_epochs", default=1, lo=1, hi=100, integer=True)
+            number(f, "federated", "local_epochs", default=1, lo=1, hi=100, integer=True)
         ),
         strategy=strategy,
         mu=mu,
@@ -425,7 +443,7 @@ def _federated(data: Mapping[str, Any]) -> FederatedSpec:
         server_noise_multiplier=z,
         server_clipping_norm=c,
         min_site_rows=int(
-            _number(
+            number(
                 f,
                 "federated",
                 "min_site_rows",

@@ -9,6 +9,8 @@ A name alone lets nothing out: ``sandbox.release_check`` checks what each file h
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,67 @@ RELEASED_FILES = ("model.safetensors", "preprocessing.json", "model_card.json")
 SYNTH_FILES = ("synthetic.parquet", "synth_card.json")
 
 
+#: ``learned["verdict"]``: the DP AUROC's 95% interval lies wholly above 0.5
+LEARNED_YES = "yes"
+#: the interval includes 0.5 (or lies below it, or the AUROC is undefined under the noise)
+LEARNED_NOT_SHOWN = "not shown"
+#: no DP evaluation was run (``privacy.evaluate = false``)
+LEARNED_NOT_EVALUATED = "not evaluated"
+
+
+def learned_verdict(metrics: Mapping[str, Any] | None) -> dict[str, str]:
+    """Whether the DP evaluation shows that the model learned: ``{"verdict", "statement"}``.
+
+    Read off the DP AUROC's 95% interval alone (``metrics["ci95"]["auroc"]``, from
+    ``privacy.dp_metrics``): post-processing of the charged evaluation, nothing new is
+    charged. Chance ranks at 0.5, so an interval that holds 0.5 does not show learning."""
+    if not metrics:
+        return {
+            "verdict": LEARNED_NOT_EVALUATED,
+            "statement": "no DP evaluation was run (privacy.evaluate = false): "
+            "nothing shows whether the model learned",
+        }
+    auroc = metrics.get("auroc")
+    interval = (metrics.get("ci95") or {}).get("auroc")
+    if not isinstance(auroc, int | float) or math.isnan(auroc):
+        return {
+            "verdict": LEARNED_NOT_SHOWN,
+            "statement": "the DP AUROC is undefined under the evaluation noise: "
+            "nothing shows that the model learned",
+        }
+    if not interval:
+        # a result stored before the intervals existed: the point figure alone
+        return {
+            "verdict": LEARNED_NOT_SHOWN,
+            "statement": f"the DP AUROC {auroc:#.3g} has no 95% interval: "
+            "nothing shows that the model learned",
+        }
+    lo, hi = (float(x) for x in interval)
+    span = f"the DP AUROC's 95% interval {lo:#.3g}-{hi:#.3g}"
+    if lo > 0.5:
+        return {
+            "verdict": LEARNED_YES,
+            "statement": f"{span} lies above 0.5 (chance): the model ranks better than chance",
+        }
+    if hi < 0.5:
+        return {
+            "verdict": LEARNED_NOT_SHOWN,
+            "statement": f"{span} lies below 0.5: the model ranks worse than chance",
+        }
+    return {
+        "verdict": LEARNED_NOT_SHOWN,
+        "statement": f"{span} includes 0.5: the model may not have learned anything",
+    }
+
+
+def card_training(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's ``training``: the spec's training settings with the optimizer named (a spec
+    stored before ``training.optimizer`` existed trained with SGD: ``parse_stored_spec``)."""
+    from sandbox.jobspec import parse_stored_spec
+
+    return parse_stored_spec(spec).to_dict()["training"]
+
+
 def write_model_card(
     job_dir: Path, job: JobRecord, dataset: Any, result: DpsgdResult, *, backend: str
 ) -> Path:
@@ -29,6 +92,7 @@ def write_model_card(
 
     plan = result.plan
     spec = job.spec
+    training = card_training(spec)
     # privacy.evaluate = false: no evaluation histogram was released or charged
     skipped = result.evaluation == "skipped" or plan.get("eval_sigma") is None
     metrics = None if skipped else result.metrics
@@ -60,12 +124,16 @@ def write_model_card(
                 else "DP-SGD steps and one DP evaluation histogram, composed by RDP"
             ),
             "clipping": result.clipping,
+            "optimizer": f"{training['optimizer']} on the noised, clipped, averaged gradient: "
+            "post-processing, no privacy cost of its own",
         },
-        "training": spec["training"],
+        "training": training,
         "evaluation": "skipped" if skipped else "one DP histogram of the held-out real split",
         "dp_metrics": metrics,
         # each metric as "0.702 (95% CI 0.655-0.748)", and "unreliable": <reason> when flagged
         "dp_metrics_display": describe_metrics(metrics),
+        # "yes" / "not shown" / "not evaluated", with its sentence (post-processing only)
+        "learned": learned_verdict(metrics),
         "dp_metrics_note": (
             "no DP evaluation was run or charged (privacy.evaluate = false)"
             if skipped

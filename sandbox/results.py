@@ -73,6 +73,10 @@ class DpsgdResult(_Result):
     dry_run: str | None = None
     #: the worker's report of what it ran (checked against the plan, then dropped)
     run: dict[str, Any] | None = None
+    #: the update rule applied to the privatized gradient, as the job's stored spec sets it
+    #: (the service writes it, never the worker): ``{"name": "adam", "lr": 0.03}``
+    #: (+ ``weight_decay`` for adamw); None in results stored before it was recorded
+    optimizer: dict[str, Any] | None = None
     kind: str = "dp-sgd"
     charge: ChargeRecord = field(default_factory=ChargeRecord)
 
@@ -122,6 +126,8 @@ class FederatedResult(_Result):
     server_epsilon: float | None
     metrics: dict[str, Any]
     evaluation: str | None = None
+    #: each site's update rule, as ``DpsgdResult.optimizer``
+    optimizer: dict[str, Any] | None = None
     mode: str = "federated"
     kind: str = "federated"
     charge: ChargeRecord = field(default_factory=ChargeRecord)

@@ -76,7 +76,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     from privacy.accountant import GaussianStep, epsilon_for
     from privacy.dp_metrics import dp_binary_metrics
     from sandbox.jobs import JobStore
-    from sandbox.jobspec import parse_job_spec
+    from sandbox.jobspec import parse_stored_spec
     from training.dpsgd_config import Device, DPSGDConfig, EpochProgress
     from training.models import build_model
     from training.scoring import predict_proba
@@ -92,7 +92,9 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     job_id: str = payload["job_id"]
     jobs = JobStore(make_engine(payload["db_url"]))
 
-    spec = parse_job_spec(payload["spec"])
+    # the payload's spec is the stored form (a payload queued before training.optimizer
+    # existed meant SGD)
+    spec = parse_stored_spec(payload["spec"])
     contract = SchemaContract.from_dict(payload["contract"])
     plan = FeaturePlan.from_contract(contract, spec.features)
     handle = DatasetHandle(
@@ -122,6 +124,8 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
         steps=dp.steps,
         steps_per_epoch=dp.steps_per_epoch,
         lr=spec.training.lr,
+        optimizer=spec.training.optimizer,
+        weight_decay=spec.training.weight_decay,
         max_grad_norm=spec.privacy.max_grad_norm,
         noise_multiplier=dp.noise_multiplier,
         seed=dp_seed,

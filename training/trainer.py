@@ -11,7 +11,13 @@ One step, exactly as the accountant (``privacy.accountant``) models it:
    or a layer called twice).
 3. Gaussian noise N(0, (noise_multiplier * C)^2) added to every coordinate of the sum.
 4. Divided by the *expected* batch size q*N (not the realised one, which depends on the
-   data drawn) and applied as a plain SGD step.
+   data drawn): the privatized gradient.
+5. Applied by the config's optimizer (``cfg.optimizer``): a plain SGD step, or Adam/AdamW
+   (``torch.optim``) with the privatized gradient placed in each parameter's ``.grad``. The
+   optimizer sees nothing but the privatized gradients (its moments are functions of them
+   alone), so whatever it does is post-processing and the epsilon is the accountant's for
+   steps 1-3. A caller may pass its own ``torch.optim.Optimizer`` (``optimizer=``): FedProx
+   keeps one across its one-step calls, and tests record what it is handed.
 
 The privacy unit is the row: callers pass one row per person (``connectors.reader.load_split``
 does). The run takes exactly ``cfg.steps`` steps, never more: the ledger charged for that
@@ -41,7 +47,16 @@ from torch import nn
 
 from foundation.errors import SpecError
 from training.clipping import GhostCannotApply, choose_clipping, make_clipper
-from training.dpsgd_config import Clipping, Device, DPSGDConfig, EpochProgress, TrainResult
+from training.dpsgd_config import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    Clipping,
+    Device,
+    DPSGDConfig,
+    EpochProgress,
+    Optimizer,
+    TrainResult,
+)
 
 #: gaps drawn per round by the CPU sampler, beyond the expected batch: 8 standard
 #: deviations and a margin, so a second round is needed with probability < 1e-15 (and is
@@ -160,6 +175,45 @@ def _check_model(model: nn.Module, X: torch.Tensor) -> None:
         )
 
 
+def make_optimizer(params: list[torch.Tensor], cfg: DPSGDConfig) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer ``cfg`` names, over ``params`` (for Adam and AdamW the
+    trainer builds one itself; FedProx builds one to keep across its one-step calls).
+
+    Adam and AdamW use torch's fused kernels where the parameters' device has them (on a
+    CPU ~0.13 ms a step for the benchmark's 77k-parameter MLP, against ~0.37 ms for the
+    multi-tensor path), else the multi-tensor path."""
+    if cfg.optimizer is Optimizer.SGD:
+        return torch.optim.SGD(params, lr=cfg.lr, foreach=True)
+
+    def build(**kernel: bool) -> torch.optim.Optimizer:
+        if cfg.optimizer is Optimizer.ADAM:
+            return torch.optim.Adam(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, **kernel)
+        return torch.optim.AdamW(
+            params,
+            lr=cfg.lr,
+            betas=ADAM_BETAS,
+            eps=ADAM_EPS,
+            weight_decay=cfg.weight_decay,
+            **kernel,
+        )
+
+    try:
+        return build(fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return build(foreach=True)
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise SpecError("optimizer", "must be a torch.optim.Optimizer", "or leave it unset")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(id(p) not in held for p in params):
+        # a parameter the optimizer does not hold would never be updated
+        raise SpecError(
+            "optimizer", "does not hold every trainable parameter of the model", "build it on them"
+        )
+
+
 def train_dpsgd(
     model: nn.Module,
     X: torch.Tensor,
@@ -167,11 +221,18 @@ def train_dpsgd(
     cfg: DPSGDConfig,
     *,
     progress: Callable[[EpochProgress], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with DP-SGD on rows ``X`` (one per person) and 0/1 labels ``y``.
 
     The model is moved to ``cfg.device`` and left there, in training mode. Exactly
     ``cfg.steps`` steps are taken. ``progress`` is called once per epoch (``EpochProgress``).
+
+    Each step's privatized gradient goes to ``cfg.optimizer`` (SGD in place, Adam/AdamW
+    through ``torch.optim``), or to ``optimizer`` when given: a ``torch.optim.Optimizer``
+    over the model's parameters (on ``cfg.device``), whose ``step()`` finds the privatized
+    gradient in each parameter's ``.grad`` and which keeps its state across calls. The
+    trainer sets ``.grad`` before each ``step()`` and clears it after.
     """
     if not isinstance(cfg, DPSGDConfig):
         raise SpecError("cfg", "must be a DPSGDConfig")
@@ -181,6 +242,10 @@ def train_dpsgd(
     params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise SpecError("model", "has no trainable parameters")
+    if optimizer is not None:
+        _check_optimizer(optimizer, params)
+    elif cfg.optimizer is not Optimizer.SGD:
+        optimizer = make_optimizer(params, cfg)
     X, y = _as_tensors(X, y, params[0].dtype, device)
     _check_model(model, X)
 
@@ -231,11 +296,24 @@ def train_dpsgd(
                 epoch_loss += loss
                 epoch_rows += batch
             with torch.no_grad():
-                if grads is None:  # empty batch: the noise is the whole update
+                if optimizer is not None:
+                    # noise once, then the average: the privatized gradient, all the
+                    # optimizer is ever handed
+                    if noise_std > 0:
+                        noise.normal_(0.0, noise_std, generator=noise_gen)
+                    if grads is None:  # empty batch: the noise is the whole gradient
+                        grads = (
+                            noise_views if noise_std > 0 else [torch.zeros_like(p) for p in params]
+                        )
+                    elif noise_std > 0:
+                        torch._foreach_add_(grads, noise_views)
+                    torch._foreach_mul_(grads, 1.0 / expected_batch)
+                    _step(optimizer, params, grads)
+                elif grads is None:  # plain SGD, empty batch: the noise is the whole update
                     if noise_std > 0:
                         noise.normal_(0.0, noise_std, generator=noise_gen)
                         torch._foreach_add_(params, noise_views, alpha=step_scale)
-                else:
+                else:  # plain SGD: the sum, its noise and the step in place
                     if noise_std > 0:
                         noise.normal_(0.0, noise_std, generator=noise_gen)
                         torch._foreach_add_(grads, noise_views)
@@ -260,4 +338,19 @@ def train_dpsgd(
         clipping=clipper.kind,
         device=device.type,
         seconds=time.perf_counter() - started,
+        optimizer=cfg.optimizer,
     )
+
+
+def _step(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]
+) -> None:
+    """One ``optimizer.step()`` on the privatized gradient ``grads``, placed in ``.grad`` (and
+    taken away after: nothing of it stays on the model)."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    try:
+        optimizer.step()
+    finally:
+        for p in params:
+            p.grad = None

@@ -23,8 +23,10 @@ app = typer.Typer(help="Jobs and their releases.", no_args_is_help=True)
 
 def _metric_lines(evaluation: str | None, metrics: dict[str, Any], title: str) -> None:
     """Each DP metric as "0.702 (95% CI 0.655-0.748)", then "unreliable: <reason>" when the
-    evaluation is flagged; "evaluation: skipped" when none was run (``--json`` has it all)."""
+    evaluation is flagged, then whether the DP AUROC's interval shows that the model learned;
+    "evaluation: skipped" when none was run (``--json`` has it all)."""
     from privacy.dp_intervals import describe_metrics
+    from sandbox.release import learned_verdict
 
     if evaluation == "skipped":
         console.print("  evaluation: skipped (no DP metrics, no evaluation charge)")
@@ -39,6 +41,27 @@ def _metric_lines(evaluation: str | None, metrics: dict[str, Any], title: str) -
             console.print(f"    {label} {lines[key]}")
     if "unreliable" in lines:
         console.print(f"    [bold]unreliable[/bold]: {lines['unreliable']}")
+    if "auroc" in lines:
+        _learned_line(learned_verdict(metrics))
+
+
+def _learned_line(learned: Any) -> None:
+    """``learned: yes; the DP AUROC's 95% interval ... lies above 0.5 ...`` (the card's
+    ``learned``, or the same read off a result's metrics)."""
+    if learned:
+        console.print(f"  [bold]learned: {learned['verdict']}[/bold]; {learned['statement']}")
+
+
+def _optimizer_line(optimizer: Any) -> None:
+    """``optimizer adam, lr 0.03`` (+ weight decay for adamw); nothing for a result stored
+    before the optimizer was recorded."""
+    if not optimizer:
+        return
+    extra = f", weight decay {optimizer['weight_decay']:g}" if "weight_decay" in optimizer else ""
+    console.print(
+        f"  optimizer {optimizer['name']}, lr {optimizer['lr']:g}{extra} "
+        "(on the privatized gradient: no privacy cost)"
+    )
 
 
 def _summary(rec: Any) -> None:
@@ -54,11 +77,13 @@ def _summary(rec: Any) -> None:
         )
         for site, c in sorted(r.sites.items()):
             console.print(f"    {site}: epsilon {fmt3(c['epsilon'])} (delta {r.delta:g})")
+        _optimizer_line(r.optimizer)
         _metric_lines(r.evaluation, r.metrics, "global DP metrics (all sites' histograms pooled)")
     elif isinstance(r, DpsgdResult):
         what = "dry run, nothing charged" if r.dry_run else "epsilon spent"
         eps = f"{what} (on {r.dry_run})" if r.dry_run else f"{what} {fmt3(r.epsilon)}"
         console.print(f"  {eps} (delta {r.delta:g}), clipping {r.clipping}")
+        _optimizer_line(r.optimizer)
         _metric_lines(r.evaluation, r.metrics, "DP metrics")
     elif isinstance(r, SynthResult):
         charged = f"epsilon {fmt3(r.epsilon)}" if r.dp else "not DP: held for a steward"
@@ -319,4 +344,34 @@ def result(
     """Fetch a succeeded job's release: weights (safetensors), preprocessing, model card."""
     with session(zone, token) as s:
         r = s.service.job_result(s.user, job_id, out)
-    emit(r, as_json, lambda r: console.print(f"released {len(r['files'])} files into {r['out']}"))
+    emit(r, as_json, _released)
+
+
+def _released(r: Any) -> None:
+    """What ``jobs result`` prints: the files, then the card's optimizer and whether the
+    model learned."""
+    console.print(f"released {len(r['files'])} files into {r['out']}")
+    card = _released_card(r)
+    if card:
+        training = card.get("training") or {}
+        if "optimizer" in training:
+            shown = {"name": training["optimizer"], "lr": training["lr"]}
+            if "weight_decay" in training:
+                shown["weight_decay"] = training["weight_decay"]
+            _optimizer_line(shown)
+        _learned_line(card.get("learned"))
+
+
+def _released_card(r: Any) -> dict[str, Any] | None:
+    """The model card just released (its ``training`` and ``learned`` are shown); None for a
+    synthetic-data release or a card that cannot be read."""
+    import json as _json
+
+    for f in r["files"]:
+        if Path(f).name == "model_card.json":
+            try:
+                card = _json.loads(Path(f).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return card if isinstance(card, dict) else None
+    return None

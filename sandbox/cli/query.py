@@ -101,7 +101,9 @@ def run(
     bins: Annotated[
         int | None, typer.Option("--bins", help="histogram bins for a numeric column")
     ] = None,
-    dry: Annotated[bool, typer.Option("--dry", help="quote only: read nothing, charge nothing")] = False,
+    dry: Annotated[
+        bool, typer.Option("--dry", help="quote only: read nothing, charge nothing")
+    ] = False,
     zone: ZoneOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,

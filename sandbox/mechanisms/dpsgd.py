@@ -26,7 +26,7 @@ from sandbox.backend import Resources
 from sandbox.context import ZoneContext
 from sandbox.disclosure import cut_released_card
 from sandbox.jobs import JobRecord
-from sandbox.jobspec import JobSpec, parse_job_spec
+from sandbox.jobspec import JobSpec, parse_stored_spec
 from sandbox.mechanisms.base import WHOLE_DATASET, Admission, BackendMechanism, commit_charge
 from sandbox.mechanisms.plans import check_figures, dpsgd_epsilon, not_a_result
 from sandbox.release import write_model_card
@@ -186,7 +186,7 @@ def job_plan(ctx: ZoneContext, job: JobRecord) -> dict[str, Any] | None:
     """The service's plan of a DP-SGD job, made again from what the service persisted: the
     job's spec and the dataset's record (the same inputs as at admission, the same plan;
     None when the size is private and no plan could be made)."""
-    spec = parse_job_spec(job.spec)
+    spec = parse_stored_spec(job.spec)
     if spec.spec_hash() != job.spec_hash:
         raise IntegrityError(
             f"job {job.id}: its stored spec does not match its hash; it is not charged from it"
@@ -211,7 +211,10 @@ def check_dpsgd_report(
     expected = {**plan, "max_grad_norm": job.spec["privacy"]["max_grad_norm"]}
     check_figures(expected, result.run, REPORTED, show=show)
     check_figures(expected, {"steps": result.steps_taken}, ("steps",), show=show, label="taken")
-    return replace(result, plan=dict(plan), steps_taken=int(plan["steps"]))
+    # the optimizer shown is the stored spec's, never a figure the worker wrote (a worker's
+    # free-form number would be a channel out of the zone)
+    optimizer = parse_stored_spec(job.spec).training.optimizer_summary()
+    return replace(result, plan=dict(plan), steps_taken=int(plan["steps"]), optimizer=optimizer)
 
 
 class DpsgdMechanism(BackendMechanism):

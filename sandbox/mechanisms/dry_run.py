@@ -21,7 +21,7 @@ from policies.roles import Actor
 from sandbox.backend import Resources
 from sandbox.context import ZoneContext
 from sandbox.jobs import JobRecord
-from sandbox.jobspec import JobSpec
+from sandbox.jobspec import JobSpec, parse_stored_spec
 from sandbox.mechanisms.base import Admission, BackendMechanism, is_charged
 from sandbox.mechanisms.dpsgd import (
     TRAIN_FRACTION,
@@ -138,6 +138,8 @@ class DryRunMechanism(BackendMechanism):
             plan=plan,
             steps_taken=int(plan["steps"]),
             run=None,
+            # the stored spec's optimizer, never a figure the worker wrote
+            optimizer=parse_stored_spec(job.spec).training.optimizer_summary(),
         )
 
     def charge(

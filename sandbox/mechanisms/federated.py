@@ -183,6 +183,8 @@ def _config(spec: JobSpec, sites: tuple[str, ...]) -> FederatedConfig:
         max_grad_norm=spec.privacy.max_grad_norm,
         batch_size=spec.training.batch_size,
         lr=spec.training.lr,
+        optimizer=spec.training.optimizer,
+        weight_decay=spec.training.weight_decay,
         clients_per_round=f.clients_per_round,
         min_sites=min(f.min_sites, len(sites)),
         local_epochs=f.local_epochs,
@@ -323,6 +325,7 @@ class FederatedMechanism(JobMechanism):
             server_epsilon=run.server_epsilon,
             metrics=summary.get("global_dp_metrics") or {},
             evaluation=summary.get("evaluation"),
+            optimizer=persisted_spec(job).training.optimizer_summary(),
         )
         return self.check_report(ctx, job, work, result)
 

@@ -38,9 +38,10 @@ from privacy.dp_intervals import describe_metrics
 from sandbox.context import ZoneContext
 from sandbox.disclosure import redact_counts
 from sandbox.jobs import JobRecord
-from sandbox.jobspec import JobSpec, parse_job_spec
+from sandbox.jobspec import JobSpec, parse_stored_spec
 from sandbox.mechanisms.base import record_charge
 from sandbox.mechanisms.plans import ReportMismatch, check_figures, not_a_result
+from sandbox.release import learned_verdict
 from sandbox.results import FederatedResult
 from training.federated.config import FederatedConfig
 from training.federated.payload import SUMMARY_FILE, WEIGHTS_FILE, load_payload
@@ -65,7 +66,7 @@ def persisted_spec(job: JobRecord) -> JobSpec:
     fed = data.get("federated")
     if isinstance(fed, dict) and fed.get("strategy") != "fedprox":
         fed.pop("mu", None)
-    spec = parse_job_spec(data)
+    spec = parse_stored_spec(data)
     if spec.spec_hash() != job.spec_hash:
         raise IntegrityError(
             f"job {job.id}: its stored spec does not match its hash; it is not charged from it"
@@ -237,6 +238,10 @@ def write_federated_card(
         "global_dp_metrics": summary.get("global_dp_metrics"),
         "evaluation": summary.get("evaluation"),
         "global_dp_metrics_display": describe_metrics(summary.get("global_dp_metrics") or {}),
+        # read off the pooled DP AUROC's interval: post-processing, no charge
+        "learned": learned_verdict(summary.get("global_dp_metrics")),
+        # each site's update rule and learning rate (the spec's; no epochs in federated mode)
+        "training": persisted_spec(job).to_dict()["training"],
         "per_site_dp_metrics_display": {
             s: describe_metrics(info.get("dp_metrics") or {})
             for s, info in summary.get("sites", {}).items()

@@ -71,6 +71,7 @@ max_grad_norm = {CLIP}
 epochs = 1
 batch_size = {batch_size}
 lr = {LR}
+optimizer = "sgd"
 seed = 7
 [resources]
 gpus = 0
@@ -123,7 +124,7 @@ def test_free_twins_never_share_the_charged_runs_noise(tmp_path: Path, ray_local
     w_real = _weights(zone, rita, charged["id"], tmp_path / "real")
 
     (w1, plan), (w2, _) = twins
-    # a step or two over (nearly) the whole training split: each step adds -lr/B (sum +
+    # a step or two over (nearly) the whole training split: each SGD step adds -lr/B (sum +
     # noise), and the noise of k steps adds up to sqrt(k) times one step's
     steps = int(plan["steps"])
     assert steps <= 2

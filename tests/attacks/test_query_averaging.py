@@ -23,7 +23,13 @@ KEY = BudgetKey("readmission", "cohort")
 def world(tmp_path_factory: pytest.TempPathFactory):
     w = make_world(tmp_path_factory.mktemp("qa") / "zone", patients=500, grant_epsilon=None)
     req = w.svc.request_access(
-        w.researcher, "readmission", "cohort", [*FEATURES, LABEL, "hospital"], ["dp-query"], 4.0, 1e-5
+        w.researcher,
+        "readmission",
+        "cohort",
+        [*FEATURES, LABEL, "hospital"],
+        ["dp-query"],
+        4.0,
+        1e-5,
     )
     w.svc.approve(w.steward, req.id, expires_at=datetime.now(UTC) + timedelta(days=3))
     yield w
@@ -47,8 +53,20 @@ def test_respelling_the_same_query_is_the_same_query(world) -> None:
     """Reordered keys, an int epsilon, reordered quantile levels: the cache key is the
     canonical query, so a respelt query does not buy fresh noise for free."""
     w = world
-    a = {"dataset": "cohort", "kind": "quantiles", "column": "age", "quantiles": [0.25, 0.75], "epsilon": 1}
-    b = {"epsilon": 1.0, "quantiles": [0.75, 0.25], "column": "age", "kind": "quantiles", "dataset": "cohort"}
+    a = {
+        "dataset": "cohort",
+        "kind": "quantiles",
+        "column": "age",
+        "quantiles": [0.25, 0.75],
+        "epsilon": 1,
+    }
+    b = {
+        "epsilon": 1.0,
+        "quantiles": [0.75, 0.25],
+        "column": "age",
+        "kind": "quantiles",
+        "dataset": "cohort",
+    }
     first = w.svc.run_query(w.researcher, "readmission", a)
     spent = w.svc.ledger.balance(KEY).spent_epsilon
     second = w.svc.run_query(w.researcher, "readmission", b)
@@ -83,9 +101,7 @@ def test_the_same_query_in_two_projects_draws_fresh_noise_and_charges_both(world
     the same thing pays for its own answer, drawn afresh."""
     w = world
     w.svc.create_project(w.researcher, "second", "another study")
-    req = w.svc.request_access(
-        w.researcher, "second", "cohort", ["age"], ["dp-query"], 2.0, 1e-5
-    )
+    req = w.svc.request_access(w.researcher, "second", "cohort", ["age"], ["dp-query"], 2.0, 1e-5)
     w.svc.approve(w.steward, req.id, expires_at=datetime.now(UTC) + timedelta(days=3))
     q = {"dataset": "cohort", "kind": "sum", "column": "age", "epsilon": 0.3}
     a = w.svc.run_query(w.researcher, "readmission", q)

@@ -83,6 +83,20 @@ def test_card_and_cli_show_each_metric_with_its_interval(
     assert re.search(r"AUROC " + SHOWN.pattern, text)
     assert "unreliable: " + m["unreliable_reason"] in text
 
+    # whether the model learned, read off the AUROC's interval (no new charge), on the card
+    # and in the CLI; and the optimizer that ran (the spec's default) with its lr
+    lo, hi = m["ci95"]["auroc"]
+    learned = card["learned"]
+    assert learned["verdict"] == ("yes" if lo > 0.5 else "not shown")
+    if m["auroc"] is None:  # undefined under this much noise (it happens at ~300 persons)
+        assert "undefined" in learned["statement"]
+    elif lo <= 0.5 <= hi:
+        assert "includes 0.5: the model may not have learned anything" in learned["statement"]
+    flat = " ".join(text.split())
+    assert f"learned: {learned['verdict']}; {learned['statement']}" in flat
+    assert card["training"]["optimizer"] == "adam" and r["optimizer"]["name"] == "adam"
+    assert f"optimizer adam, lr {card['training']['lr']:g}" in flat
+
     from sandbox.cli.common import emit
     from sandbox.cli.jobs import _summary
 
@@ -112,6 +126,7 @@ def test_skipped_evaluation_is_neither_run_nor_charged(
     assert card["privacy"]["eval_sigma"] is None
     assert "skipped" in card["privacy"]["composition"]
     assert "evaluation: skipped" in _human(skipped)
+    assert card["learned"]["verdict"] == "not evaluated"
 
 
 def test_evaluate_is_an_optional_spec_flag_that_keeps_old_hashes() -> None:

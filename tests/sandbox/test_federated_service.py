@@ -86,6 +86,12 @@ def test_federated_job_charges_each_site(tmp_path: Path, ray_local) -> None:
     card = json.loads((out / "model_card.json").read_text())
     assert set(card["privacy"]["per_site"]) >= set(SITES)
     assert card["federated"]["rounds"] == 2
+    # each site's optimizer (the spec's default, Adam) and whether the pooled DP AUROC's
+    # interval shows learning, on the card and in the result the CLI prints
+    assert card["training"]["optimizer"] == "adam" and "epochs" not in card["training"]
+    assert job.result["optimizer"] == {"name": "adam", "lr": card["training"]["lr"]}
+    assert card["learned"]["verdict"] in ("yes", "not shown")
+    assert "DP AUROC" in card["learned"]["statement"]
     from training.predict import ReleasedModel
 
     assert ReleasedModel.load(out).plan.n_outputs > 0

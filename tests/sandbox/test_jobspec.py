@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 
 import pytest
@@ -11,7 +13,8 @@ from hypothesis import strategies as st
 
 from foundation.errors import SpecError
 from sandbox.jobs import ALLOWED, JobState, check_transition
-from sandbox.jobspec import parse_job_spec, parse_job_toml
+from sandbox.jobspec import TrainingSpec, parse_job_spec, parse_job_toml, parse_stored_spec
+from training.dpsgd_config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, Optimizer
 
 GOOD = """
 project = "readmission"
@@ -118,3 +121,138 @@ def test_job_transitions_are_data() -> None:
             else:
                 with pytest.raises(Exception, match="cannot go"):
                     check_transition(src, dst)
+
+
+# --- training.optimizer ------------------------------------------------------------------------
+
+
+def _training(**fields: object) -> dict:
+    data = tomllib.loads(GOOD)
+    data["training"] = {k: v for k, v in {**data["training"], **fields}.items() if v is not None}
+    return data
+
+
+def test_adam_is_the_default_with_an_lr_that_suits_it() -> None:
+    spec = parse_job_spec(_training(lr=None))
+    assert spec.training.optimizer is Optimizer.ADAM
+    assert spec.training.lr == DEFAULT_LR[Optimizer.ADAM] == 0.03
+    assert spec.training.weight_decay == 0.0
+    # the user's lr is kept, whatever the optimizer
+    assert parse_job_toml(GOOD).training == TrainingSpec(5, 512, 0.1, 7, Optimizer.ADAM, 0.0)
+    sgd = parse_job_spec(_training(lr=None, optimizer="sgd"))
+    assert (sgd.training.optimizer, sgd.training.lr) == (Optimizer.SGD, DEFAULT_LR[Optimizer.SGD])
+    w = parse_job_spec(_training(lr=None, optimizer="adamw"))
+    assert (w.training.lr, w.training.weight_decay) == (0.03, DEFAULT_WEIGHT_DECAY)
+    w = parse_job_spec(_training(optimizer="adamw", weight_decay=0.1))
+    assert w.training.weight_decay == 0.1
+    assert w.training.optimizer_summary() == {"name": "adamw", "lr": 0.1, "weight_decay": 0.1}
+    assert spec.training.optimizer_summary() == {"name": "adam", "lr": 0.03}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "fix"),
+    [
+        ({"optimizer": "rmsprop"}, "training.optimizer", "sgd, adam, adamw"),
+        ({"optimizer": 1}, "training.optimizer", "sgd, adam, adamw"),
+        ({"optimizer": "adam", "weight_decay": 0.01}, "training.weight_decay", "adamw"),
+        ({"weight_decay": 0.1}, "training.weight_decay", "adamw"),
+        ({"weight_decay": "a"}, "training.weight_decay", "adamw"),
+        ({"optimizer": "sgd", "weight_decay": 0.01}, "training.weight_decay", "adamw"),
+        ({"optimizer": "adamw", "weight_decay": -0.1}, "training.weight_decay", "raise"),
+        ({"optimizer": "adamw", "weight_decay": 2.0}, "training.weight_decay", "lower"),
+        ({"optimizer": "adamw", "weight_decay": "a"}, "training.weight_decay", "number"),
+    ],
+)
+def test_optimizer_errors_name_the_field_and_the_options(fields, field, fix) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_job_spec(_training(**fields))
+    assert err.value.field == field
+    assert fix in err.value.fix
+
+
+def test_optimizer_round_trips_and_is_in_the_hash() -> None:
+    specs = [parse_job_spec(_training(optimizer=o)) for o in ("adam", "adamw", "sgd")]
+    specs.append(parse_job_spec(_training(optimizer="adamw", weight_decay=0.2)))
+    for spec in specs:
+        d = spec.to_dict()
+        assert d["training"]["optimizer"] == spec.training.optimizer.value  # always written
+        assert ("weight_decay" in d["training"]) == (spec.training.optimizer is Optimizer.ADAMW)
+        assert parse_job_spec(d) == spec == parse_stored_spec(d)
+        assert parse_stored_spec(d).spec_hash() == spec.spec_hash()
+    assert len({s.spec_hash() for s in specs}) == len(specs)  # each setting hashes apart
+
+
+def test_a_spec_stored_before_the_optimizer_existed_keeps_meaning_sgd_and_its_hash() -> None:
+    """A stored spec without training.optimizer (every job before it existed) trained with
+    SGD: read back it is SGD, and its hash is the one stored with it (the old to_dict, hashed
+    as before). A user's spec without it now means Adam, and hashes apart."""
+    sgd = parse_job_spec(_training(optimizer="sgd"))
+    old = sgd.to_dict()
+    del old["training"]["optimizer"]
+    old_hash = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    stored = parse_stored_spec(old)
+    assert stored == sgd and stored.training.optimizer is Optimizer.SGD
+    assert stored.spec_hash() == old_hash == sgd.spec_hash()
+    written_now = parse_job_spec(old)
+    assert written_now.training.optimizer is Optimizer.ADAM
+    assert written_now.spec_hash() != old_hash
+
+
+def test_the_optimizer_does_not_change_the_plan() -> None:
+    """Post-processing of the privatized gradient: the same epsilon, noise, sample rate and
+    steps for every optimizer (DP-SGD and each federated site)."""
+    from sandbox.mechanisms.dpsgd import plan_spec, service_plan
+    from sandbox.mechanisms.federated import _config
+    from training.federated.site_plan import plan_for
+
+    specs = [
+        parse_job_spec(_training(optimizer="sgd")),
+        parse_job_spec(_training(optimizer="adam")),
+        parse_job_spec(_training(optimizer="adamw", weight_decay=0.3)),
+        parse_job_spec(_training(lr=None)),
+    ]
+    plans = [plan_spec(s, 40_000).to_dict() for s in specs]
+    assert all(p == plans[0] for p in plans)
+    assert {"noise_multiplier", "sample_rate", "steps", "epsilon"} <= set(plans[0])
+    served = [service_plan(s, 40_000, counts_public=False) for s in specs]
+    assert all(p == served[0] for p in served)
+
+    fed = tomllib.loads(FEDERATED)
+    site_plans = []
+    for fields in ({"optimizer": "sgd"}, {}, {"optimizer": "adamw", "weight_decay": 0.1}):
+        spec = parse_job_spec({**fed, "training": {**fed["training"], **fields}})
+        cfg = _config(spec, ("hospital-a", "hospital-b"))
+        assert cfg.optimizer is spec.training.optimizer
+        assert cfg.weight_decay == spec.training.weight_decay
+        site_plans.append(plan_for(cfg, "hospital-a", 5_000))
+    assert all(p == site_plans[0] for p in site_plans)
+
+
+FEDERATED = """
+project = "readmission"
+dataset = "cohort"
+label = "readmitted_30d"
+features = ["age", "sex"]
+mode = "federated"
+[federated]
+rounds = 3
+[model]
+kind = "logistic"
+[privacy]
+epsilon = 1.0
+delta = 1e-6
+[training]
+batch_size = 64
+"""
+
+
+def test_the_example_specs_parse_with_their_documented_defaults() -> None:
+    from pathlib import Path
+
+    from sandbox.jobspec import load_job_spec
+
+    examples = Path(__file__).resolve().parents[2] / "docs" / "examples"
+    job = load_job_spec(examples / "job.toml")
+    assert job.training.optimizer is Optimizer.ADAM and job.training.lr == 0.03
+    fed = load_job_spec(examples / "federated.toml")
+    assert fed.training.optimizer is Optimizer.ADAM

@@ -162,7 +162,9 @@ def test_the_cli_quotes_runs_and_reuses(tmp_path: Path) -> None:
     w = _world(tmp_path / "zone")
     w.svc.close()
     args = ["query", "run", "count", "--project", "readmission", "--dataset", "cohort"]
-    quote = ok(sandbox(*args, "--epsilon", "0.3", "--dry", "--json", zone=w.root, token=w.researcher_token))
+    quote = ok(
+        sandbox(*args, "--epsilon", "0.3", "--dry", "--json", zone=w.root, token=w.researcher_token)
+    )
     assert quote["dry"] and quote["epsilon"] == pytest.approx(0.3)
     first = ok(sandbox(*args, "--epsilon", "0.3", "--json", zone=w.root, token=w.researcher_token))
     assert first["charged"] and first["figures"][0]["statistic"] == "count"
@@ -178,5 +180,15 @@ def test_the_cli_quotes_runs_and_reuses(tmp_path: Path) -> None:
         sandbox(*args, "--epsilon", "5", "--json", zone=w.root, token=w.researcher_token)
     )
     assert "budget" in str(over).lower()
-    listed = ok(sandbox("query", "list", "--project", "readmission", "--json", zone=w.root, token=w.researcher_token))
+    listed = ok(
+        sandbox(
+            "query",
+            "list",
+            "--project",
+            "readmission",
+            "--json",
+            zone=w.root,
+            token=w.researcher_token,
+        )
+    )
     assert [r["id"] for r in listed["queries"]] == [first["id"]]

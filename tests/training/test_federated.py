@@ -27,6 +27,7 @@ from connectors.schema import SchemaContract
 from foundation.errors import SpecError
 from privacy.accountant import GaussianStep, epsilon_for, plan_dpsgd
 from privacy.dp_metrics import dp_binary_metrics
+from training.dpsgd_config import Optimizer
 from training.federated.config import ClientDPConfig, FederatedConfig, Strategy
 from training.federated.metrics import (
     EVAL_BINS,
@@ -599,3 +600,65 @@ def test_deployment_node_config_picks_site_and_own_data_path(world: World, tmp_p
     with pytest.raises(SpecError) as err:
         site_of(bad, payload)
     assert err.value.field == "node_config.partition-id"
+
+
+def test_config_carries_the_optimizer_and_old_configs_mean_sgd() -> None:
+    cfg = make_config(optimizer="adamw", weight_decay=0.05, lr=0.03)
+    assert cfg.optimizer is Optimizer.ADAMW and cfg.weight_decay == 0.05
+    assert FederatedConfig.from_dict(cfg.to_dict()) == cfg
+    # a payload written before the optimizer existed trained its sites with SGD
+    old = make_config().to_dict()
+    del old["optimizer"], old["weight_decay"]
+    assert FederatedConfig.from_dict(old).optimizer is Optimizer.SGD
+    for bad, field in (
+        ({"optimizer": "rmsprop"}, "federated.optimizer"),
+        ({"optimizer": "adam", "weight_decay": 0.1}, "federated.weight_decay"),
+        ({"optimizer": "adamw", "weight_decay": -1.0}, "federated.weight_decay"),
+    ):
+        with pytest.raises(SpecError) as err:
+            make_config(**bad)
+        assert err.value.field == field
+
+
+def test_sites_train_with_adam_and_fedprox_keeps_one_adam_over_the_round(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each site applies the job's optimizer to its privatized gradients. FedProx runs its
+    steps one call each: they must share one Adam (its moments over the round), not start a
+    fresh one per step."""
+    import torch
+
+    from training import trainer
+
+    given: list[Any] = []
+    real = trainer.train_dpsgd
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        given.append(kwargs.get("optimizer"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_dpsgd", recording)
+    states = {}
+    for name, overrides in (
+        ("sgd", {}),
+        ("adam", {"optimizer": "adam", "lr": 0.03}),
+        ("prox", {"optimizer": "adam", "lr": 0.03, "strategy": Strategy.FEDPROX, "mu": 0.1}),
+    ):
+        given.clear()
+        payload = make_payload(world, f"opt-{name}", **overrides)
+        plan = setup_site(payload, "hospital-b").plan
+        assert plan is not None
+        out = train_round(payload, plan, SiteLedger(), 1, initial_state(payload))
+        assert out.status is SiteStatus.TRAINED and out.state is not None
+        states[name] = out.state
+        if name == "prox":
+            assert len(given) == plan.steps_per_round
+            shared = given[0]
+            assert isinstance(shared, torch.optim.Adam)
+            assert all(o is shared for o in given)
+            steps = {int(s["step"]) for s in shared.state.values()}
+            assert steps == {plan.steps_per_round}  # one Adam step per DP step, one moment run
+        else:
+            assert given == [None]  # one call; the trainer builds the optimizer itself
+    for a, b in (("sgd", "adam"), ("adam", "prox")):
+        assert any(not np.array_equal(states[a][k], states[b][k]) for k in states[a])

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from foundation.errors import SpecError
+from training.dpsgd_config import Optimizer
 from training.model_config import ModelConfig, ModelKind
 
 #: A site with fewer training persons than this is left out. Why 200: a site's DP-SGD step
@@ -112,6 +113,8 @@ _CONFIG_KEYS = frozenset(
         "num_gpus",
         "round_timeout_s",
         "evaluate",
+        "optimizer",
+        "weight_decay",
     }
 )
 
@@ -158,6 +161,11 @@ class FederatedConfig:
     #: False (the spec's ``privacy.evaluate = false``): no DP evaluation at any site, no
     #: evaluation charge; each site's whole budget goes to training
     evaluate: bool = True
+    #: each site's update rule on its privatized gradient (post-processing; the spec's
+    #: default is adam, a config without it, e.g. a payload written before it, means sgd)
+    optimizer: Optimizer = Optimizer.SGD
+    #: AdamW's decoupled weight decay (0 for the other optimizers)
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _whole("rounds", self.rounds, 1, MAX_ROUNDS)
@@ -244,6 +252,21 @@ class FederatedConfig:
         _positive("round_timeout_s", self.round_timeout_s, "e.g. 600")
         if not isinstance(self.evaluate, bool):
             raise SpecError("federated.evaluate", "must be true or false")
+        try:
+            object.__setattr__(self, "optimizer", Optimizer(self.optimizer))
+        except ValueError:
+            raise SpecError(
+                "federated.optimizer",
+                "is not a known optimizer",
+                f"use one of: {', '.join(o.value for o in Optimizer)}",
+            ) from None
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise SpecError("federated.weight_decay", "must be a finite number >= 0", "e.g. 0.01")
+        if self.weight_decay and self.optimizer is not Optimizer.ADAMW:
+            raise SpecError(
+                "federated.weight_decay", "applies to adamw only", "set it to 0 or use adamw"
+            )
+        object.__setattr__(self, "weight_decay", float(self.weight_decay))
         for name in ("epsilon", "delta", "max_grad_norm", "lr", "num_cpus", "num_gpus"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "round_timeout_s", float(self.round_timeout_s))
@@ -289,6 +312,8 @@ class FederatedConfig:
             "num_gpus": self.num_gpus,
             "round_timeout_s": self.round_timeout_s,
             "evaluate": self.evaluate,
+            "optimizer": self.optimizer.value,
+            "weight_decay": self.weight_decay,
         }
 
     @classmethod

@@ -12,7 +12,9 @@ Privacy, per site (patient-level, add/remove one person, RDP accountant):
   release (``EVAL_SHARE`` of the budget). A site in every round therefore ends at or
   below ``epsilon``; sampling of sites is public, so no amplification is claimed for it.
 * **Each round** takes ``steps_per_round`` DP-SGD steps (Poisson sampling, per-person
-  clipping, Gaussian noise; ``training.trainer.train_dpsgd``) with the plan's noise. The
+  clipping, Gaussian noise; ``training.trainer.train_dpsgd``) with the plan's noise, each
+  privatized gradient applied by the job's optimizer (``config.optimizer``: Adam, AdamW or
+  SGD; post-processing, started afresh each round from the global model). The
   site's spend so far (``SiteLedger``: steps and evaluations) travels between rounds in
   Flower's ``context.state`` (docs/engines.md: a fresh accountant per round under-reports) and
   its epsilon is always ``epsilon_for`` over the whole history. Before it opens any row a
@@ -240,30 +242,37 @@ def _local_training(
 ) -> None:
     import torch
 
-    from training.dpsgd_config import DPSGDConfig
-    from training.trainer import train_dpsgd
+    from training.dpsgd_config import DPSGDConfig, Optimizer
+    from training.trainer import make_optimizer, train_dpsgd
 
     cfg = payload.config
     device = _device(payload)
 
-    def run(steps: int, seed: int, steps_per_epoch: int) -> None:
-        train_dpsgd(
-            model,
-            X,
-            y,
-            DPSGDConfig(
-                sample_rate=plan.sample_rate,
-                steps=steps,
-                lr=cfg.lr,
-                max_grad_norm=cfg.max_grad_norm,
-                noise_multiplier=plan.noise_multiplier,
-                seed=seed,
-                device=device,
-                steps_per_epoch=steps_per_epoch,
-            ),
+    def config(steps: int, seed: int, steps_per_epoch: int) -> DPSGDConfig:
+        return DPSGDConfig(
+            sample_rate=plan.sample_rate,
+            steps=steps,
+            lr=cfg.lr,
+            max_grad_norm=cfg.max_grad_norm,
+            noise_multiplier=plan.noise_multiplier,
+            seed=seed,
+            device=device,
+            steps_per_epoch=steps_per_epoch,
+            optimizer=cfg.optimizer,
+            weight_decay=cfg.weight_decay,
         )
 
-    if cfg.mu == 0:
+    fedprox = cfg.mu != 0
+    optimizer = None
+    if fedprox and cfg.optimizer is not Optimizer.SGD:
+        # FedProx's one-step calls (below) share one optimizer, so Adam's moments run over
+        # the round: a fresh Adam in every call would take sign-like steps of size lr
+        optimizer = make_optimizer(list(model.parameters()), config(1, 0, 1))
+
+    def run(steps: int, seed: int, steps_per_epoch: int) -> None:
+        train_dpsgd(model, X, y, config(steps, seed, steps_per_epoch), optimizer=optimizer)
+
+    if not fedprox:
         run(
             plan.steps_per_round,
             derive_seed(payload.secret, "train", plan.site, server_round),
