@@ -30,7 +30,7 @@ from sandbox.zone import Zone
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "zone_v1.tar.gz"
 KEY = BudgetKey("readmission", "cohort")
 #: the tables the migrations after the baseline add
-ADDED_SINCE_V1 = ("gpu_quotas", "user_logins", "dataset_deletions")
+ADDED_SINCE_V1 = ("gpu_quotas", "user_logins", "dataset_deletions", "query_releases")
 
 
 @pytest.fixture
