@@ -162,7 +162,7 @@ def run_demo(
         spec = parse_job_toml(demo_job_toml())
         step("sandbox submit job.toml   # as rita: runs on a local Ray")
         job = _submit_with_bar(
-            svc, rita, spec, console, "DP-SGD epochs", spec.training.epochs, "epoch"
+            svc, rita, spec, console, "DP-SGD epochs", spec.training.epochs or 0, "epoch"
         )
         result = job.result or {}
         metrics = result.get("metrics", {})

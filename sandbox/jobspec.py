@@ -11,6 +11,13 @@ So a stored spec (the job's row, a worker's payload) is read back with
 the optimizer (a spec stored now reads back the same either way) and ``spec_hash`` leaves
 ``"sgd"`` out, so an old job's stored hash still matches its spec and an SGD spec written
 now hashes as the same spec did before.
+
+A DP-SGD spec the user writes may leave ``lr``, ``epochs``, ``batch_size`` and
+``max_grad_norm`` out or write them as ``"auto"`` (``spec_fields.AUTO_FIELDS``): they are
+None here (``JobSpec.auto_fields`` names them) and ``to_dict`` writes ``"auto"``. Such a
+spec is resolved by a search on free data before anything plans it (``sandbox.tuning``,
+``docs/tuning.md``); every planner reads them through ``spec_fields.resolved``, which refuses
+an unresolved one. A stored spec always holds them; a federated spec never has ``"auto"``.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from foundation.errors import SpecError
-from sandbox.spec_fields import flag, name, number, unknown
+from sandbox.spec_fields import AUTO, AUTO_FIELDS, flag, hyperparameters, name, number, unknown
 from training.dpsgd_config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, Optimizer
 from training.model_config import ModelConfig, ModelKind
 
@@ -39,7 +46,8 @@ class Mode(StrEnum):
 class PrivacySpec:
     epsilon: float
     delta: float
-    max_grad_norm: float
+    #: None: ``"auto"``, chosen by the zone (``sandbox.tuning``) before the job is planned
+    max_grad_norm: float | None
     #: ``evaluate = false``: no DP evaluation release (no charge, no metrics); the whole
     #: epsilon goes to training. Default true.
     evaluate: bool = True
@@ -47,10 +55,12 @@ class PrivacySpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    epochs: int
-    batch_size: int
-    #: written by the user, else ``DEFAULT_LR[optimizer]``
-    lr: float
+    #: None (these three): ``"auto"``, chosen by the zone before the job is planned
+    epochs: int | None
+    batch_size: int | None
+    #: written by the user (or chosen by the zone); a stored spec without it:
+    #: ``DEFAULT_LR[optimizer]``
+    lr: float | None
     seed: int
     #: the update rule applied to the privatized gradient (post-processing: the plan and
     #: the epsilon do not depend on it)
@@ -115,8 +125,19 @@ class JobSpec:
         """Every column the job reads: what the grant must cover."""
         return frozenset((*self.features, self.label))
 
+    @property
+    def auto_fields(self) -> tuple[str, ...]:
+        """The hyperparameters still ``"auto"`` (``spec_fields.AUTO_FIELDS``), in its order."""
+        d = asdict(self)
+        return tuple(
+            field for field in AUTO_FIELDS if d[field.split(".")[0]][field.split(".")[1]] is None
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for field in self.auto_fields:
+            section, key = field.split(".")
+            d[section][key] = AUTO
         d["features"] = list(self.features)
         d["mode"] = str(self.mode)
         d["model"] = {"kind": str(self.model.kind), "hidden": list(self.model.hidden)}
@@ -213,13 +234,13 @@ def _section(d: Mapping[str, Any], key: str, required: bool) -> Mapping[str, Any
 def parse_job_spec(data: Mapping[str, Any]) -> JobSpec:
     """A spec the user writes now (``job.toml``'s tables, or the same as a dict): a missing
     ``training.optimizer`` is ``"adam"``."""
-    return _parse(data, Optimizer.ADAM)
+    return _parse(data, Optimizer.ADAM, stored=False)
 
 
 def parse_stored_spec(data: Mapping[str, Any]) -> JobSpec:
     """A spec the zone stored (``JobSpec.to_dict``: a job's row, a worker's payload), read
     back: a missing ``training.optimizer`` is ``"sgd"``, what it meant when it was stored."""
-    return _parse(data, Optimizer.SGD)
+    return _parse(data, Optimizer.SGD, stored=True)
 
 
 def _optimizer(t: Mapping[str, Any], missing: Optimizer) -> tuple[Optimizer, float]:
@@ -247,7 +268,7 @@ def _optimizer(t: Mapping[str, Any], missing: Optimizer) -> tuple[Optimizer, flo
     return optimizer, float(wd)
 
 
-def _parse(data: Mapping[str, Any], missing_optimizer: Optimizer) -> JobSpec:
+def _parse(data: Mapping[str, Any], missing_optimizer: Optimizer, *, stored: bool) -> JobSpec:
     unknown("", data, _TOP)
     mode_raw = data.get("mode", Mode.DP_SGD.value)
     try:
@@ -289,39 +310,35 @@ def _parse(data: Mapping[str, Any], missing_optimizer: Optimizer) -> JobSpec:
     model = ModelConfig(kind=kind, hidden=tuple(hidden))
 
     p = _section(data, "privacy", True)
-    privacy = PrivacySpec(
-        epsilon=float(number(p, "privacy", "epsilon", lo=0, lo_open=True, hi=100)),
-        delta=float(number(p, "privacy", "delta", lo=0, lo_open=True, hi=0.01)),
-        max_grad_norm=float(
-            number(p, "privacy", "max_grad_norm", default=1.0, lo=0, lo_open=True, hi=1e4)
-        ),
-        evaluate=flag(p, "privacy", "evaluate", default=True),
-    )
+    epsilon = float(number(p, "privacy", "epsilon", lo=0, lo_open=True, hi=100))
+    delta = float(number(p, "privacy", "delta", lo=0, lo_open=True, hi=0.01))
     t = _section(data, "training", True)
     federated = _federated(data) if mode is Mode.FEDERATED else None
+    optimizer, weight_decay = _optimizer(t, missing_optimizer)
+    # a DP-SGD spec the user writes: a hyperparameter left out is the zone's to choose
+    hp = hyperparameters(
+        p,
+        t,
+        auto=mode is Mode.DP_SGD and not stored,
+        federated=federated is not None,
+        lr_default=DEFAULT_LR[optimizer],
+    )
+    privacy = PrivacySpec(
+        epsilon=epsilon,
+        delta=delta,
+        max_grad_norm=hp["max_grad_norm"],
+        evaluate=flag(p, "privacy", "evaluate", default=True),
+    )
     if mode is not Mode.FEDERATED and "federated" in data:
         raise SpecError(
             "federated",
             'is only used with mode = "federated"',
             'add mode = "federated" or drop [federated]',
         )
-    optimizer, weight_decay = _optimizer(t, missing_optimizer)
     training = TrainingSpec(
-        epochs=int(
-            number(
-                t,
-                "training",
-                "epochs",
-                default=1 if federated else None,
-                lo=1,
-                hi=1000,
-                integer=True,
-            )
-        ),
-        batch_size=int(number(t, "training", "batch_size", lo=1, hi=1_000_000, integer=True)),
-        lr=float(
-            number(t, "training", "lr", default=DEFAULT_LR[optimizer], lo=0, lo_open=True, hi=100)
-        ),
+        epochs=hp["epochs"],
+        batch_size=hp["batch_size"],
+        lr=hp["lr"],
         seed=int(number(t, "training", "seed", default=0, lo=0, hi=2**31 - 1, integer=True)),
         optimizer=optimizer,
         weight_decay=weight_decay,

@@ -147,6 +147,10 @@ def write_model_card(
         "compute": {"backend": backend, "device": result.device},
         "preprocessing": "preprocessing.json (parameters from the schema contract, not from rows)",
     }
+    if result.tuning is not None:
+        # the hyperparameters the zone chose (``training`` holds them): how, on which free
+        # rows, and every candidate's score there (docs/tuning.md)
+        card["tuning"] = result.tuning
     path = job_dir / "model_card.json"
     path.write_text(json.dumps(card, indent=2, sort_keys=True))
     return path

@@ -58,7 +58,7 @@ MODEL_CARD_KEYS = frozenset(
         "dp_metrics_note", "spec_hash", "ledger_event", "audit_event", "compute",
         "preprocessing", "federated", "rounds_done", "per_site_dp_metrics",
         "global_dp_metrics", "global_dp_metrics_display", "per_site_dp_metrics_display",
-        "excluded_sites", "dropped_sites", "learned",
+        "excluded_sites", "dropped_sites", "learned", "tuning",
     }
 )
 #: top-level keys of ``sandbox.release.write_synth_card``

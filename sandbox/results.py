@@ -77,6 +77,10 @@ class DpsgdResult(_Result):
     #: (the service writes it, never the worker): ``{"name": "adam", "lr": 0.03}``
     #: (+ ``weight_decay`` for adamw); None in results stored before it was recorded
     optimizer: dict[str, Any] | None = None
+    #: the search that chose the spec's "auto" hyperparameters on free data
+    #: (``sandbox.mechanisms.tuning.Tuning``), as the service recorded it; None when the
+    #: spec wrote them all
+    tuning: dict[str, Any] | None = None
     kind: str = "dp-sgd"
     charge: ChargeRecord = field(default_factory=ChargeRecord)
 

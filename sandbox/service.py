@@ -432,6 +432,10 @@ class Service(AccessCalls):
     def quote_curve(self, actor: Actor, spec: JobSpec, on: str, out_dir: Path, **kw: Any) -> Any:
         return self.synth.quote_curve(actor, spec, on, out_dir, **kw)
 
+    def tune(self, actor: Actor, spec: JobSpec, on: str | None = None) -> dict[str, Any]:
+        """The search that chooses a spec's "auto" hyperparameters on free rows (no charge)."""
+        return self.synth.tune(actor, spec, on)
+
     # -- budget and audit --------------------------------------------------------------------
 
     def budget(self, actor: Actor, project: str) -> list[Any]:

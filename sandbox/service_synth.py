@@ -9,6 +9,9 @@
 - ``submit(..., on=...)`` dry runs a job on dummy or released synthetic data at no charge.
 - ``quote``: what a job will spend (from the accountant, before anything runs), and with
   ``curve`` the utility of dry runs at several epsilons.
+- ``tune``: the search that chooses a spec's ``"auto"`` hyperparameters on free rows
+  (``sandbox.mechanisms.tuning``), shown, charging nothing; quotes and dry runs resolve such a
+  spec the same way before they plan it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, plan_spec
 from sandbox.mechanisms.dry_run import DryRunMechanism, DryRunRequest, synthetic_job
 from sandbox.mechanisms.federated import plan_sites
 from sandbox.mechanisms.synthetic import SyntheticMechanism, SynthRequest
+from sandbox.mechanisms.tuning import resolve, summary
 from sandbox.runner import JobRunner
+from sandbox.spec_fields import resolved
 from training.federated.config import EVAL_SHARE as FED_EVAL_SHARE
 
 #: epsilons a quote's utility curve tries by default
@@ -191,6 +196,8 @@ class SynthCalls:
             self.ctx.store.get_project(spec.project)
             self.ctx.check_member(actor, spec.project)
             rec = self.ctx.store.get_dataset(spec.dataset)
+            # "auto" hyperparameters: chosen as a submit would choose them (free rows only)
+            spec, tuning = resolve(self.ctx, spec)
             if spec.federated is not None:
                 # the same planning the submit runs: what it refuses, the quote refuses
                 site_plan = plan_sites(spec, rec)
@@ -204,7 +211,7 @@ class SynthCalls:
                         spec.privacy.epsilon,
                         spec.privacy.delta,
                         n_train,
-                        min(spec.training.batch_size, n_train),
+                        min(resolved(spec.training.batch_size, "training.batch_size"), n_train),
                         spec.federated.rounds * spec.federated.local_epochs,
                         evaluate=site_plan.config.evaluate,
                         eval_share=FED_EVAL_SHARE,
@@ -230,6 +237,9 @@ class SynthCalls:
                     "neighbouring": "add/remove one person",
                     "accountant": "rdp",
                 }
+                if tuning is not None:
+                    # the values the plan above was made with (``chosen``) and how
+                    quote["tuning"] = tuning
             if not rec.counts_public and not sees_everything(actor.role):
                 # every figure the exact size shows through, replaced: the counts-derived
                 # ones by "withheld", each plan's own epsilon (its digits move with n) by the
@@ -249,9 +259,15 @@ class SynthCalls:
         out_dir: Path,
         epsilons: tuple[float, ...] = CURVE_EPSILONS,
     ) -> dict[str, Any]:
-        """Utility vs epsilon from dry runs on ``on`` data (no charge), with a PNG and a table."""
+        """Utility vs epsilon from dry runs on ``on`` data (no charge), with a PNG and a table.
+        A spec with ``"auto"`` hyperparameters is resolved once, at its own epsilon, and every
+        point runs those values (what changes along the curve is epsilon alone)."""
         import matplotlib
 
+        if spec.auto_fields:
+            with self.ctx.act(actor, Action.JOB_QUOTE, spec.project, {"tune": "curve"}):
+                self.ctx.check_member(actor, spec.project)
+                spec, _ = resolve(self.ctx, spec)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -289,3 +305,18 @@ class SynthCalls:
         table = out_dir / "quote_curve.json"
         table.write_text(json.dumps(points, indent=2))
         return {"on": on, "points": points, "png": str(png), "table": str(table)}
+
+    def tune(self, actor: Actor, spec: JobSpec, on: str | None = None) -> dict[str, Any]:
+        """Choose ``spec``'s ``"auto"`` hyperparameters by the search on free rows (``on``:
+        ``"dummy"`` or ``"synthetic:JOB"``, else the default: the project's newest released
+        DP synthetic table of the dataset, else dummy): the resolved spec and the search's
+        record. Nothing is charged, reserved or read from the real rows; a spec with nothing
+        ``"auto"`` comes back as it is (``tuning`` None)."""
+        details = {"dataset": spec.dataset, "tune": on or "default"}
+        with self.ctx.act(actor, Action.JOB_QUOTE, spec.project, details) as extra:
+            self.ctx.store.get_project(spec.project)
+            self.ctx.check_member(actor, spec.project)
+            resolved, tuning = resolve(self.ctx, spec, on)
+            if tuning is not None:
+                extra.update(tuned=summary(tuning))
+            return {"spec": resolved.to_dict(), "tuning": tuning}

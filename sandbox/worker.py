@@ -77,6 +77,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     from privacy.dp_metrics import dp_binary_metrics
     from sandbox.jobs import JobStore
     from sandbox.jobspec import parse_stored_spec
+    from sandbox.spec_fields import resolved
     from training.dpsgd_config import Device, DPSGDConfig, EpochProgress
     from training.models import build_model
     from training.scoring import predict_proba
@@ -95,6 +96,11 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     # the payload's spec is the stored form (a payload queued before training.optimizer
     # existed meant SGD)
     spec = parse_stored_spec(payload["spec"])
+    # the service resolved every "auto" hyperparameter before it planned the job: one still
+    # "auto" is refused here, before a row is read
+    batch_size = resolved(spec.training.batch_size, "training.batch_size")
+    lr = resolved(spec.training.lr, "training.lr")
+    max_grad_norm = resolved(spec.privacy.max_grad_norm, "privacy.max_grad_norm")
     contract = SchemaContract.from_dict(payload["contract"])
     plan = FeaturePlan.from_contract(contract, spec.features)
     handle = DatasetHandle(
@@ -109,7 +115,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     X_test, y_test = load_split(handle, plan, spec.label, Split.TEST, seed=seed)
     n_train = int(X_train.shape[0])
     dp = _payload_plan(payload)
-    if n_train < spec.training.batch_size:
+    if n_train < batch_size:
         raise SpecError(
             "training.batch_size",
             "is larger than the training split",
@@ -123,10 +129,10 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
         sample_rate=dp.sample_rate,
         steps=dp.steps,
         steps_per_epoch=dp.steps_per_epoch,
-        lr=spec.training.lr,
+        lr=lr,
         optimizer=spec.training.optimizer,
         weight_decay=spec.training.weight_decay,
-        max_grad_norm=spec.privacy.max_grad_norm,
+        max_grad_norm=max_grad_norm,
         noise_multiplier=dp.noise_multiplier,
         seed=dp_seed,
         device=Device(device),

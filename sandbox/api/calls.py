@@ -185,6 +185,8 @@ CALLS: tuple[Call, ...] = (
         (Arg("spec", SPEC), Arg("on")),
     ),
     Call("quote", "POST", "/v1/quotes", _A.JOB_QUOTE, (Arg("spec", SPEC),)),
+    # the search for a spec's "auto" hyperparameters on free rows (charges nothing)
+    Call("tune", "POST", "/v1/tunes", _A.JOB_QUOTE, (Arg("spec", SPEC), Arg("on", VALUE, False))),
     Call(
         "quote_curve",
         "POST",

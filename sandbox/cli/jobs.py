@@ -64,6 +64,18 @@ def _optimizer_line(optimizer: Any) -> None:
     )
 
 
+def _tuning_line(tuning: Any) -> None:
+    """``hyperparameters chosen on dummy rows: lr 0.03, epochs 38, ...`` for a spec whose
+    "auto" fields the zone chose (``sandbox tune`` shows the whole search)."""
+    if not tuning:
+        return
+    chosen = ", ".join(f"{k} {v:g}" for k, v in tuning["chosen"].items())
+    console.print(
+        f"  hyperparameters chosen on {tuning['source']} rows (no charge): {chosen} "
+        "(docs/tuning.md)"
+    )
+
+
 def _summary(rec: Any) -> None:
     from sandbox.results import DpsgdResult, FederatedResult, SynthResult, parse_result
 
@@ -83,6 +95,7 @@ def _summary(rec: Any) -> None:
         what = "dry run, nothing charged" if r.dry_run else "epsilon spent"
         eps = f"{what} (on {r.dry_run})" if r.dry_run else f"{what} {fmt3(r.epsilon)}"
         console.print(f"  {eps} (delta {r.delta:g}), clipping {r.clipping}")
+        _tuning_line(r.tuning)
         _optimizer_line(r.optimizer)
         _metric_lines(r.evaluation, r.metrics, "DP metrics")
     elif isinstance(r, SynthResult):
@@ -164,10 +177,12 @@ def register(app_root: typer.Typer) -> None:
                             # cumulative epsilon per site so far (accountant figures, not data)
                             eps = [v for v in p["epsilon"].values() if v is not None]
                             note = f"max site epsilon {max(eps):.3f}" if eps else ""
-                        progress.update(task, completed=done, note=note)
+                        # "auto" epochs: the total is known once the zone chose them
+                        whole = p.get("rounds", p.get("epochs")) or total
+                        progress.update(task, completed=done, total=whole, note=note)
 
                     rec = s.service.submit(s.user, spec, on_progress=on_progress)
-                    progress.update(task, completed=total)
+                    progress.update(task, completed=progress.tasks[0].total)
         emit(rec, as_json, _summary)
 
 
@@ -227,6 +242,7 @@ def register_quote(app_root: typer.Typer) -> None:
                             else f"noise {p['noise_multiplier']:.3f}, epsilon {p['epsilon']:.3f}"
                         )
                     )
+            _tuning_line(q.get("tuning"))
             if "curve" in q:
                 for pt in q["curve"]["points"]:
                     console.print(f"  epsilon {pt['epsilon']:>5g}: AUROC {pt['auroc']}")

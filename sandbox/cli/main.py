@@ -27,6 +27,7 @@ from sandbox.cli import (
     query,
     serve,
     synth,
+    tune,
     users,
     zone_cmds,
 )
@@ -63,6 +64,7 @@ app.add_typer(projects.app, name="project")
 app.add_typer(access.app, name="access")
 jobs.register(app)
 jobs.register_quote(app)
+tune.register(app)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(models.app, name="model")
 budget.register(app)

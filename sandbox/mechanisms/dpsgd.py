@@ -10,6 +10,12 @@ sampling's privacy depends on the rate, the noise and the steps, not on how many
 the split holds, so the plan's figure bounds the run whatever the split's exact size. The
 worker's report is checked against the plan (``check_dpsgd_report``); DP-SGD takes exactly
 its planned steps (the trainer has no early stop), so any other step count is a mismatch.
+
+A spec with ``"auto"`` hyperparameters is resolved at admission, after the access decision
+and before anything is planned or reserved, by the search on free data
+(``sandbox.mechanisms.tuning``: never a real row); the job is planned, stored and charged as
+the resolved spec, and the search's record travels in the payload to the job's result and
+its model card (``result.tuning``: the service's, never the worker's).
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from dataclasses import replace
 from typing import Any
 
 from connectors.schema import SchemaContract
-from foundation.errors import IntegrityError, PolicyDenied, SpecError
-from policies.decisions import JobAccessRequest, Mechanism, decide_job_access
+from foundation.errors import IntegrityError, SpecError
+from policies.decisions import Mechanism
 from policies.roles import Actor
 from privacy.budget_events import BudgetKey
 from sandbox.backend import Resources
@@ -28,128 +34,27 @@ from sandbox.disclosure import cut_released_card
 from sandbox.jobs import JobRecord
 from sandbox.jobspec import JobSpec, parse_stored_spec
 from sandbox.mechanisms.base import WHOLE_DATASET, Admission, BackendMechanism, commit_charge
+from sandbox.mechanisms.dpsgd_plan import (
+    TRAIN_FRACTION,
+    check_batch_size,
+    check_columns,
+    checked_spec,
+    decide,
+    n_train_of,
+    plan_spec,
+    service_plan,
+)
 from sandbox.mechanisms.plans import check_figures, dpsgd_epsilon, not_a_result
+from sandbox.mechanisms.tuning import TUNING_KEY, resolve, summary
 from sandbox.release import write_model_card
 from sandbox.results import DpsgdResult, JobResult
 from sandbox.worker import (
-    EVAL_SHARE,
     NOISE_SECRET_KEY,
     PLAN_ERROR_KEY,
     PLAN_KEY,
     new_noise_secret,
     run_dpsgd_job,
 )
-
-#: the reader's person split: the train part is what DP-SGD trains on
-TRAIN_FRACTION = 0.8
-
-
-def check_columns(spec: JobSpec, contract: SchemaContract) -> None:
-    known = {c.name for c in contract.columns}
-    for field_name, cols in (("features", spec.features), ("label", (spec.label,))):
-        for c in cols:
-            if c not in known:
-                raise SpecError(
-                    field_name,
-                    f"column {c!r} is not in dataset {spec.dataset!r}",
-                    f"known columns: {', '.join(sorted(known))}",
-                )
-    if spec.label not in contract.label_names():
-        raise SpecError(
-            "label",
-            f"column {spec.label!r} is not a label in the schema contract",
-            f"labels: {', '.join(contract.label_names())}",
-        )
-
-
-def decide(ctx: ZoneContext, actor: Actor, spec: JobSpec, mechanism: Mechanism) -> str:
-    """Chokepoint 1: the access decision, before anything is reserved or opened."""
-    decision = decide_job_access(
-        JobAccessRequest(
-            user=actor.name,
-            role=actor.role,
-            project=spec.project,
-            dataset=spec.dataset,
-            columns=spec.columns,
-            mechanism=mechanism,
-            epsilon=spec.privacy.epsilon,
-            delta=spec.privacy.delta,
-        ),
-        ctx.store.project_view(spec.project),
-        ctx.store.grants_for(spec.project, spec.dataset),
-        ctx.clock(),
-    )
-    if not decision.allowed:
-        raise PolicyDenied(decision.reason, missing=decision.missing, grantor=decision.grantor)
-    return decision.grant_id or ""
-
-
-def checked_spec(
-    ctx: ZoneContext, actor: Actor, spec: JobSpec, mechanism: Mechanism
-) -> tuple[Any, SchemaContract, str]:
-    """What every spec-driven mechanism checks first: its columns against the contract, then
-    the access decision. Returns the dataset record, its contract and the grant used."""
-    dataset = ctx.store.get_dataset(spec.dataset)
-    contract = SchemaContract.from_dict(dataset.contract)
-    check_columns(spec, contract)
-    return dataset, contract, decide(ctx, actor, spec, mechanism)
-
-
-def check_batch_size(spec: JobSpec, dataset: Any) -> None:
-    """Refuse a batch larger than the training split before anything is reserved, when the
-    counts are public (with private counts this check would be a free oracle on the exact
-    size: the worker checks after reading instead, and the job is charged)."""
-    if not dataset.counts_public:
-        return
-    n_train = int(dataset.persons * TRAIN_FRACTION)
-    if spec.training.batch_size > n_train:
-        raise SpecError(
-            "training.batch_size",
-            f"is larger than the training split ({n_train} persons)",
-            f"set batch_size <= {n_train}",
-        )
-
-
-def plan_spec(spec: JobSpec, n_train: int) -> Any:
-    """The accountant's plan (``privacy.job_plan.JobPlan``) for a DP-SGD ``spec`` on
-    ``n_train`` training persons: the one planning the submit, the quote and dry runs share."""
-    from privacy.job_plan import plan_job
-
-    return plan_job(
-        spec.privacy.epsilon,
-        spec.privacy.delta,
-        n_train,
-        spec.training.batch_size,
-        spec.training.epochs,
-        # privacy.evaluate = false: no evaluation release, its share goes to training
-        evaluate=spec.privacy.evaluate,
-        eval_share=EVAL_SHARE,
-    )
-
-
-def service_plan(
-    spec: JobSpec, n_train: int, *, counts_public: bool
-) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
-    """The service's plan for ``spec`` on ``n_train`` training persons: ``(plan, None)``.
-
-    A spec the planner refuses for this size (a batch above the split, delta >= 1/n, a
-    target no noise reaches) is refused now when the size is public. With private counts
-    that refusal would be a free oracle on the exact size: the job is admitted and charged
-    like one whose batch is too large, and ``(None, error)`` carries the refusal (its
-    field and fix; the problem without the size) for the worker to raise after reading."""
-    from privacy import accountant
-
-    # refusals that do not depend on the size stay free
-    accountant._check_epsilon(spec.privacy.epsilon)
-    accountant._check_delta(spec.privacy.delta)
-    try:
-        dp = plan_spec(spec, n_train)
-    except SpecError as exc:
-        if counts_public:
-            raise
-        problem = "cannot be met on this dataset's training split (its size is private)"
-        return None, {"field": exc.field, "problem": problem, "fix": exc.fix}
-    return dp.to_dict(), None
 
 
 def worker_payload(
@@ -176,12 +81,6 @@ def worker_payload(
     }
 
 
-def n_train_of(dataset: Any) -> int:
-    """The training split's size the service plans with (the split itself is drawn per
-    person by the reader; the plan's sample rate bounds the run whatever its exact size)."""
-    return int(dataset.persons * TRAIN_FRACTION)
-
-
 def job_plan(ctx: ZoneContext, job: JobRecord) -> dict[str, Any] | None:
     """The service's plan of a DP-SGD job, made again from what the service persisted: the
     job's spec and the dataset's record (the same inputs as at admission, the same plan;
@@ -194,6 +93,20 @@ def job_plan(ctx: ZoneContext, job: JobRecord) -> dict[str, Any] | None:
     dataset = ctx.store.get_dataset(job.dataset)
     return service_plan(spec, n_train_of(dataset), counts_public=dataset.counts_public)[0]
 
+
+#: the admission helpers, where they were first written (``sandbox.mechanisms.dpsgd_plan``)
+__all__ = [
+    "TRAIN_FRACTION",
+    "DpsgdMechanism",
+    "check_batch_size",
+    "check_columns",
+    "checked_spec",
+    "decide",
+    "n_train_of",
+    "plan_spec",
+    "service_plan",
+    "worker_payload",
+]
 
 #: the figures a DP-SGD worker reports and the service checks (``DpsgdResult.run``)
 REPORTED = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "eval_sigma", "delta")
@@ -226,6 +139,9 @@ class DpsgdMechanism(BackendMechanism):
     ) -> Admission:
         spec: JobSpec = request
         dataset, contract, grant = checked_spec(ctx, actor, spec, Mechanism.DP_SGD)
+        # "auto" hyperparameters: chosen now by the search on free data (no real row, no
+        # charge); everything below plans, stores and charges the resolved spec
+        spec, tuning = resolve(ctx, spec)
         check_batch_size(spec, dataset)
         # plan before reserving: a spec the planner refuses never holds budget
         plan = service_plan(spec, n_train_of(dataset), counts_public=dataset.counts_public)
@@ -239,20 +155,27 @@ class DpsgdMechanism(BackendMechanism):
             job_id=job_id,
             actor=actor.name,
         )
+        work = worker_payload(ctx, job_id, spec, contract, dataset.path, plan)
+        details: dict[str, Any] = {"grant": grant}
+        if tuning is not None:
+            work[TUNING_KEY] = tuning
+            details["tuned"] = summary(tuning)
         return Admission(
             project=spec.project,
             dataset=spec.dataset,
             spec=spec.to_dict(),
             spec_hash=spec.spec_hash(),
             reservations=dict(reserved),
-            work=worker_payload(ctx, job_id, spec, contract, dataset.path, plan),
+            work=work,
             resources=resources,
-            details={"grant": grant},
+            details=details,
         )
 
     def check_report(self, ctx: ZoneContext, job: JobRecord, work: Any, result: Any) -> JobResult:
         show = ctx.store.get_dataset(job.dataset).counts_public
-        return check_dpsgd_report(job, result, job_plan(ctx, job), show=show)
+        checked = check_dpsgd_report(job, result, job_plan(ctx, job), show=show)
+        # the search's record is the service's (from the payload it built), never the worker's
+        return replace(checked, tuning=work.get(TUNING_KEY))
 
     def charge(
         self, ctx: ZoneContext, actor: Actor, job: JobRecord, result: JobResult

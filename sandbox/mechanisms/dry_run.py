@@ -5,34 +5,30 @@ the run's noise comes from a secret of its own, never shared with a charged run.
 The service plans a dry run as it plans a job (``service_plan`` on the dry-run table's size,
 public either way: the dataset's public size, a fixed size, or the synthetic rows asked
 for) and shows that plan's figures; the worker's report is checked against it like a job's,
-but for the evaluation's noise (a dry run evaluates without noise: its rows are not real)."""
+but for the evaluation's noise (a dry run evaluates without noise: its rows are not real).
+
+A spec with ``"auto"`` hyperparameters is resolved first, exactly as a submit would resolve
+it (``sandbox.mechanisms.tuning.resolve`` on the default free rows), so a dry run shows the
+job that would run; the search's record is in the result (``tuning``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any
 
-from connectors.dummy import dummy_table
-from connectors.external import read_user_table
 from connectors.ingest import ingest_table
-from connectors.schema import SchemaContract
-from foundation.errors import NotFoundError, PolicyDenied, SpecError
+from foundation.errors import SpecError
 from policies.roles import Actor
 from sandbox.backend import Resources
 from sandbox.context import ZoneContext
 from sandbox.jobs import JobRecord
 from sandbox.jobspec import JobSpec, parse_stored_spec
-from sandbox.mechanisms.base import Admission, BackendMechanism, is_charged
-from sandbox.mechanisms.dpsgd import (
-    TRAIN_FRACTION,
-    check_columns,
-    service_plan,
-    worker_payload,
-)
+from sandbox.mechanisms.base import Admission, BackendMechanism
+from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, service_plan, worker_payload
+from sandbox.mechanisms.free_data import free_table, synthetic_job
 from sandbox.mechanisms.plans import check_figures, dpsgd_epsilon, not_a_result
-from sandbox.mechanisms.synthetic import governed_contract
+from sandbox.mechanisms.tuning import TUNING_KEY, resolve
 from sandbox.results import DpsgdResult, JobResult
-from sandbox.synth_worker import restricted_contract
 from sandbox.worker import PLAN_KEY, run_dpsgd_job
 
 #: rows of a dummy dry run when the dataset's counts are private (a fixed, public size)
@@ -48,11 +44,7 @@ class DryRunRequest:
     on: str
 
 
-def synthetic_job(ctx: ZoneContext, job_id: str) -> JobRecord:
-    rec = ctx.jobs.get(job_id)
-    if (rec.result or {}).get("kind") != "synthetic":
-        raise NotFoundError(f"{job_id} is not a synthetic-data job; `sandbox jobs list` shows them")
-    return rec
+__all__ = ["DryRunMechanism", "DryRunRequest", "synthetic_job"]
 
 
 class DryRunMechanism(BackendMechanism):
@@ -71,35 +63,12 @@ class DryRunMechanism(BackendMechanism):
         if spec.federated is not None:
             raise SpecError("--on", "dry runs cover DP-SGD jobs", "drop --on for federated jobs")
         ctx.check_member(actor, spec.project)
+        spec, tuning = resolve(ctx, spec)
         rec = ctx.store.get_dataset(spec.dataset)
-        contract = governed_contract(SchemaContract.from_dict(rec.contract))
-        # the checks a submit runs on the spec, so a dry run never accepts what submit refuses
-        check_columns(spec, contract)
-        if on == "dummy":
-            # the dummy table is as large as the real one only when that size is public:
-            # a dry run's plan (sample rate, steps) would otherwise give the size back
-            size = max(MIN_DUMMY_ROWS, int(rec.persons)) if rec.counts_public else DUMMY_ROWS
-            table = dummy_table(contract, size, spec.training.seed)
-        elif on.startswith("synthetic:"):
-            src = synthetic_job(ctx, on.split(":", 1)[1])
-            if (
-                src.project != spec.project
-                or not (src.result or {}).get("dp")
-                or not is_charged(ctx, src)
-            ):
-                raise PolicyDenied(
-                    f"{on} is not a released DP synthetic table of project {spec.project}",
-                    missing=("a DP synthetic job of this project",),
-                    grantor="project researcher",
-                )
-            released = set((src.result or {}).get("columns") or [])
-            path = ctx.zone.job_dir(src.id) / "synthetic.parquet"
-            table = read_user_table(path, [c for c in contract.names if c in released])
-            contract = SchemaContract.from_dict(
-                restricted_contract(contract.to_dict(), list(table.column_names))
-            )
-        else:
-            raise SpecError("--on", "must be dummy or synthetic:JOB", "e.g. --on dummy")
+        # the dummy table is as large as the real one only when that size is public: a dry
+        # run's plan (sample rate, steps) would otherwise give the size back
+        size = max(MIN_DUMMY_ROWS, int(rec.persons)) if rec.counts_public else DUMMY_ROWS
+        table, contract = free_table(ctx, spec, on, dummy_rows=size)
         # the dry-run table's size is public (see the module docstring): refusals are free
         plan = service_plan(spec, int(table.num_rows * TRAIN_FRACTION), counts_public=True)
         dest = ctx.zone.job_dir(job_id) / "dry-run-data"
@@ -108,6 +77,8 @@ class DryRunMechanism(BackendMechanism):
         )
         payload = worker_payload(ctx, job_id, spec, contract, str(dest), plan)
         payload["dry_run"] = on
+        if tuning is not None:
+            payload[TUNING_KEY] = tuning
         # it runs on CPUs: its record says so (the GPU quota counts what running jobs hold)
         ran = replace(spec, resources=replace(spec.resources, gpus=0))
         return Admission(
@@ -140,6 +111,7 @@ class DryRunMechanism(BackendMechanism):
             run=None,
             # the stored spec's optimizer, never a figure the worker wrote
             optimizer=parse_stored_spec(job.spec).training.optimizer_summary(),
+            tuning=work.get(TUNING_KEY),
         )
 
     def charge(

@@ -53,6 +53,7 @@ from sandbox.mechanisms.federated_charge import (
 )
 from sandbox.mechanisms.plans import ReportMismatch
 from sandbox.results import FederatedResult, JobResult
+from sandbox.spec_fields import resolved
 from training.federated.config import ClientDPConfig, FederatedConfig, Strategy
 from training.federated.payload import FederatedPayload
 
@@ -116,7 +117,7 @@ def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
     asked = resolve_sites(spec, dict(dataset.sites))
     left_out: dict[str, str] = {}
     if dataset.counts_public:
-        need = max(f.min_site_rows, spec.training.batch_size)
+        need = max(f.min_site_rows, resolved(spec.training.batch_size, "training.batch_size"))
         for site in asked:
             if int(dataset.sites[site] * TRAIN_FRACTION) < need:
                 left_out[site] = (
@@ -180,9 +181,10 @@ def _config(spec: JobSpec, sites: tuple[str, ...]) -> FederatedConfig:
         model=spec.model,
         epsilon=spec.privacy.epsilon,
         delta=spec.privacy.delta,
-        max_grad_norm=spec.privacy.max_grad_norm,
-        batch_size=spec.training.batch_size,
-        lr=spec.training.lr,
+        # a federated spec is never "auto" (the parser refuses it)
+        max_grad_norm=resolved(spec.privacy.max_grad_norm, "privacy.max_grad_norm"),
+        batch_size=resolved(spec.training.batch_size, "training.batch_size"),
+        lr=resolved(spec.training.lr, "training.lr"),
         optimizer=spec.training.optimizer,
         weight_decay=spec.training.weight_decay,
         clients_per_round=f.clients_per_round,

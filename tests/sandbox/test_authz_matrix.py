@@ -76,6 +76,7 @@ SCOPE: dict[str, str] = {
     "dry_run": "member",
     "quote": "member",
     "quote_curve": "member",
+    "tune": "member",
     "synth_fit": "dp_synth",
     "synth_report": "member",
     "budget": "member",
@@ -252,6 +253,8 @@ def arguments(call: str, caller: str, p: str, t: Targets) -> tuple[dict[str, Any
         "dry_run": lambda: ({"spec": _spec(p), "on": "dummy"}, p),
         "quote": lambda: ({"spec": _spec(p)}, p),
         "quote_curve": lambda: ({"spec": _spec(p), "on": "bogus"}, p),
+        # every hyperparameter written: the search has nothing to choose (no training here)
+        "tune": lambda: ({"spec": _spec(p), "on": "dummy"}, p),
         "synth_dummy": lambda: ({"dataset": "cohort", "rows": 20}, None),
         "synth_fit": lambda: (
             {

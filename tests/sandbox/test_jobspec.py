@@ -133,20 +133,26 @@ def _training(**fields: object) -> dict:
 
 
 def test_adam_is_the_default_with_an_lr_that_suits_it() -> None:
+    """A user's spec without lr leaves it to the zone ("auto", chosen by the search); a
+    stored spec without it reads back with the optimizer's default lr."""
     spec = parse_job_spec(_training(lr=None))
     assert spec.training.optimizer is Optimizer.ADAM
-    assert spec.training.lr == DEFAULT_LR[Optimizer.ADAM] == 0.03
+    assert spec.training.lr is None and spec.auto_fields == ("training.lr",)
     assert spec.training.weight_decay == 0.0
+    stored = parse_stored_spec(_training(lr=None, optimizer="adam"))
+    assert stored.training.lr == DEFAULT_LR[Optimizer.ADAM] == 0.03
     # the user's lr is kept, whatever the optimizer
     assert parse_job_toml(GOOD).training == TrainingSpec(5, 512, 0.1, 7, Optimizer.ADAM, 0.0)
-    sgd = parse_job_spec(_training(lr=None, optimizer="sgd"))
+    sgd = parse_stored_spec(_training(lr=None, optimizer="sgd"))
     assert (sgd.training.optimizer, sgd.training.lr) == (Optimizer.SGD, DEFAULT_LR[Optimizer.SGD])
-    w = parse_job_spec(_training(lr=None, optimizer="adamw"))
+    w = parse_stored_spec(_training(lr=None, optimizer="adamw", weight_decay=0.01))
     assert (w.training.lr, w.training.weight_decay) == (0.03, DEFAULT_WEIGHT_DECAY)
+    w = parse_job_spec(_training(lr=None, optimizer="adamw"))
+    assert (w.training.lr, w.training.weight_decay) == (None, DEFAULT_WEIGHT_DECAY)
     w = parse_job_spec(_training(optimizer="adamw", weight_decay=0.1))
     assert w.training.weight_decay == 0.1
     assert w.training.optimizer_summary() == {"name": "adamw", "lr": 0.1, "weight_decay": 0.1}
-    assert spec.training.optimizer_summary() == {"name": "adam", "lr": 0.03}
+    assert stored.training.optimizer_summary() == {"name": "adam", "lr": 0.03}
 
 
 @pytest.mark.parametrize(
@@ -253,6 +259,78 @@ def test_the_example_specs_parse_with_their_documented_defaults() -> None:
 
     examples = Path(__file__).resolve().parents[2] / "docs" / "examples"
     job = load_job_spec(examples / "job.toml")
-    assert job.training.optimizer is Optimizer.ADAM and job.training.lr == 0.03
+    # lr is left out: "auto", the zone chooses it (docs/tuning.md)
+    assert job.training.optimizer is Optimizer.ADAM and job.auto_fields == ("training.lr",)
     fed = load_job_spec(examples / "federated.toml")
     assert fed.training.optimizer is Optimizer.ADAM
+
+
+# --- "auto" hyperparameters (docs/tuning.md) ----------------------------------------------------
+
+AUTO_FIELDS = ("training.lr", "training.epochs", "training.batch_size", "privacy.max_grad_norm")
+
+
+def _without(*fields: str, value: object = None) -> dict:
+    """GOOD's tables with ``fields`` left out (``value`` None) or set to ``value``."""
+    data = tomllib.loads(GOOD)
+    for f in fields:
+        section, key = f.split(".")
+        if value is None:
+            del data[section][key]
+        else:
+            data[section][key] = value
+    return data
+
+
+@pytest.mark.parametrize("how", ["left out", "auto"])
+def test_auto_or_left_out_hyperparameters_are_the_zones_to_choose(how: str) -> None:
+    data = _without(*AUTO_FIELDS, value=None if how == "left out" else "auto")
+    spec = parse_job_spec(data)
+    assert spec.auto_fields == AUTO_FIELDS
+    assert (spec.training.lr, spec.training.epochs, spec.training.batch_size) == (None,) * 3
+    assert spec.privacy.max_grad_norm is None
+    d = spec.to_dict()
+    assert (d["training"]["lr"], d["training"]["epochs"], d["privacy"]["max_grad_norm"]) == (
+        "auto",
+    ) * 3
+    # the wire and a stored record read "auto" back as "auto": the same spec, the same hash
+    assert parse_job_spec(d) == spec == parse_stored_spec(d)
+    assert parse_job_spec(d).spec_hash() == spec.spec_hash()
+    # some fields written, the others left to the zone
+    one = parse_job_spec(_without("training.epochs"))
+    assert one.auto_fields == ("training.epochs",) and one.training.batch_size == 512
+
+
+def test_a_stored_spec_without_them_keeps_the_old_defaults() -> None:
+    stored = parse_stored_spec(_without("training.lr", "privacy.max_grad_norm"))
+    assert stored.auto_fields == ()
+    assert (stored.training.lr, stored.privacy.max_grad_norm) == (DEFAULT_LR[Optimizer.SGD], 1.0)
+    with pytest.raises(SpecError) as err:
+        parse_stored_spec(_without("training.epochs"))
+    assert err.value.field == "training.epochs"
+
+
+@pytest.mark.parametrize("field", AUTO_FIELDS)
+def test_auto_is_refused_for_federated_jobs_and_other_strings_everywhere(field: str) -> None:
+    fed = tomllib.loads(FEDERATED)
+    section, key = field.split(".")
+    fed[section] = {**fed.get(section, {}), key: "auto"}
+    with pytest.raises(SpecError) as err:
+        parse_job_spec(fed)
+    assert err.value.field == field and "DP-SGD" in err.value.problem
+    # a federated spec that leaves them out keeps its defaults (no search for federated jobs)
+    assert parse_job_spec(tomllib.loads(FEDERATED)).auto_fields == ()
+    with pytest.raises(SpecError) as err:
+        parse_job_spec(_without(field, value="automatic"))
+    assert err.value.field == field and "auto" in err.value.fix
+
+
+def test_an_unresolved_spec_is_never_planned() -> None:
+    """Every planner reads the hyperparameters through ``resolved``: an "auto" one is
+    refused by name, never guessed."""
+    from sandbox.mechanisms.dpsgd import plan_spec
+
+    for field in ("training.epochs", "training.batch_size"):
+        with pytest.raises(SpecError) as err:
+            plan_spec(parse_job_spec(_without(field)), 40_000)
+        assert err.value.field == field and "not resolved" in err.value.problem

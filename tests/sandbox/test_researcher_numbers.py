@@ -157,6 +157,8 @@ class Cli:
             ]
         elif argv[0] in ("submit", "synth") and "state" in obj or command == "jobs status":
             self.seen.append((job_kind(obj), obj["dataset"], obj))
+        elif argv[0] == "tune":
+            self.seen.append(("tune", dataset, obj))
         elif argv[0] == "quote":
             self.seen.append(("quote (federated)" if "sites" in obj else "quote", dataset, obj))
         else:
@@ -170,13 +172,18 @@ class Cli:
 
 
 def _job_toml(path: Path, dataset: str, federated: bool = False, rounds: int = 2) -> Path:
+    # a DP-SGD job leaves lr and max_grad_norm to the zone (the search on free rows shows
+    # its figures in tune, submit, the dry run, the quote and the card); federated writes them
+    tuned = "" if federated else "auto"
     text = (
         f'project = "readmission"\ndataset = "{dataset}"\nlabel = "{LABEL}"\n'
         f"features = {json.dumps(FEATURES)}\n"
         '[model]\nkind = "logistic"\n'
-        "[privacy]\nepsilon = 0.5\ndelta = 1e-6\nmax_grad_norm = 1.0\n"
-        "[training]\nepochs = 1\nbatch_size = 64\nlr = 0.5\nseed = 1\n"
-        "[resources]\ngpus = 0\n"
+        "[privacy]\nepsilon = 0.5\ndelta = 1e-6\n"
+        + ('max_grad_norm = "auto"\n' if tuned else "max_grad_norm = 1.0\n")
+        + "[training]\nepochs = 1\nbatch_size = 64\n"
+        + ("" if tuned else "lr = 0.5\n")
+        + "seed = 1\n[resources]\ngpus = 0\n"
     )
     if federated:
         text = (
@@ -266,8 +273,10 @@ def researcher_session(cli: Cli, tmp: Path, ds: str, *, curve: bool) -> None:
         "--epsilon", "1", "--quote", str(qdir / "quote.json"),
     )  # fmt: skip
     cli("access", "list")
+    tuned = cli("tune", str(job_toml), "--out", str(tmp / f"tuned-{tag}.toml"), dataset=ds)
+    assert tuned["tuning"]["fields"] == ["training.lr", "privacy.max_grad_norm"]
     job = cli("submit", str(job_toml))
-    assert job["state"] == "succeeded"
+    assert job["state"] == "succeeded" and job["result"]["tuning"] == tuned["tuning"]
     dry = cli("submit", str(job_toml), "--on", "dummy")
     assert dry["result"]["dry_run"] == "dummy"
     cli("jobs", "status", job["id"])

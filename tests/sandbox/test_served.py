@@ -115,6 +115,22 @@ def test_reads_print_the_same_json_served_and_embedded(world: World) -> None:
         assert last_json(served) == last_json(embedded), args
 
 
+def test_tune_runs_in_the_service_and_writes_the_chosen_spec(world: World, tmp_path: Path) -> None:
+    """``sandbox tune`` served: the spec's "auto" fields cross the wire as "auto", the search
+    runs in the service on free rows, and the client writes the resolved spec."""
+    from sandbox.jobspec import load_job_spec
+
+    spec = _job_toml(tmp_path / "job.toml")
+    spec.write_text(spec.read_text().replace("lr = 0.5\n", 'lr = "auto"\n'), encoding="utf-8")
+    out = tmp_path / "tuned.toml"
+    got = world.cli("rita", "tune", str(spec), "--out", str(out), "--json")
+    assert got.returncode == 0, got.stderr
+    tuning = last_json(got)["tuning"]
+    assert tuning["fields"] == ["training.lr"] and tuning["source"] == "dummy"
+    tuned = load_job_spec(out)
+    assert tuned.auto_fields == () and tuned.training.lr == tuning["chosen"]["lr"]
+
+
 def test_submit_returns_at_once_then_follow_shows_the_end_and_result_downloads(
     world: World, tmp_path: Path
 ) -> None:
