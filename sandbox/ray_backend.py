@@ -116,7 +116,7 @@ class RayBackend(JobBackend):
                         num_cpus=self._num_cpus,
                     )
                 try:
-                    ray.init(**kwargs)
+                    self._init(ray, kwargs)
                     self._owns_ray = True
                 except (ConnectionError, RuntimeError, ValueError) as exc:
                     raise ComputeError(
@@ -125,6 +125,18 @@ class RayBackend(JobBackend):
                     ) from None
             self._started = True
         return ray
+
+    @staticmethod
+    def _init(ray: Any, kwargs: dict[str, Any]) -> None:
+        """``ray.init``, once more when a local start's raylet missed Ray's fixed 30 s (two
+        busy cores can make it); any other failure is the caller's."""
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this one
+            if kwargs.get("address") != "local" or "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            ray.init(**kwargs)
 
     def warm_up(self) -> float:
         """Start Ray now (seconds taken), so the first submit pays only its own cost."""
