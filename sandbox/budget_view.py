@@ -8,10 +8,10 @@ with ``qry-`` (``sandbox.query_releases``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from privacy.budget_events import Balance, BudgetKey, EventKind, LedgerEvent
+from privacy.budget_events import Balance, EventKind, LedgerEvent
 
 #: the order ``spent_by`` lists mechanisms in (training, federated, synthetic data, queries)
 MECHANISM_ORDER = ("dp-sgd", "federated", "synthetic", "dp-query")
@@ -53,31 +53,11 @@ def spent_by_mechanism(events: Iterable[LedgerEvent], jobs: Any) -> dict[str, fl
 
 
 @dataclass(frozen=True)
-class BudgetView:
-    """``Balance``'s figures, plus ``spent_by`` (mechanism -> committed epsilon)."""
+class BudgetView(Balance):
+    """A ``Balance``, plus ``spent_by`` (mechanism -> committed epsilon)."""
 
-    key: BudgetKey
-    granted_epsilon: float
-    granted_delta: float
-    reserved_epsilon: float
-    reserved_delta: float
-    spent_epsilon: float
-    spent_delta: float
-    remaining_epsilon: float
-    remaining_delta: float
     spent_by: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, b: Balance, spent_by: dict[str, float]) -> BudgetView:
-        return cls(
-            key=b.key,
-            granted_epsilon=b.granted_epsilon,
-            granted_delta=b.granted_delta,
-            reserved_epsilon=b.reserved_epsilon,
-            reserved_delta=b.reserved_delta,
-            spent_epsilon=b.spent_epsilon,
-            spent_delta=b.spent_delta,
-            remaining_epsilon=b.remaining_epsilon,
-            remaining_delta=b.remaining_delta,
-            spent_by=spent_by,
-        )
+        return cls(**{f.name: getattr(b, f.name) for f in fields(b)}, spent_by=spent_by)
