@@ -547,9 +547,9 @@ def public_markdown(meta: dict[str, Any], tables: list[dict[str, Any]]) -> str:
         "*quality*: sdmetrics' overall score (mean of column shapes and column pair trends "
         "over the pairs past sdmetrics' real-correlation threshold); *TSTR*: logistic "
         "regression trained on the synthetic rows, AUROC on the held-out real rows; *TRTR*: "
-        "the same model trained on the real training rows. On tables of a few hundred "
-        "persons the held-out part is small (86 to 1,600 persons), so TSTR and TRTR move by "
-        "several hundredths between splits.\n",
+        "the same model trained on the real training rows. The held-out parts are small "
+        f"({min(t['test_rows'] for t in tables)} to {max(t['test_rows'] for t in tables)} "
+        "persons), so TSTR and TRTR move by several hundredths between splits.\n",
         "## Tables\n",
         "| table | persons (train / test) | label | positive rate (train) | features | "
         "declared log scale |\n|---|---|---|---|---|---|\n"
