@@ -276,10 +276,14 @@ class Ledger:
 
     def balances(self, project: str) -> list[Balance]:
         """The balance of every key of ``project`` that has events, sorted by key."""
-        with self._reading() as conn:
-            events = self._select(conn, ledger_events.c.project == project)
+        events = self.project_events(project)
         keys = sorted({ev.key for ev in events})
         return [fold_balance(key, events) for key in keys]
+
+    def project_events(self, project: str) -> list[LedgerEvent]:
+        """Every event of ``project``'s keys, in ``seq`` order (one read)."""
+        with self._reading() as conn:
+            return self._select(conn, ledger_events.c.project == project)
 
     def reservation(self, reservation_id: str) -> Reservation:
         """One reservation's current state; :class:`NotFoundError` if unknown."""

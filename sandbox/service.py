@@ -35,6 +35,7 @@ from policies.db import create_schema
 from policies.roles import Action, Actor, Role
 from policies.store import StateStore
 from policies.store_logins import LoginStore
+from privacy.budget_events import fold_balance
 from privacy.ledger import Ledger
 from sandbox.backend import InProcessBackend, JobBackend
 from sandbox.budget_view import BudgetView, spent_by_mechanism
@@ -444,9 +445,15 @@ class Service(AccessCalls):
         with self.ctx.act(actor, Action.BUDGET_SHOW, project):
             self.store.get_project(project)
             self.ctx.check_member(actor, project)
+            # one read of the project's events: each key's balance and its split are folded
+            # from it (``fold_balance`` filters by key)
+            events = self.ledger.project_events(project)
             return [
-                BudgetView.of(b, spent_by_mechanism(self.ledger.events(b.key), self.jobs))
-                for b in self.ledger.balances(project)
+                BudgetView.of(
+                    fold_balance(key, events),
+                    spent_by_mechanism([e for e in events if e.key == key], self.jobs),
+                )
+                for key in sorted({e.key for e in events})
             ]
 
     # -- DP queries (``sandbox.service_query``) ----------------------------------------------
