@@ -21,24 +21,21 @@ def ray_local():
 
     scratch = Path(tempfile.mkdtemp(prefix="sz-test-"))
     configure_engine_env(scratch)
-    # Ray waits a fixed 30 s for its raylet; on two busy cores (the other pytest worker starting
-    # its own servers) that can pass: one more try, in a fresh folder, before failing
-    for attempt in (1, 2):
-        tmp = Path(tempfile.mkdtemp(prefix="szr-"))
-        try:
-            ray.init(
-                address="local",
-                num_cpus=2,
-                include_dashboard=False,
-                _temp_dir=str(tmp),
-                log_to_driver=False,
-                logging_level="ERROR",
-            )
-            break
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
+    from sandbox.ray_backend import RayBackend
+
+    tmp = Path(tempfile.mkdtemp(prefix="szr-"))
+    # the product's start: a second try when the raylet misses Ray's fixed 30 s on busy cores
+    RayBackend._init(
+        ray,
+        {
+            "address": "local",
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "_temp_dir": str(tmp),
+            "log_to_driver": False,
+            "logging_level": "ERROR",
+        },
+    )
     yield ray
     ray.shutdown()
 
