@@ -39,7 +39,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     w = make_world(root / "zone", InProcessBackend())
     svc = w.svc
     req = svc.request_access(
-        w.researcher, "readmission", "cohort", [*FEATURES, LABEL], ["synthetic"], 3.0, 1e-5
+        w.researcher, "readmission", "cohort", [*FEATURES, LABEL], ["synthetic"], 8.0, 1e-5
     )
     svc.approve(w.steward, req.id, expires_at=datetime.now(UTC) + timedelta(days=3))
     # two datasets whose counts are private, of different sizes
@@ -58,7 +58,7 @@ def test_the_released_synthetic_table_is_the_default_and_it_has_signal(world: An
     spec = auto_spec("training.lr", "training.epochs", features=SYNTH_COLUMNS[:-1])
     assert default_source(svc.ctx, spec) == "dummy"
     synth = svc.synth_fit(
-        rita, "readmission", "cohort", epsilon=3.0, columns=SYNTH_COLUMNS, label=LABEL, rows=3000
+        rita, "readmission", "cohort", epsilon=8.0, columns=SYNTH_COLUMNS, label=LABEL, rows=3000
     )
     assert synth.state == "succeeded", synth.error
     assert default_source(svc.ctx, spec) == f"synthetic:{synth.id}"
@@ -69,8 +69,10 @@ def test_the_released_synthetic_table_is_the_default_and_it_has_signal(world: An
     assert tuning["source"] == f"synthetic:{synth.id}"
     assert tuning["free_train_rows"] == FREE_TRAIN_ROWS
     assert tuning["free_test_rows"] == 3000 - FREE_TRAIN_ROWS
-    # DP synthetic rows carry the label's signal (dummy rows do not): some candidate learns
-    assert max(c["auroc"] for c in tuning["candidates"]) > 0.6
+    # DP synthetic rows carry the label's signal (dummy rows do not): some candidate learns.
+    # The noise is unseeded, so the bound leaves room: over 12 fits at epsilon 8 the best
+    # candidate scored 0.62-0.70 (at epsilon 3, 0.55-0.74; dummy rows 0.51)
+    assert max(c["auroc"] for c in tuning["candidates"]) > 0.57
     # named explicitly, dummy rows are what the search uses
     assert svc.tune(rita, spec, "dummy")["tuning"]["source"] == "dummy"
 
