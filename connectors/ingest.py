@@ -2,23 +2,29 @@
 
 What happens, in order (nothing is written until every check has passed):
 
-1. The source's columns must be exactly the contract's: a declared column that is missing
-   and an undeclared extra column are both refused, by name.
-2. Every column is converted to its declared Arrow type. CSV is read as raw bytes and
-   converted by us (pyarrow's own CSV errors quote the offending value, so they are never
-   shown); a value that does not parse is reported as column + 1-based data row.
-3. Contract checks, each naming column and data row: null identifier, site or label (and
-   any column declared ``nullable = false``); NaN in a float column (missing values are
-   empty fields, not NaN); numbers outside the declared ``[min, max]``; a repeated
-   identifier when the contract says ``rows_per_person = "one"``. Strings outside a declared
-   vocabulary are kept: they map to "other" at preprocessing.
+1. The source's columns must be exactly the contract's: every declared column that is
+   missing and every undeclared extra column are refused together, by name.
+2. The contract's declared cleaning runs on each column's text (``connectors.cleaning``):
+   ``na_values`` become missing, categories are matched through ``normalize`` and
+   ``aliases``, dates are parsed with ``date_format``. Then every column is converted to its
+   declared Arrow type. CSV is read as raw bytes and converted by us (pyarrow's own CSV
+   errors quote the offending value, so they are never shown).
+3. Contract checks over every row (``connectors.ingest_checks``): text that does not parse;
+   a missing identifier, site or label (and any column declared ``nullable = false``); NaN
+   in a float column; numbers outside the declared ``[min, max]`` (refused, or clipped or
+   made missing as ``outside`` declares); a site outside its declared categories; a repeated
+   identifier when the contract says ``rows_per_person = "one"``. Other categories outside
+   a declared vocabulary are kept and counted: they map to "other" at preprocessing. Every
+   problem is collected (count + first row numbers, never a value) and the ingest is refused
+   with the whole list: ``check_file`` gives the same list without ingesting.
 4. The identifier is replaced by ``pseudonym()``: a keyed HMAC-SHA256 (hex) under the zone's
    secret. Direct identifiers are dropped. The table is cast to the contract's
-   ``governed_arrow_schema()`` exactly.
+   ``governed_arrow_schema()`` exactly, and stored in (site, pseudonym) order with each
+   person's row that counts first (``[dataset] keep`` and ``order_by``).
 
-The checks of steps 1-3 are in ``connectors.ingest_sources`` (reading the source) and
-``connectors.ingest_checks`` (conversion and values); the governed file's layout (one file
-sorted by site and pseudonym, counts in the footer) and its atomic write are in
+The sources are read by ``connectors.ingest_sources``; what a check found is a
+``connectors.ingest_findings.CheckReport``; the governed file's layout (one file sorted by
+site and pseudonym, counts in the footer) and its atomic write are in
 ``connectors.governed_file``.
 
 Given ``zone_key_file`` (the service always gives ``Zone.data_key_file()``), the file is
@@ -37,9 +43,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.governed_file import LAYOUT_VERSION, _write_atomically
-from connectors.ingest_checks import _check_unique, _check_values, _conform
+from connectors.ingest_checks import check_unique, prepare_column
+from connectors.ingest_findings import CheckReport, Findings
 from connectors.ingest_sources import _check_column_names, _read_csv, _read_parquet
-from connectors.schema import RowsPerPerson, SchemaContract
+from connectors.schema import Keep, RowsPerPerson, SchemaContract
 from connectors.schema_columns import Role
 from foundation.errors import NotFoundError, SpecError
 
@@ -48,6 +55,8 @@ MIN_SECRET_BYTES = 16
 # HMAC input is prefixed so a pseudonym can never equal a MAC the zone computes elsewhere
 # with the same secret (tokens, audit chain) over the same bytes.
 _PSEUDONYM_DOMAIN = b"safe-zone/pseudonym/v1\x00"
+# a sort key that cannot clash with a column name ("__" is reserved in contracts)
+_POSITION = "__source_position"
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,8 @@ class IngestReport:
     #: persons with rows at more than one site (a count, never who): federated training's
     #: per-site budgets assume each person is at one site, so such a dataset is refused
     cross_site_persons: int = 0
+    #: what the contract's declared cleaning changed: column -> what -> rows (never values)
+    cleaned: dict[str, dict[str, int]] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -72,6 +83,7 @@ class IngestReport:
             "persons": self.persons,
             "sites": dict(self.sites),
             "cross_site_persons": self.cross_site_persons,
+            "cleaned": {c: dict(a) for c, a in self.cleaned.items()},
             "path": str(self.path),
             "columns": list(self.columns),
         }
@@ -97,18 +109,9 @@ def ingest_file(
     zone_key_file: str | Path | None = None,
 ) -> IngestReport:
     """Ingest a CSV (``.csv``) or Parquet (``.parquet``/``.pq``) source file."""
-    source = Path(source)
     _check_args(contract, secret)
     dest = _check_dest(Path(dest_dir))
-    if not source.is_file():
-        raise NotFoundError(f"source file not found: {source}")
-    suffix = source.suffix.lower()
-    if suffix == ".csv":
-        table = _read_csv(source, contract)
-    elif suffix in (".parquet", ".pq"):
-        table = _read_parquet(source, contract)
-    else:
-        raise SpecError("source", "has an unknown file type", "use a .csv or .parquet file")
+    table = _read_source(Path(source), contract)
     return _ingest(table, contract, dest, secret, _key_file(zone_key_file))
 
 
@@ -178,6 +181,74 @@ def _pseudonyms(distinct: pa.Array, secret: bytes) -> pa.Array:
     )
 
 
+def check_file(source: str | Path, contract: SchemaContract) -> CheckReport:
+    """Check a source file against its contract, writing nothing: every violation and every
+    cleaning count in one pass (``sandbox dataset check``). Ingest refuses with the same list.
+    A source whose columns or CSV structure are wrong raises ``SchemaError`` at once."""
+    if not isinstance(contract, SchemaContract):
+        raise SpecError("contract", "must be a SchemaContract", "load it with SchemaContract")
+    _, report = _checked(_read_source(Path(source), contract), contract)
+    return report
+
+
+def _read_source(source: Path, contract: SchemaContract) -> pa.Table:
+    if not source.is_file():
+        raise NotFoundError(f"source file not found: {source}")
+    suffix = source.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(source, contract)
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(source, contract)
+    raise SpecError("source", "has an unknown file type", "use a .csv or .parquet file")
+
+
+def _checked(
+    table: pa.Table, contract: SchemaContract
+) -> tuple[dict[str, pa.ChunkedArray], CheckReport]:
+    """Every kept column cleaned, converted and checked, and what was found."""
+    found = Findings()
+    columns: dict[str, pa.ChunkedArray] = {}
+    for spec in contract.columns:
+        if spec.role is Role.DIRECT_IDENTIFIER:
+            continue  # dropped unread: no conversion, no checks, no copy
+        column = prepare_column(table.column(spec.name), spec, contract.na_values, found)
+        columns[spec.name] = pa.chunked_array([column])
+    id_name = contract.identifier
+    if id_name is not None and contract.rows_per_person is RowsPerPerson.ONE:
+        encoded = pc.dictionary_encode(_id_text(columns[id_name], contract))
+        check_unique(np.asarray(encoded.indices), len(encoded.dictionary), id_name, found)
+    return columns, found.report(table.num_rows)
+
+
+def _id_text(ids: pa.ChunkedArray, contract: SchemaContract) -> pa.Array:
+    ids_flat = ids.combine_chunks()
+    if contract.column(contract.identifier or "").is_integer:
+        ids_flat = pc.cast(ids_flat, pa.string())
+    return ids_flat
+
+
+def _storage_order(table: pa.Table, contract: SchemaContract) -> pa.Table:
+    """Rows in (site, pseudonym, then the row that counts first) order.
+
+    Readers keep each person's first row(s) in storage order, so the contract's ``keep`` and
+    ``order_by`` are honoured here, once: a stable sort on (site, pseudonym) keeps the
+    source's order within a person; ``order_by`` orders a person's rows by that column
+    (missing values last), ``keep = "last"`` reverses it.
+    """
+    site_name, id_name = contract.site, contract.identifier
+    keys = [(k, "ascending", "at_end") for k in (site_name, id_name) if k is not None]
+    if not keys:
+        return table
+    last = contract.keep is Keep.LAST
+    if contract.order_by is not None:
+        keys.append((contract.order_by, "descending" if last else "ascending", "at_end"))
+    elif last:
+        table = table.append_column(_POSITION, pa.array(np.arange(table.num_rows)))
+        keys.append((_POSITION, "descending", "at_end"))
+    ordered = table.take(pc.sort_indices(table, sort_keys=keys))
+    return ordered.drop_columns([_POSITION]) if _POSITION in ordered.column_names else ordered
+
+
 def _ingest(
     table: pa.Table,
     contract: SchemaContract,
@@ -185,25 +256,16 @@ def _ingest(
     secret: bytes,
     zone_key_file: Path | None = None,
 ) -> IngestReport:
-    columns: dict[str, pa.ChunkedArray] = {}
-    for spec in contract.columns:
-        if spec.role is Role.DIRECT_IDENTIFIER:
-            continue  # dropped unread: no conversion, no checks, no copy
-        column = _conform(table.column(spec.name), spec)
-        _check_values(column, spec)
-        columns[spec.name] = column
+    columns, check = _checked(table, contract)
+    if not check.ok:
+        raise check.refusal()
     n = table.num_rows
 
     id_name, site_name = contract.identifier, contract.site
     persons = n
     if id_name is not None:
-        ids = columns[id_name].combine_chunks()
-        if contract.column(id_name).is_integer:
-            ids = pc.cast(ids, pa.string())
-        encoded = pc.dictionary_encode(ids)
+        encoded = pc.dictionary_encode(_id_text(columns[id_name], contract))
         persons = len(encoded.dictionary)
-        if contract.rows_per_person is RowsPerPerson.ONE:
-            _check_unique(np.asarray(encoded.indices), persons, id_name)
         pseudonyms = pc.take(_pseudonyms(encoded.dictionary, secret), encoded.indices)
         columns[id_name] = pa.chunked_array([pseudonyms])
 
@@ -211,9 +273,7 @@ def _ingest(
     governed = pa.Table.from_arrays(
         [columns[f.name] for f in governed_schema], schema=governed_schema
     )
-    sort_keys = [(k, "ascending") for k in (site_name, id_name) if k is not None]
-    if sort_keys:
-        governed = governed.take(pc.sort_indices(governed, sort_keys=sort_keys))
+    governed = _storage_order(governed, contract)
 
     if site_name is not None:
         counts = pc.value_counts(governed.column(site_name))
@@ -236,6 +296,7 @@ def _ingest(
         "persons": persons,
         "sites": sites,
         "cross_site_persons": cross_site,
+        "cleaned": check.cleaned,
     }
     # one slice per site, in storage order (the whole table when there is no site column)
     slices = list(sites.values()) if sites else [n]
@@ -247,6 +308,7 @@ def _ingest(
         path=path,
         columns=tuple(governed_schema.names),
         cross_site_persons=cross_site,
+        cleaned=check.cleaned,
     )
 
 

@@ -1,7 +1,7 @@
 """Ingest's source files: a steward's CSV or Parquet read into an Arrow table, unconverted.
 
-The source's columns must be exactly the contract's (``_check_column_names``): a declared
-column that is missing and an undeclared extra column are both refused, by name. CSV is read
+The source's columns must be exactly the contract's (``_check_column_names``): declared
+columns that are missing and undeclared extra columns are refused together, by name. CSV is read
 as raw bytes, every column, so that every conversion error is ours (column + row, from
 ``connectors.ingest_checks``) and never pyarrow's, which quotes the offending value; a CSV
 that does not even parse is located by our own record count, for the same reason.
@@ -22,28 +22,34 @@ from foundation.errors import SchemaError
 
 
 def _check_column_names(names: list[str], contract: SchemaContract) -> None:
+    """Every naming problem at once: repeated, undeclared and missing columns."""
     seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise SchemaError(
-                f"column {name!r} appears twice in the source; rename or remove one",
-                column=name,
-            )
-        seen.add(name)
+    repeated = [n for n in names if n in seen or seen.add(n)]  # type: ignore[func-returns-value]
     declared = set(contract.names)
-    for name in names:
-        if name not in declared:
-            raise SchemaError(
-                f"column {name!r} is in the source but not declared in the contract; "
-                "declare it with a role, or remove it from the source",
-                column=name,
-            )
-    for name in contract.names:
-        if name not in seen:
-            raise SchemaError(
-                f"column {name!r} is declared in the contract but missing from the source",
-                column=name,
-            )
+    extra = [n for n in dict.fromkeys(names) if n not in declared]
+    missing = [n for n in contract.names if n not in seen]
+    problems = []
+    if repeated:
+        problems.append(
+            f"column {_names(repeated)} appears twice in the source; rename or remove one"
+        )
+    if extra:
+        problems.append(
+            f"column {_names(extra)} is in the source but not declared in the contract; "
+            "declare it with a role, or remove it from the source"
+        )
+    if missing:
+        problems.append(
+            f"column {_names(missing)} is declared in the contract but missing from the source"
+        )
+    if problems:
+        first = (repeated or extra or missing)[0]
+        raise SchemaError("; ".join(problems), column=first)
+
+
+def _names(names: list[str]) -> str:
+    # column names are the contract's and the header's, not row values
+    return ", ".join(repr(n) for n in names)
 
 
 # --- reading sources --------------------------------------------------------------------------

@@ -76,6 +76,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from connectors.cleaning_rules import parse_na_values
 from connectors.schema_columns import ColumnSpec, Role, _check_name, _fail
 from foundation.errors import NotFoundError
 
@@ -87,7 +88,23 @@ class RowsPerPerson(StrEnum):
     MANY = "many"
 
 
-_DATASET_KEYS = ("description", "rows_per_person", "counts", "query_rows_per_person")
+class Keep(StrEnum):
+    """Which of a person's rows is the one that counts (``[dataset] keep``): the first or
+    the last, in source order or by the declared ``order_by`` column."""
+
+    FIRST = "first"
+    LAST = "last"
+
+
+_DATASET_KEYS = (
+    "description",
+    "rows_per_person",
+    "counts",
+    "query_rows_per_person",
+    "na_values",
+    "keep",
+    "order_by",
+)
 _TOP_KEYS = ("dataset", "columns")
 _TOML_LOCATION = re.compile(r"\(at line (\d+), column (\d+)\)")
 
@@ -108,6 +125,13 @@ class SchemaContract:
     #: rows per person (the first in storage order), and their sensitivity grows with it.
     #: Above 1 only for ``rows_per_person = "many"``: with one row each there is nothing more.
     query_rows_per_person: int = 1
+    #: text that means missing in every column (``connectors.cleaning_rules``)
+    na_values: tuple[str, ...] = ()
+    #: with several rows per person, which one counts: ingest stores a person's rows with
+    #: that one first, and every reader keeps the first (``docs/schema-contract.md``)
+    keep: Keep = Keep.FIRST
+    #: the column that orders a person's rows for ``keep`` (None: the source's order)
+    order_by: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.columns, tuple) or not self.columns:
@@ -146,6 +170,7 @@ class SchemaContract:
                 'is above 1 but rows_per_person is "one"',
                 'remove it, or declare rows_per_person = "many"',
             )
+        self._check_keep()
         for role in (Role.IDENTIFIER, Role.SITE):
             holders = [c.name for c in self.columns if c.role is role]
             if len(holders) > 1:
@@ -160,6 +185,30 @@ class SchemaContract:
                 "dataset.rows_per_person",
                 'is "many" but no column has role "identifier", so rows cannot be tied to people',
                 'declare the person column with role = "identifier", or use "one"',
+            )
+
+    def _check_keep(self) -> None:
+        object.__setattr__(self, "na_values", parse_na_values(self.na_values, "dataset.na_values"))
+        try:
+            object.__setattr__(self, "keep", Keep(self.keep))
+        except (ValueError, TypeError):
+            raise _fail(
+                "dataset.keep", "must be first or last", 'write keep = "first" or "last"'
+            ) from None
+        if self.order_by is None:
+            return
+        if not isinstance(self.order_by, str) or self.order_by not in self.names:
+            raise _fail(
+                "dataset.order_by",
+                "is not a declared column",
+                "name the date or number column that orders a person's rows",
+            )
+        spec = self.column(self.order_by)
+        if not (spec.is_numeric or spec.is_temporal) or spec.role is not Role.FEATURE:
+            raise _fail(
+                "dataset.order_by",
+                "must be a date, timestamp or number feature column",
+                "name e.g. the admission date",
             )
 
     # -- construction ------------------------------------------------------------------------
@@ -235,6 +284,9 @@ class SchemaContract:
             description=dataset.get("description", ""),
             counts_public=counts == "public",
             query_rows_per_person=dataset.get("query_rows_per_person", 1),
+            na_values=parse_na_values(dataset.get("na_values", ()), "dataset.na_values"),
+            keep=dataset.get("keep", Keep.FIRST.value),
+            order_by=dataset.get("order_by"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,6 +299,12 @@ class SchemaContract:
         # left out at its default so contracts written before it keep their dicts and hashes
         if self.query_rows_per_person != 1:
             dataset["query_rows_per_person"] = self.query_rows_per_person
+        if self.na_values:
+            dataset["na_values"] = list(self.na_values)
+        if self.keep is not Keep.FIRST:
+            dataset["keep"] = self.keep.value
+        if self.order_by is not None:
+            dataset["order_by"] = self.order_by
         return {
             "dataset": dataset,
             "columns": {c.name: c.to_dict() for c in self.columns},

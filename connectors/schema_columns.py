@@ -21,6 +21,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from connectors.cleaning_rules import (
+    Normalize,
+    Outside,
+    check_cleaning,
+    cleaning_to_dict,
+    parse_aliases,
+    parse_na_values,
+)
 from connectors.scales import Scale
 from foundation.errors import SchemaError
 
@@ -80,6 +88,12 @@ _COLUMN_KEYS = (
     "nullable",
     "description",
     "scale",
+    # cleaning at ingest (connectors.cleaning_rules)
+    "na_values",
+    "date_format",
+    "normalize",
+    "aliases",
+    "outside",
 )
 
 # "__" and "=" are reserved by preprocessing's output names (``age__missing``, ``sex=F``),
@@ -134,6 +148,17 @@ class ColumnSpec:
     description: str = ""
     #: how the declared domain is spread (numeric feature and sensitive columns only)
     scale: Scale = Scale.LINEAR
+    # -- cleaning at ingest (connectors.cleaning_rules): what ingest does with messy values
+    #: text that means missing in this column (beside the dataset's ``na_values``)
+    na_values: tuple[str, ...] | None = None
+    #: strptime format of a date or timestamp column's text (default ISO 8601)
+    date_format: str | None = None
+    #: match categories and aliases ignoring case and surrounding spaces
+    normalize: Normalize | None = None
+    #: other spellings of each declared category, as (category, spellings) pairs
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    #: what to do with a value outside the domain or vocabulary (None: the role's default)
+    outside: Outside | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -193,8 +218,30 @@ class ColumnSpec:
                 'write scale = "log" for a heavy-tailed column, or leave scale out (linear)',
                 self.name,
             ) from None
+        self._parse_cleaning(key)
         self._check_role_rules(key)
         self._check_scale(key)
+        check_cleaning(self, key)
+
+    def _parse_cleaning(self, key: str) -> None:
+        name = self.name
+        if self.na_values is not None:
+            object.__setattr__(
+                self, "na_values", parse_na_values(self.na_values, f"{key}.na_values", name)
+            )
+        if self.aliases is not None:
+            object.__setattr__(self, "aliases", parse_aliases(self.aliases, f"{key}.aliases", name))
+        for field, kind, fix in (
+            ("normalize", Normalize, 'write normalize = "strip-lower", or leave it out'),
+            ("outside", Outside, 'write outside = "reject", "clip" or "null"'),
+        ):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            try:
+                object.__setattr__(self, field, kind(value))
+            except (ValueError, TypeError):
+                raise _fail(f"{key}.{field}", "is not a known choice", fix, name) from None
 
     def _check_scale(self, key: str) -> None:
         if self.scale is Scale.LINEAR:
@@ -378,6 +425,7 @@ class ColumnSpec:
         # left out when linear, so contracts written before it keep their dicts and hashes
         if self.scale is not Scale.LINEAR:
             out["scale"] = self.scale.value
+        out.update(cleaning_to_dict(self))
         return out
 
     @classmethod
@@ -420,6 +468,11 @@ class ColumnSpec:
             nullable=table.get("nullable"),
             description=table.get("description", ""),
             scale=table.get("scale", Scale.LINEAR.value),
+            na_values=table.get("na_values"),
+            date_format=table.get("date_format"),
+            normalize=table.get("normalize"),
+            aliases=table.get("aliases"),
+            outside=table.get("outside"),
         )
 
 
