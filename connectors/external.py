@@ -16,27 +16,32 @@ import pyarrow.parquet as pq
 from foundation.errors import SchemaError, SpecError
 
 
-def read_user_table(path: Path, columns: Sequence[str]) -> pa.Table:
-    """Read ``columns`` of a user's CSV or Parquet file (types as the file has them)."""
+def read_user_table(path: Path, columns: Sequence[str] | None) -> pa.Table:
+    """Read ``columns`` (None: every column) of a user's CSV or Parquet file (types as the
+    file has them)."""
     if not path.exists():
         raise SpecError("--from", f"{path} does not exist", "give a CSV or Parquet file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            have = set(pq.read_schema(path).names)
-            missing = [c for c in columns if c not in have]
+            have = pq.read_schema(path).names
+            columns = list(have) if columns is None else columns
+            missing = [c for c in columns if c not in set(have)]
             if missing:
                 raise SchemaError(
                     f"column {missing[0]!r} is missing from {path.name}", column=missing[0]
                 )
             return pq.read_table(path, columns=list(columns))
         if suffix == ".csv":
-            table = pacsv.read_csv(
-                path,
-                convert_options=pacsv.ConvertOptions(
+            convert = (
+                pacsv.ConvertOptions()
+                if columns is None
+                else pacsv.ConvertOptions(
                     include_columns=list(columns), include_missing_columns=False
-                ),
+                )
             )
+            table = pacsv.read_csv(path, convert_options=convert)
+            columns = table.column_names if columns is None else columns
             missing = [c for c in columns if c not in table.column_names]
             if missing:
                 raise SchemaError(

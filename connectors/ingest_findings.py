@@ -104,15 +104,19 @@ class CheckReport:
 class Findings:
     """The collector one check fills: violations in the order found, and cleaning counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int | None = None) -> None:
         self.violations: list[Violation] = []
         self.cleaned: dict[str, dict[str, int]] = {}
+        #: with ``rows``: every row in some violation (a released model leaves them unscored)
+        self.rejected = None if rows is None else np.zeros(rows, dtype=bool)
 
     def violate(self, column: str | None, mask: np.ndarray, problem: str, fix: str) -> bool:
         """Record the rows where ``mask`` is true as one violation; False when there are none."""
         where = np.flatnonzero(mask)
         if not where.size:
             return False
+        if self.rejected is not None:
+            self.rejected |= mask
         rows = tuple(int(i) + 1 for i in where[:FIRST_ROWS])
         self.violations.append(Violation(column, problem, fix, int(where.size), rows))
         return True

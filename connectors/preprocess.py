@@ -82,7 +82,7 @@ class FeaturePlan:
                 raise SpecError(
                     "features", f"{name!r} is not a column of the dataset", f"use: {usable}"
                 ) from None
-            steps.append(_step_for(spec))
+            steps.append(_step_for(spec, contract.na_values))
         return cls(steps=tuple(steps))
 
     @classmethod
@@ -98,7 +98,16 @@ class FeaturePlan:
         for item in raw:
             if not isinstance(item, Mapping):
                 raise SpecError("preprocessing.steps", "holds a non-table", "re-export the plan")
-            unknown = set(item) - {"name", "kind", "type", "min", "max", "fill", "categories"}
+            unknown = set(item) - {
+                "name",
+                "kind",
+                "type",
+                "min",
+                "max",
+                "fill",
+                "categories",
+                "cleaning",
+            }
             if unknown:
                 raise SpecError("preprocessing.steps", "has unknown keys", "re-export the plan")
             cats = item.get("categories", ())
@@ -113,6 +122,7 @@ class FeaturePlan:
                     max=item.get("max"),
                     fill=item.get("fill"),
                     categories=tuple(cats),
+                    cleaning=item.get("cleaning"),
                 )
             )
         plan = cls(steps=tuple(steps))

@@ -24,15 +24,16 @@ itself on construction, so one rebuilt from a released plan's JSON is checked as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
+from connectors.cleaning_rules import cleaning_to_dict
 from connectors.scales import Scale
-from connectors.schema_columns import ColumnSpec, Role
-from foundation.errors import SpecError
+from connectors.schema_columns import ARROW_TYPES, ColumnSpec, Role
+from foundation.errors import SchemaError, SpecError
 
 
 class StepKind(StrEnum):
@@ -60,6 +61,10 @@ class FeatureStep:
     #: declared fill in the column's own units; None means the default (midpoint / 0.5)
     fill: float | None = None
     categories: tuple[str, ...] = ()
+    #: the column's declared cleaning (``na_values`` with the dataset's, ``normalize``,
+    #: ``aliases``, ``outside``): a released model checks new rows as ingest did
+    #: (``training.predict``); it does not change the transform
+    cleaning: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         field = f"steps.{self.name}"
@@ -105,6 +110,34 @@ class FeatureStep:
         elif cats:
             raise SpecError(f"{field}.categories", "only a category step has categories", "remove")
         object.__setattr__(self, "categories", cats)
+        if self.cleaning is not None:
+            if not isinstance(self.cleaning, dict) or set(self.cleaning) - set(CLEANING_KEYS):
+                raise SpecError(
+                    f"{field}.cleaning", "has unknown keys", "rebuild from the contract"
+                )
+            self.input_spec()  # the keys' own rules, as the contract checked them
+
+    def input_spec(self) -> ColumnSpec:
+        """The column as the contract declared it, enough to check new input as ingest did."""
+        cleaning = dict(self.cleaning or {})
+        try:
+            return ColumnSpec(
+                name=self.name,
+                type=self.type if self.type in ARROW_TYPES else "float64",
+                role=Role.FEATURE,
+                min=self.min if self.scaled else None,
+                max=self.max if self.scaled else None,
+                categories=self.categories or None,
+                scale=Scale.LOG if self.kind is StepKind.LOG else Scale.LINEAR,
+                na_values=cleaning.get("na_values"),
+                normalize=cleaning.get("normalize"),
+                aliases=cleaning.get("aliases"),
+                outside=cleaning.get("outside"),
+            )
+        except SchemaError:
+            raise SpecError(
+                f"steps.{self.name}.cleaning", "breaks the contract's rules", "rebuild it"
+            ) from None
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -154,6 +187,8 @@ class FeatureStep:
             out["fill"] = self.fill
         if self.categories:
             out["categories"] = list(self.categories)
+        if self.cleaning:
+            out["cleaning"] = dict(self.cleaning)
         return out
 
 
@@ -166,7 +201,29 @@ def _finite(value: object, field: str) -> float:
     return out
 
 
-def _step_for(spec: ColumnSpec) -> FeatureStep:
+#: the cleaning keys a released plan carries (a feature is never a date: no date_format)
+CLEANING_KEYS = ("na_values", "normalize", "aliases", "outside")
+
+
+def _cleaning_of(spec: ColumnSpec, na_values: tuple[str, ...]) -> dict[str, Any] | None:
+    declared = {k: v for k, v in cleaning_to_dict(spec).items() if k in CLEANING_KEYS}
+    merged = list(dict.fromkeys((*na_values, *(spec.na_values or ()))))
+    if merged:
+        declared["na_values"] = merged
+    return declared or None
+
+
+def _step_for(spec: ColumnSpec, na_values: tuple[str, ...] = ()) -> FeatureStep:
+    step = _bare_step_for(spec)
+    cleaning = _cleaning_of(spec, na_values)
+    if cleaning is None:
+        return step
+    return FeatureStep(
+        step.name, step.kind, step.type, step.min, step.max, step.fill, step.categories, cleaning
+    )
+
+
+def _bare_step_for(spec: ColumnSpec) -> FeatureStep:
     name = spec.name
     if spec.role in (Role.LABEL, Role.IDENTIFIER, Role.DIRECT_IDENTIFIER):
         fix = {

@@ -110,6 +110,28 @@ datasets = Table(
     Column("cross_site_persons", BigInteger, nullable=False, server_default="0"),
     Column("registered_by", String(NAME_LEN), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # the latest version's number: the row above describes it (``dataset_versions`` holds all)
+    Column("version", Integer, nullable=False, server_default="1"),
+)
+
+# Every version of a dataset, the latest included: re-ingesting a name adds one. An old
+# version stays readable (jobs and grants pinned to it) until a steward deletes it, which
+# fills ``deleted_by``/``deleted_at`` (its files and key go; its row stays, as history).
+dataset_versions = Table(
+    "dataset_versions",
+    metadata,
+    Column("dataset", String(NAME_LEN), ForeignKey("datasets.name"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("contract_json", Text, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("persons", BigInteger, nullable=False),
+    Column("sites_json", Text, nullable=False),
+    Column("cross_site_persons", BigInteger, nullable=False, server_default="0"),
+    Column("registered_by", String(NAME_LEN), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("deleted_by", String(NAME_LEN), nullable=True),
+    Column("deleted_at", UTCDateTime, nullable=True),
 )
 
 # A deleted dataset keeps its ``datasets`` row (grants, requests, caps and the ledger name it)
@@ -159,6 +181,8 @@ access_requests = Table(
     Column("decided_at", UTCDateTime, nullable=True),
     Column("quote_json", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # the dataset version asked for; None: whichever is the latest when a job runs
+    Column("dataset_version", Integer, nullable=True),
     Index("ix_access_requests_state", "state"),
     Index("ix_access_requests_project", "project"),
 )
@@ -178,6 +202,8 @@ grants = Table(
     Column("granted_by", String(NAME_LEN), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime, nullable=True),
+    # the dataset version the grant is pinned to; None: it follows the latest
+    Column("dataset_version", Integer, nullable=True),
     UniqueConstraint("request_id", name="uq_grants_request_id"),  # one grant per approval
     Index("ix_grants_project_dataset", "project", "dataset"),
 )

@@ -33,7 +33,7 @@ from policies.decisions import (
 from policies.roles import Role
 from policies.store_base import StoreBase, check_aware, check_text
 from policies.store_caps import cap_decision_in, cap_lock
-from policies.store_datasets import dataset_row
+from policies.store_datasets import dataset_row, version_row
 from policies.store_projects import load_project
 from policies.store_records import (
     AccessRequestRecord,
@@ -79,11 +79,14 @@ class AccessMixin(StoreBase):
         delta: float,
         by: str,
         quote: Mapping[str, Any] | None = None,
+        dataset_version: int | None = None,
     ) -> AccessRequestRecord:
         """File a pending request; ``decide_access_request`` must allow it first.
 
         ``quote`` is an optional JSON-safe estimate attached for the steward (e.g. what the
-        planned jobs would spend by the accountant).
+        planned jobs would spend by the accountant). ``dataset_version`` pins the grant to
+        one version of the dataset (its columns are checked against that version's
+        contract); None follows the latest.
         """
         if isinstance(columns, str):
             raise SpecError("columns", "is a single string", "pass a list of column names")
@@ -103,7 +106,10 @@ class AccessMixin(StoreBase):
                 ) from None
         with self.engine.begin() as conn:
             view = load_project(conn, project).view()
-            known = contract_columns(json.loads(dataset_row(conn, dataset).contract_json))
+            contract_json = dataset_row(conn, dataset).contract_json
+            if dataset_version is not None:
+                contract_json = version_row(conn, dataset, dataset_version).contract_json
+            known = contract_columns(json.loads(contract_json))
             requester = active_user(conn, by, "by")
             decision = decide_access_request(
                 NewAccessRequest(
@@ -131,6 +137,7 @@ class AccessMixin(StoreBase):
                     epsilon=float(epsilon),
                     delta=float(delta),
                     requested_by=by,
+                    dataset_version=dataset_version,
                     state=RequestState.PENDING.value,
                     reason="",
                     decided_by=None,
@@ -236,6 +243,7 @@ class AccessMixin(StoreBase):
                     granted_by=by,
                     created_at=self._now(),
                     revoked_at=None,
+                    dataset_version=req.dataset_version,
                 )
             )
             return load_grant(conn, grant_id)

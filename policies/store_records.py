@@ -91,6 +91,10 @@ class DatasetRecord:
     created_at: datetime
     #: persons with rows at more than one site (ingest counts them; never who)
     cross_site_persons: int = 0
+    #: which version of the dataset this is (re-ingesting a name adds one)
+    version: int = 1
+    #: the latest version's number (this record's, unless it is an older one)
+    latest_version: int = 1
 
     @property
     def columns(self) -> frozenset[str]:
@@ -112,6 +116,8 @@ class DatasetRecord:
             "cross_site_persons": self.cross_site_persons,
             "registered_by": self.registered_by,
             "created_at": iso(self.created_at),
+            "version": self.version,
+            "latest_version": self.latest_version,
         }
 
     def to_public_dict(self) -> dict[str, Any]:
@@ -122,6 +128,8 @@ class DatasetRecord:
             "contract": json.loads(json_dumps(self.contract)),
             "site_names": sorted(self.sites),
             "counts": "public" if self.counts_public else "private",
+            "version": self.version,
+            "latest_version": self.latest_version,
         }
         if self.counts_public:
             out.update(rows=self.rows, persons=self.persons, sites=dict(self.sites))
@@ -170,12 +178,15 @@ class AccessRequestRecord:
     quote: dict[str, Any] | None
     created_at: datetime
     grant_id: str | None = None
+    #: the dataset version asked for; None: the latest, whichever it is when a job runs
+    dataset_version: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "project": self.project,
             "dataset": self.dataset,
+            "dataset_version": self.dataset_version,
             "columns": sorted(self.columns),
             "mechanisms": sorted(m.value for m in self.mechanisms),
             "epsilon": self.epsilon,
@@ -208,6 +219,8 @@ class GrantRecord:
     granted_by: str
     created_at: datetime
     revoked_at: datetime | None
+    #: the dataset version the grant is pinned to; None: it follows the latest
+    dataset_version: int | None = None
 
     def view(self) -> GrantView:
         return GrantView(
@@ -228,6 +241,7 @@ class GrantRecord:
             "request_id": self.request_id,
             "project": self.project,
             "dataset": self.dataset,
+            "dataset_version": self.dataset_version,
             "columns": sorted(self.columns),
             "mechanisms": sorted(m.value for m in self.mechanisms),
             "epsilon": self.epsilon,
@@ -254,6 +268,25 @@ def dataset_from_row(row: Row[Any]) -> DatasetRecord:
         registered_by=row.registered_by,
         created_at=row.created_at,
         cross_site_persons=int(row.cross_site_persons or 0),
+        version=int(row.version or 1),
+        latest_version=int(row.version or 1),
+    )
+
+
+def version_from_row(row: Row[Any], latest: int) -> DatasetRecord:
+    """One row of ``dataset_versions`` as the record of that version."""
+    return DatasetRecord(
+        name=row.dataset,
+        contract=json.loads(row.contract_json),
+        path=row.path,
+        rows=row.rows,
+        persons=row.persons,
+        sites=json.loads(row.sites_json),
+        registered_by=row.registered_by,
+        created_at=row.created_at,
+        cross_site_persons=int(row.cross_site_persons or 0),
+        version=int(row.version),
+        latest_version=latest,
     )
 
 
@@ -274,6 +307,7 @@ def request_from_row(row: Row[Any], grant_id: str | None) -> AccessRequestRecord
         quote=None if row.quote_json is None else json.loads(row.quote_json),
         created_at=row.created_at,
         grant_id=grant_id,
+        dataset_version=row.dataset_version,
     )
 
 
@@ -291,6 +325,7 @@ def grant_from_row(row: Row[Any]) -> GrantRecord:
         granted_by=row.granted_by,
         created_at=row.created_at,
         revoked_at=row.revoked_at,
+        dataset_version=row.dataset_version,
     )
 
 

@@ -36,7 +36,6 @@ from sqlalchemy import Connection, Engine
 
 from foundation.clock import utcnow
 from foundation.errors import (
-    BudgetExceeded,
     IntegrityError,
     NotFoundError,
     SpecError,
@@ -56,10 +55,8 @@ from privacy.budget_events import (
     fold_reservations,
 )
 from privacy.ledger_checks import (
-    BUDGET_FIX,
-    DELTA_FIX,
-    budget_refusal,
     check_amount,
+    check_fits,
     check_name,
     check_spent,
     fits,
@@ -163,15 +160,7 @@ class Ledger:
         check_name(actor, "actor", "name the user or service submitting the job")
         with self._engine.begin() as conn:
             lock_key(conn, str(key))
-            bal = fold_balance(key, self._select_events(conn, key))
-            if not fits(eps, bal.remaining_epsilon, max(bal.granted_epsilon, 1.0)):
-                raise BudgetExceeded(
-                    budget_refusal(key, "epsilon", eps, bal.remaining_epsilon, bal, BUDGET_FIX)
-                )
-            if not fits(dlt, bal.remaining_delta, bal.granted_delta):
-                raise BudgetExceeded(
-                    budget_refusal(key, "delta", dlt, bal.remaining_delta, bal, DELTA_FIX)
-                )
+            check_fits(key, fold_balance(key, self._select_events(conn, key)), eps, dlt)
             reservation_id = str(uuid.uuid4())
             self._append(
                 conn,

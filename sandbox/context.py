@@ -20,6 +20,7 @@ from foundation.errors import PolicyDenied, UserError, ZoneError
 from policies.audit import AuditLog
 from policies.roles import Action, Actor, require
 from policies.store import StateStore
+from policies.store_records import DatasetRecord
 from privacy.ledger import Ledger
 from sandbox.backend import JobBackend
 from sandbox.disclosure import job_view, sees_everything
@@ -84,8 +85,28 @@ class ZoneContext:
                 grantor="project owner",
             )
 
+    def job_dataset(self, job: JobRecord, *, include_deleted: bool = False) -> DatasetRecord:
+        """The dataset version a job reads: the one fixed when it was admitted (the latest,
+        for a job from before dataset versions)."""
+        return self.store.get_dataset(
+            job.dataset, version=job.dataset_version, include_deleted=include_deleted
+        )
+
+    def dataset_version_for(self, project: str, dataset: str, mechanism: str) -> DatasetRecord:
+        """The version a new job of ``project`` reads: the one its live grant for
+        ``mechanism`` is pinned to (the most recent such grant), else the latest."""
+        pinned = [
+            g
+            for g in self.store.list_grants(project=project, dataset=dataset)
+            if g.revoked_at is None
+            and g.dataset_version is not None
+            and mechanism in {m.value for m in g.mechanisms}
+        ]
+        version = pinned[-1].dataset_version if pinned else None
+        return self.store.get_dataset(dataset, version=version)
+
     def job_view(self, actor: Actor, rec: JobRecord) -> JobRecord:
         """The job as ``actor`` may see it (``sandbox.disclosure``)."""
         # a past job's dataset may since have been deleted: its view stays
-        dataset = self.store.get_dataset(rec.dataset, include_deleted=True)
+        dataset = self.job_dataset(rec, include_deleted=True)
         return job_view(rec, role=actor.role, counts_public=dataset.counts_public)

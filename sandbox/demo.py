@@ -182,7 +182,7 @@ def run_demo(
         step(
             f"sandbox model predict {out} --from {new_rows} --out {root.parent / 'scores.parquet'}"
         )
-        scored = predict_file(out, new_rows, root.parent / "scores.parquet")
+        scored = predict_file(out, new_rows, root.parent / "scores.parquet").scored
 
         fed_spec = parse_job_toml(demo_federated_toml())
         step("sandbox submit federated.toml   # as rita: Flower on Ray, one client per hospital")

@@ -26,6 +26,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Float,
+    Integer,
     MetaData,
     String,
     Table,
@@ -55,6 +56,10 @@ ALLOWED: frozenset[tuple[JobState, JobState]] = frozenset(
     }
 )
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+
+#: how a dry run's id starts (``DryRunMechanism.id_prefix``): a dry run is marked as one
+#: wherever it is listed, from admission on (it has no result until it ends)
+DRY_RUN_PREFIX = "dry"
 
 
 def check_transition(src: JobState, dst: JobState) -> None:
@@ -95,6 +100,8 @@ jobs_table = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    # the dataset version the job reads, fixed at submission (None: jobs from before versions)
+    Column("dataset_version", Integer, nullable=True),
 )
 
 #: a project's GPU quota, set by a steward (``sandbox.gpu_quotas``); no row: no quota
@@ -125,12 +132,37 @@ class JobRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    #: the dataset version the job reads, fixed when it was admitted (None: a job from before
+    #: dataset versions, which read the only version there was)
+    dataset_version: int | None = None
+
+    @property
+    def dry_run(self) -> bool:
+        """A free run on dummy or released synthetic rows (nothing reserved or charged):
+        known from its id from admission on, and from its result (a dry run made before
+        dry runs had their own ids)."""
+        return self.id.startswith(f"{DRY_RUN_PREFIX}-") or bool((self.result or {}).get("dry_run"))
+
+    @property
+    def kind(self) -> str:
+        """What the job is: "dry-run", "dp-sgd", "federated" or "synthetic" (a queued job's
+        from its spec, as ``sandbox.budget_view.mechanism_of`` reads it)."""
+        if self.dry_run:
+            return "dry-run"
+        if self.result and self.result.get("kind"):
+            return str(self.result["kind"])
+        if "method" in self.spec:
+            return "synthetic"
+        return "federated" if self.spec.get("mode") == "federated" else "dp-sgd"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "kind": self.kind,
+            "dry_run": self.dry_run,
             "project": self.project,
             "dataset": self.dataset,
+            "dataset_version": self.dataset_version,
             "submitted_by": self.submitted_by,
             "spec_hash": self.spec_hash,
             "state": str(self.state),
@@ -169,6 +201,7 @@ def _row(r: Any) -> JobRecord:
         created_at=_aware(r.created_at),  # type: ignore[arg-type]
         started_at=_aware(r.started_at),
         finished_at=_aware(r.finished_at),
+        dataset_version=r.dataset_version,
     )
 
 
@@ -191,6 +224,7 @@ class JobStore:
         spec_hash: str,
         reservation_id: str | None,
         job_id: str | None = None,
+        dataset_version: int | None = None,
     ) -> JobRecord:
         jid = job_id or new_job_id()
         with self.engine.begin() as conn:
@@ -206,6 +240,7 @@ class JobStore:
                     reservation_id=reservation_id,
                     data_opened=False,
                     created_at=utcnow(),
+                    dataset_version=dataset_version,
                 )
             )
         return self.get(jid)
@@ -276,5 +311,5 @@ class JobStore:
             )
 
 
-def new_job_id() -> str:
-    return f"job-{secrets.token_hex(4)}"
+def new_job_id(prefix: str = "job") -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"

@@ -144,7 +144,10 @@ def _progress_line(rec: Mapping[str, Any]) -> str:
     if rec["state"] == "queued" and p.get("waiting"):
         line += f" ({p['waiting']})"
     r = rec.get("result") or {}
-    if rec["state"] == "succeeded" and r.get("epsilon") is not None:
+    if rec.get("dry_run"):
+        # a dry run spends nothing; its plan's epsilon is no charge
+        line += "; dry run, nothing charged"
+    elif rec["state"] == "succeeded" and r.get("epsilon") is not None:
         line += f"; epsilon {_num(r['epsilon'])} charged"
     if rec.get("error"):
         line += f"; {rec['error']}"

@@ -277,9 +277,10 @@ class Zone:
                     "id": j["id"],
                     "project": j["project"],
                     "dataset": j["dataset"],
-                    "kind": r.get("kind") or r.get("mode"),
+                    "kind": j.get("kind") or r.get("kind") or r.get("mode"),
                     "state": j["state"],
-                    "epsilon": r.get("epsilon"),
+                    # a dry run charged nothing (its kind says "dry-run")
+                    "epsilon": None if j.get("dry_run") else r.get("epsilon"),
                     "submitted_by": j.get("submitted_by"),
                     "created_at": j.get("created_at"),
                 }

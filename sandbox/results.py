@@ -81,6 +81,9 @@ class DpsgdResult(_Result):
     #: (``sandbox.mechanisms.tuning.Tuning``), as the service recorded it; None when the
     #: spec wrote them all
     tuning: dict[str, Any] | None = None
+    #: a dry run: what the job would be charged if submitted (the quote's ``epsilon`` and
+    #: ``delta``; the service's figures); None for a charged job
+    would_spend: dict[str, float] | None = None
     kind: str = "dp-sgd"
     charge: ChargeRecord = field(default_factory=ChargeRecord)
 

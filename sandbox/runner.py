@@ -186,7 +186,7 @@ class JobRunner:
     ) -> str:
         """Decide, plan, reserve and build inside one guard; the job is QUEUED after."""
         mechanism = MECHANISMS[kind]
-        job_id = new_job_id()
+        job_id = new_job_id(mechanism.id_prefix)
         reserved: dict[str, str] = {}
         with self.ctx.act(actor, action, target, details) as extra:
             try:
@@ -228,6 +228,7 @@ class JobRunner:
             spec_hash=admission.spec_hash,
             reservation_id=single,
             job_id=job_id,
+            dataset_version=admission.dataset_version,
         )
 
     def _abandon(

@@ -17,14 +17,11 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from connectors.cohort import cohort_contract, generate_cohort
-from connectors.ingest import ingest_file, ingest_table
 from connectors.schema import SchemaContract
 from foundation.clock import utcnow
 from foundation.errors import (
     NEEDS_TOKEN,
     IntegrityError,
-    NotFoundError,
     PolicyDenied,
     SpecError,
     ZoneError,
@@ -37,6 +34,7 @@ from policies.store import StateStore
 from policies.store_logins import LoginStore
 from privacy.budget_events import fold_balance
 from privacy.ledger import Ledger
+from sandbox import dataset_ingest
 from sandbox.backend import InProcessBackend, JobBackend
 from sandbox.budget_view import BudgetView, spent_by_mechanism
 from sandbox.context import ProgressFn, ZoneContext
@@ -217,76 +215,30 @@ class Service(AccessCalls):
 
     def ingest_dataset(
         self, actor: Actor, name: str, source: Path, contract: SchemaContract
-    ) -> Any:
-
-        with self.ctx.act(actor, Action.DATASET_INGEST, name) as extra:
-            self._check_new_dataset(name)
-            report = ingest_file(
-                source,
-                contract,
-                self.zone.dataset_dir(name),
-                self.zone.secret(),
-                zone_key_file=self.zone.data_key_file(),
-            )
-            rec = self._register(actor, name, contract, report)
-            extra.update(rows=report.rows, persons=report.persons)
-            return rec
+    ) -> dict[str, Any]:
+        """A new dataset, or the next version of a live one (``sandbox.dataset_ingest``)."""
+        return dataset_ingest.ingest_dataset(self.ctx, actor, name, source, contract)
 
     def ingest_demo(
         self, actor: Actor, name: str, patients: int, seed: int = 0, canaries: Any = None
     ) -> Any:
-
-        with self.ctx.act(actor, Action.DATASET_INGEST, name, {"demo": True}) as extra:
-            if patients < 100:
-                raise SpecError("--patients", "must be at least 100", "ask for more patients")
-            self._check_new_dataset(name)
-            contract = cohort_contract()
-            table = generate_cohort(patients, seed=seed, canaries=canaries)
-            report = ingest_table(
-                table,
-                contract,
-                self.zone.dataset_dir(name),
-                self.zone.secret(),
-                zone_key_file=self.zone.data_key_file(),
-            )
-            rec = self._register(actor, name, contract, report)
-            extra.update(rows=report.rows, persons=report.persons)
-            return rec
-
-    def _check_new_dataset(self, name: str) -> None:
-        if not name or not name.replace("-", "").replace("_", "").isalnum():
-            raise SpecError("NAME", "must be letters, digits, '-' or '_'", "e.g. cohort-2026")
-        try:
-            # a deleted dataset's name stays with its history (grants, ledger, audit)
-            self.store.get_dataset(name, include_deleted=True)
-        except NotFoundError:
-            return
-        raise SpecError("NAME", f"dataset {name!r} already exists", "pick another name")
-
-    def _register(self, actor: Actor, name: str, contract: SchemaContract, report: Any) -> Any:
-        return self.store.register_dataset(
-            name,
-            contract.to_dict(),
-            str(report.path),
-            report.rows,
-            report.persons,
-            dict(report.sites),
-            actor.name,
-            cross_site_persons=report.cross_site_persons,
-        )
+        return dataset_ingest.ingest_demo(self.ctx, actor, name, patients, seed, canaries)
 
     def list_datasets(self, actor: Actor) -> list[dict[str, Any]]:
         """Dataset cards as the actor may see them (``sandbox.disclosure.dataset_view``)."""
         with self.ctx.act(actor, Action.DATASET_LIST):
             return [dataset_view(d, role=actor.role) for d in self.store.list_datasets()]
 
-    def delete_dataset(self, actor: Actor, name: str) -> dict[str, Any]:
+    def delete_dataset(self, actor: Actor, name: str, version: int | None = None) -> dict[str, Any]:
         """Delete a dataset: its files and data key go, its history stays (stewards)."""
-        return delete_dataset(self.ctx, actor, name)
+        return delete_dataset(self.ctx, actor, name, version)
 
-    def show_dataset(self, actor: Actor, name: str) -> dict[str, Any]:
+    def show_dataset(self, actor: Actor, name: str, version: int | None = None) -> dict[str, Any]:
+        """The latest version's card, or the ``version`` named, with the list of versions."""
         with self.ctx.act(actor, Action.DATASET_SHOW, name):
-            return dataset_view(self.store.get_dataset(name), role=actor.role)
+            view = dataset_view(self.store.get_dataset(name, version=version), role=actor.role)
+            view["versions"] = self.store.list_dataset_versions(name)
+            return view
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -396,7 +348,7 @@ class Service(AccessCalls):
             # released name); a refusal raises IntegrityError, audited as an error by act()
             from sandbox.release_check import expected_release
 
-            contract = self.store.get_dataset(rec.dataset, include_deleted=True).contract
+            contract = self.ctx.job_dataset(rec, include_deleted=True).contract
             expected = expected_release(job_id, rec.spec, result, contract)
             files = release_artefacts(self.zone.job_dir(job_id), out, names, expected=expected)
             extra.update(files=len(files))
@@ -427,8 +379,8 @@ class Service(AccessCalls):
     ) -> JobRecord:
         return self.synth.dry_run(actor, spec, on, on_progress=on_progress)
 
-    def quote(self, actor: Actor, spec: JobSpec) -> dict[str, Any]:
-        return self.synth.quote(actor, spec)
+    def quote(self, actor: Actor, spec: JobSpec, for_request: bool = False) -> dict[str, Any]:
+        return self.synth.quote(actor, spec, for_request)
 
     def quote_curve(self, actor: Actor, spec: JobSpec, on: str, out_dir: Path, **kw: Any) -> Any:
         return self.synth.quote_curve(actor, spec, on, out_dir, **kw)

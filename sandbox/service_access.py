@@ -21,6 +21,7 @@ from policies.roles import ROLE_GRANTOR, Action, Actor, Role
 from policies.store_records import AccessRequestRecord, GrantRecord, ProjectRecord
 from policies.worst_case import ledger_grant_id
 from privacy.budget_events import BudgetKey
+from sandbox.approval import Approval, BudgetChange, pooled_grants
 from sandbox.context import ZoneContext
 from sandbox.disclosure import sees_everything
 
@@ -51,7 +52,9 @@ class AccessCalls:
         epsilon: float,
         delta: float,
         quote: dict[str, Any] | None = None,
+        dataset_version: int | None = None,
     ) -> Any:
+        """File a request; ``dataset_version`` pins it to one version (None: the latest)."""
         with self.ctx.act(
             actor, Action.ACCESS_REQUEST, project, {"dataset": dataset, "epsilon": epsilon}
         ):
@@ -71,7 +74,15 @@ class AccessCalls:
                     f"use one of: {', '.join(m.value for m in Mechanism)}",
                 ) from None
             return self.ctx.store.request_access(
-                project, dataset, columns, mechs, epsilon, delta, actor.name, quote
+                project,
+                dataset,
+                columns,
+                mechs,
+                epsilon,
+                delta,
+                actor.name,
+                quote,
+                dataset_version=dataset_version,
             )
 
     def list_requests(self, actor: Actor, pending_only: bool = False) -> list[Any]:
@@ -93,6 +104,11 @@ class AccessCalls:
         delta: float | None = None,
         expires_at: datetime | None = None,
     ) -> Any:
+        """Grant the request (a steward's call): the grant row, then one ledger budget per key
+        it feeds. A key that already had a budget (an earlier grant of the project on the
+        dataset) gets this grant *added* to it: the ledger pools a key's grants. The
+        ``Approval`` returned says which grants it was added to, each key's totals before and
+        after, and one person's worst case on the dataset before and after."""
         with self.ctx.act(actor, Action.ACCESS_APPROVE, request_id) as extra:
             if expires_at is not None and expires_at <= self.ctx.clock():
                 raise SpecError("--expires", "is in the past", "give a future date (YYYY-MM-DD)")
@@ -121,12 +137,21 @@ class AccessCalls:
                     (BudgetKey(grant.project, grant.dataset, s), ledger_grant_id(grant.id, s))
                     for s in sites
                 ]
+            before = {key: self.ctx.ledger.balance(key) for key, _ in keys}
             for key, gid in keys:
                 self.ctx.ledger.grant(
                     key, grant.epsilon, grant.delta, actor=actor.name, grant_id=gid
                 )
-            extra.update(grant=grant.id, epsilon=grant.epsilon)
-            return grant
+            # the ledger pools a key's grants: a key that had a budget now holds both (said
+            # plainly, with the totals, so that no approval changes a budget silently)
+            budgets = tuple(
+                BudgetChange(key, before[key], self.ctx.ledger.balance(key)) for key, _ in keys
+            )
+            adds_to = pooled_grants(self.ctx.ledger.project_events(grant.project), before, grant.id)
+            worst = self.ctx.store.worst_case(grant.dataset, self.ctx.clock())
+            cap_epsilon = None if cap.cap is None else cap.cap.epsilon
+            extra.update(grant=grant.id, epsilon=grant.epsilon, adds_to=",".join(adds_to))
+            return Approval.of(grant, budgets, adds_to, (cap.before, worst), cap_epsilon)
 
     def set_dataset_cap(
         self, actor: Actor, dataset: str, epsilon: float, delta: float | None = None

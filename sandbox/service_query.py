@@ -17,6 +17,7 @@ charge (the noise was not released, but the read happened, as with a failed job)
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from connectors.schema import SchemaContract
@@ -47,14 +48,15 @@ class QueryCalls:
             extra.update(dataset=spec.dataset, kind=str(spec.kind), dry=bool(dry))
             ctx.store.get_project(project)
             ctx.check_member(actor, project)
-            dataset = ctx.store.get_dataset(spec.dataset)
+            # the version the grant for dp-query is pinned to, else the latest
+            dataset = ctx.dataset_version_for(project, spec.dataset, "dp-query")
             contract = SchemaContract.from_dict(dataset.contract)
             check_against(spec, contract)
             grant = self._decide(actor, project, spec, columns_needed(spec))
             priced = quote(spec, contract)
             key = BudgetKey(project, spec.dataset)
             self.releases.require()
-            stored = self.releases.find(project, spec.key())
+            stored = self.releases.find(project, release_key(spec.key(), dataset.version))
             if stored is not None:
                 # the released answer again: no new noise, no new charge
                 extra.update(query=stored.id, charged=0.0, reused=True)
@@ -150,7 +152,7 @@ class QueryCalls:
             id=qid,
             project=project,
             dataset=spec.dataset,
-            query_key=spec.key(),
+            query_key=release_key(spec.key(), dataset.version),
             query=spec.to_dict(),
             answer=answer.to_dict(),
             epsilon=float(priced.epsilon),
@@ -214,3 +216,12 @@ class QueryCalls:
             "fits": remaining is not None and remaining + 1e-12 >= float(priced.epsilon),
             "grant": grant,
         }
+
+
+def release_key(query_key: str, version: int) -> str:
+    """ "The same query again" is the same query on the same dataset version: a newer version
+    is new data, answered (and charged) afresh. Version 1 keeps the query's own key, as
+    releases made before dataset versions have it."""
+    if version == 1:
+        return query_key
+    return hashlib.sha256(f"{query_key}@v{version}".encode()).hexdigest()

@@ -7,8 +7,9 @@
 - ``synth_report``: the steward sees the full report; the researcher sees the aggregate
   scores only after a steward released them (``synth_release_report``).
 - ``submit(..., on=...)`` dry runs a job on dummy or released synthetic data at no charge.
-- ``quote``: what a job will spend (from the accountant, before anything runs), and with
-  ``curve`` the utility of dry runs at several epsilons.
+- ``quote``: what a job will spend (from the accountant, before anything runs), after every
+  check a submit runs (``sandbox.mechanisms.precheck``), and with ``curve`` the utility of
+  dry runs at several epsilons.
 - ``tune``: the search that chooses a spec's ``"auto"`` hyperparameters on free rows
   (``sandbox.mechanisms.tuning``), shown, charging nothing; quotes and dry runs resolve such a
   spec the same way before they plan it.
@@ -26,19 +27,15 @@ from connectors.external import write_table
 from connectors.schema import SchemaContract
 from foundation.errors import PolicyDenied, SpecError
 from policies.roles import Action, Actor, Role
-from privacy.job_plan import plan_job
 from sandbox.context import ProgressFn, ZoneContext
-from sandbox.disclosure import redact_counts, sees_everything
 from sandbox.jobs import JobRecord, JobState
 from sandbox.jobspec import JobSpec
-from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, plan_spec
 from sandbox.mechanisms.dry_run import DryRunMechanism, DryRunRequest, synthetic_job
-from sandbox.mechanisms.federated import plan_sites
+from sandbox.mechanisms.precheck import precheck
 from sandbox.mechanisms.synthetic import SyntheticMechanism, SynthRequest
 from sandbox.mechanisms.tuning import resolve, summary
+from sandbox.quotes import quote_of
 from sandbox.runner import JobRunner
-from sandbox.spec_fields import resolved
-from training.federated.config import EVAL_SHARE as FED_EVAL_SHARE
 
 #: epsilons a quote's utility curve tries by default
 CURVE_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -168,14 +165,22 @@ class SynthCalls:
     # -- dry runs and quotes -------------------------------------------------------------------
 
     def dry_run(
-        self, actor: Actor, spec: JobSpec, on: str, *, on_progress: ProgressFn | None = None
+        self,
+        actor: Actor,
+        spec: JobSpec,
+        on: str,
+        *,
+        on_progress: ProgressFn | None = None,
+        curve_point: bool = False,
     ) -> JobRecord:
         """Run ``spec`` on dummy data (``on="dummy"``) or on a released DP synthetic table
-        (``on="synthetic:JOB"``), charging nothing."""
+        (``on="synthetic:JOB"``), charging nothing, after every check a submit runs
+        (``curve_point``: a point of a quote's curve, whose grant and budget the quote
+        checked for the spec's own epsilon)."""
         job = self.runner.submit(
             DryRunMechanism.kind,
             actor,
-            DryRunRequest(spec, on),
+            DryRunRequest(spec, on, curve_point=curve_point),
             # a dry run charges nothing: it is decided (and audited) as a quote
             action=Action.JOB_QUOTE,
             target=spec.project,
@@ -184,72 +189,19 @@ class SynthCalls:
         )
         return self.ctx.job_view(actor, job)
 
-    def quote(self, actor: Actor, spec: JobSpec) -> dict[str, Any]:
-        """The epsilon and delta a job will spend, from the accountant, before anything runs.
+    def quote(self, actor: Actor, spec: JobSpec, for_request: bool = False) -> dict[str, Any]:
+        """The epsilon and delta a job will spend, and its noise figures, before anything runs.
 
-        The sample rate needs the training split's size: the quote uses the dataset card's
-        person count times the split's train share (the worker uses the exact count, so the
-        real figure may differ in the last digits; it never exceeds the job's epsilon)."""
-
-        with self.ctx.act(actor, Action.JOB_QUOTE, spec.project, {"dataset": spec.dataset}):
-            # a quote reads the dataset's card: only the project's members may ask for one
-            self.ctx.store.get_project(spec.project)
-            self.ctx.check_member(actor, spec.project)
-            rec = self.ctx.store.get_dataset(spec.dataset)
-            # "auto" hyperparameters: chosen as a submit would choose them (free rows only)
-            spec, tuning = resolve(self.ctx, spec)
-            if spec.federated is not None:
-                # the same planning the submit runs: what it refuses, the quote refuses
-                site_plan = plan_sites(spec, rec)
-                per_site: dict[str, Any] = {
-                    site: {"left_out": reason} for site, reason in site_plan.left_out.items()
-                }
-
-                for site in site_plan.sites:
-                    n_train = max(1, int(rec.sites[site] * TRAIN_FRACTION))
-                    per_site[site] = plan_job(
-                        spec.privacy.epsilon,
-                        spec.privacy.delta,
-                        n_train,
-                        min(resolved(spec.training.batch_size, "training.batch_size"), n_train),
-                        spec.federated.rounds * spec.federated.local_epochs,
-                        evaluate=site_plan.config.evaluate,
-                        eval_share=FED_EVAL_SHARE,
-                    ).to_dict()
-                quote: dict[str, Any] = {
-                    "mode": "federated",
-                    "epsilon_per_site": spec.privacy.epsilon,
-                    "delta": spec.privacy.delta,
-                    "sites": dict(sorted(per_site.items())),
-                    "composition": "per site (disjoint patients)",
-                    "unit": "person",
-                }
-            else:
-                n_train = int(rec.persons * TRAIN_FRACTION)
-                p = plan_spec(spec, n_train)
-                quote = {
-                    "mode": "dp-sgd",
-                    "epsilon": p.epsilon if rec.counts_public else spec.privacy.epsilon,
-                    "delta": p.delta,
-                    "plan": p.to_dict(),
-                    "n_train_estimate": n_train,
-                    "unit": "person",
-                    "neighbouring": "add/remove one person",
-                    "accountant": "rdp",
-                }
-                if tuning is not None:
-                    # the values the plan above was made with (``chosen``) and how
-                    quote["tuning"] = tuning
-            if not rec.counts_public and not sees_everything(actor.role):
-                # every figure the exact size shows through, replaced: the counts-derived
-                # ones by "withheld", each plan's own epsilon (its digits move with n) by the
-                # epsilon the job will be charged
-                quote = redact_counts(quote)
-                plans = [quote.get("plan")] + list((quote.get("sites") or {}).values())
-                for plan in plans:
-                    if isinstance(plan, dict) and "epsilon" in plan:
-                        plan["epsilon"] = spec.privacy.epsilon
-            return quote
+        The quote runs every check a submit runs (``sandbox.mechanisms.precheck``: what
+        submit refuses, the quote refuses, with the same message) and shows the plan the run
+        is run and charged from (``sandbox.quotes``). ``for_request``: a quote to attach to
+        an access request, where the missing grant or budget is what the request asks for:
+        those refusals are listed (``submit_now``) instead of raised."""
+        details = {"dataset": spec.dataset, "for_request": for_request is True}
+        with self.ctx.act(actor, Action.JOB_QUOTE, spec.project, details):
+            if not isinstance(for_request, bool):  # a served call's JSON
+                raise SpecError("for_request", "must be true or false", "e.g. true")
+            return quote_of(precheck(self.ctx, actor, spec, for_request=for_request), actor)
 
     def quote_curve(
         self,
@@ -261,47 +213,33 @@ class SynthCalls:
     ) -> dict[str, Any]:
         """Utility vs epsilon from dry runs on ``on`` data (no charge), with a PNG and a table.
         A spec with ``"auto"`` hyperparameters is resolved once, at its own epsilon, and every
-        point runs those values (what changes along the curve is epsilon alone)."""
-        import matplotlib
+        point runs those values (what changes along the curve is epsilon alone). Each point
+        carries its AUROC's 95% interval; the PNG marks the spec's own epsilon."""
+        from sandbox import utility_curve
 
         if spec.auto_fields:
             with self.ctx.act(actor, Action.JOB_QUOTE, spec.project, {"tune": "curve"}):
                 self.ctx.check_member(actor, spec.project)
                 spec, _ = resolve(self.ctx, spec)
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
         points = []
         for eps in epsilons:
             s = replace(spec, privacy=replace(spec.privacy, epsilon=float(eps)))
-            job = self.dry_run(actor, s, on)
+            job = self.dry_run(actor, s, on, curve_point=True)
             m = (job.result or {}).get("metrics", {})
             points.append(
                 {
                     "epsilon": eps,
                     "auroc": m.get("auroc"),
+                    "auroc_ci95": (m.get("ci95") or {}).get("auroc"),
                     "accuracy": m.get("accuracy"),
                     "job": job.id,
                 }
             )
         out_dir.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        xs = [p["epsilon"] for p in points]
-        ax.plot(
-            xs,
-            [p["auroc"] if p["auroc"] is not None else float("nan") for p in points],
-            marker="o",
-            label="DP AUROC",
+        png = utility_curve.write(
+            points, out_dir / "quote_curve.png", on=on, asked_epsilon=spec.privacy.epsilon
         )
-        ax.set_xscale("log")
-        ax.set_xlabel("epsilon (per person)")
-        ax.set_ylabel("AUROC on " + ("dummy" if on == "dummy" else "synthetic") + " data")
-        ax.set_title("utility vs epsilon (dry runs, no charge)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        png = out_dir / "quote_curve.png"
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
         table = out_dir / "quote_curve.json"
         table.write_text(json.dumps(points, indent=2))
         return {"on": on, "points": points, "png": str(png), "table": str(table)}

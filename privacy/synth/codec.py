@@ -136,7 +136,9 @@ class ColumnCodec:
                 ValueKind.CATEGORY,
                 n_values=len(vocab),
                 vocabulary=vocab,
-                has_other=OTHER not in vocab,
+                # a site's declared categories are enforced at ingest: a synthetic row's
+                # site is one of them, never "other" (which no site could take part as)
+                has_other=OTHER not in vocab and not (spec.role is Role.SITE and vocab),
                 has_missing=missing,
             )
         if spec.type == "bool":
@@ -221,8 +223,19 @@ class ColumnCodec:
             if self.vocabulary:
                 found = pc.index_in(column, value_set=pa.array(self.vocabulary, pa.string()))
                 idx = np.asarray(pc.fill_null(found, -1), dtype=np.int64)
-                if not self.has_other:  # "other" is declared: undeclared values join it
+                if not self.has_other and OTHER in self.vocabulary:
+                    # "other" is declared: undeclared values join it
                     idx = np.where(idx < 0, self.vocabulary.index(OTHER), idx)
+                elif not self.has_other and (idx < 0).any():
+                    # a site outside its categories: ingest refuses those since they are
+                    # enforced; a dataset ingested before that must be ingested again
+                    row = int(np.flatnonzero(idx < 0)[0]) + 1
+                    raise SchemaError(
+                        f"column {self.name!r}: row {row} is not among the declared "
+                        "categories (ingest the dataset again: sites are checked at ingest now)",
+                        column=self.name,
+                        row=row,
+                    )
                 codes = np.where(idx >= 0, idx, codes)
         elif self.kind is ValueKind.BOOL:
             values = np.asarray(pc.fill_null(column, False), dtype=bool)

@@ -84,7 +84,7 @@ CALLS: tuple[Call, ...] = (
     ),
     # datasets
     Call("list_datasets", "GET", "/v1/datasets", _A.DATASET_LIST),
-    Call("show_dataset", "GET", "/v1/datasets/{name}", _A.DATASET_SHOW, _a("name")),
+    Call("show_dataset", "GET", "/v1/datasets/{name}", _A.DATASET_SHOW, _a("name", "version?")),
     Call(
         "ingest_dataset",
         "POST",
@@ -107,7 +107,13 @@ CALLS: tuple[Call, ...] = (
         _a("dataset", "epsilon", "delta?"),
     ),
     Call("dataset_caps", "GET", "/v1/datasets/{dataset}/caps", _A.DATASET_CAP_SHOW, _a("dataset")),
-    Call("delete_dataset", "POST", "/v1/datasets/{name}/delete", _A.DATASET_DELETE, _a("name")),
+    Call(
+        "delete_dataset",
+        "POST",
+        "/v1/datasets/{name}/delete",
+        _A.DATASET_DELETE,
+        _a("name", "version?"),
+    ),
     # projects
     Call("list_projects", "GET", "/v1/projects", _A.PROJECT_LIST),
     Call("create_project", "POST", "/v1/projects", _A.PROJECT_CREATE, _a("name", "purpose")),
@@ -133,7 +139,16 @@ CALLS: tuple[Call, ...] = (
         "POST",
         "/v1/access/requests",
         _A.ACCESS_REQUEST,
-        _a("project", "dataset", "columns", "mechanisms", "epsilon", "delta", "quote?"),
+        _a(
+            "project",
+            "dataset",
+            "columns",
+            "mechanisms",
+            "epsilon",
+            "delta",
+            "quote?",
+            "dataset_version?",
+        ),
     ),
     Call("list_requests", "GET", "/v1/access/requests", _A.ACCESS_LIST, _a("pending_only?")),
     Call(
@@ -184,7 +199,14 @@ CALLS: tuple[Call, ...] = (
         _A.JOB_QUOTE,
         (Arg("spec", SPEC), Arg("on")),
     ),
-    Call("quote", "POST", "/v1/quotes", _A.JOB_QUOTE, (Arg("spec", SPEC),)),
+    # for_request: a quote to attach to an access request (missing grant or budget listed)
+    Call(
+        "quote",
+        "POST",
+        "/v1/quotes",
+        _A.JOB_QUOTE,
+        (Arg("spec", SPEC), Arg("for_request", VALUE, False)),
+    ),
     # the search for a spec's "auto" hyperparameters on free rows (charges nothing)
     Call("tune", "POST", "/v1/tunes", _A.JOB_QUOTE, (Arg("spec", SPEC), Arg("on", VALUE, False))),
     Call(

@@ -29,6 +29,13 @@ def request(
         Path | None,
         typer.Option("--quote", help="a quote.json from `sandbox quote` for the steward"),
     ] = None,
+    dataset_version: Annotated[
+        int | None,
+        typer.Option(
+            "--dataset-version",
+            help="pin the grant to this version of the dataset (default: follow the latest)",
+        ),
+    ] = None,
     zone: ZoneOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
@@ -45,6 +52,7 @@ def request(
             epsilon,
             delta,
             quote=json.loads(quote.read_text()) if quote else None,
+            dataset_version=dataset_version,
         )
     emit(r, as_json, lambda r: console.print(f"request {r.id} is pending; a data steward decides"))
 
@@ -91,18 +99,45 @@ def approve(
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Approve a request: grants the project a budget on those columns and mechanisms."""
+    """Approve a request: grants the project a budget on those columns and mechanisms. Prints
+    each budget's totals before and after (a grant on a budget that has one adds to it) and
+    one person's worst case on the dataset across every project."""
     with session(zone, token) as s:
         g = s.service.approve(
             s.user, request_id, epsilon=epsilon, delta=delta, expires_at=_date(expires)
         )
-    emit(
-        g,
-        as_json,
-        lambda g: console.print(
-            f"granted {g.id}: epsilon {g.epsilon:g}, delta {g.delta:g} on {g.dataset} for {g.project}"
-        ),
+    emit(g, as_json, _approved)
+
+
+def _approved(g: Any) -> None:
+    console.print(
+        f"granted {g.id}: epsilon {g.epsilon:g}, delta {g.delta:g} on {g.dataset} for {g.project}"
     )
+    if g.get("adds_to"):
+        console.print(
+            f"  [bold]this adds to the budget of {', '.join(g.adds_to)}[/bold]: the ledger pools "
+            f"a project's grants on a dataset, so {g.project}'s totals on {g.dataset} add up"
+            " (they are not replaced)"
+        )
+    for b in g.get("budgets") or []:
+        was, now = b["before"], b["after"]
+        console.print(
+            f"  budget {b['key']}: epsilon {was['granted_epsilon']:g} -> "
+            f"{now['granted_epsilon']:g}, delta {was['granted_delta']:g} -> "
+            f"{now['granted_delta']:g} granted; {now['remaining_epsilon']:g} and "
+            f"{now['remaining_delta']:g} left"
+        )
+    worst = g.get("worst_case")
+    if worst:
+        was, now = worst["before"], worst["after"]
+        cap = worst.get("cap_epsilon")
+        console.print(
+            f"  one person's worst case on {g.dataset} (every project): epsilon "
+            f"{was['epsilon']:g} -> {now['epsilon']:g} (dataset-wide "
+            f"{now['dataset_wide_epsilon']:g} + their own site's {now['per_site_epsilon']:g}), "
+            f"delta {was['delta']:g} -> {now['delta']:g}"
+            + (f"; the dataset's cap is {cap:g}" if cap is not None else "")
+        )
 
 
 @app.command("deny")
@@ -164,7 +199,7 @@ def show(
         if r.grant_id is not None:
             console.print(f"grant: {r.grant_id}")
         if r.quote is not None:
-            console.print("quote: " + json.dumps(r.quote, sort_keys=True))
+            _quote_lines(r.quote)
 
     emit(r, as_json, human)
 
@@ -199,6 +234,43 @@ def grants(
             ],
         ),
     )
+
+
+def _quote_lines(q: Any) -> None:
+    """The quote attached to a request, as its figures (``--json`` has it whole)."""
+    if not isinstance(q, dict) or "mode" not in q:
+        console.print("quote: " + json.dumps(q, sort_keys=True))
+        return
+    if q["mode"] == "federated":
+        console.print(
+            f"quote: up to epsilon {_fig(q.get('epsilon_per_site'))}, delta "
+            f"{_fig(q.get('delta'))} on each site's budget (federated)"
+        )
+        for site, p in sorted((q.get("sites") or {}).items()):
+            console.print(f"  {site}: " + _plan_line(p))
+    else:
+        console.print(
+            f"quote: epsilon {_fig(q.get('epsilon'))}, delta {_fig(q.get('delta'))} (dp-sgd); "
+            + _plan_line(q.get("plan") or {})
+        )
+    for line in (q.get("warnings") or []) + (q.get("submit_now") or []):
+        console.print(f"  note: {line}")
+
+
+def _plan_line(p: Any) -> str:
+    if "left_out" in p:
+        return f"left out ({p['left_out']})"
+    return (
+        f"noise multiplier {_fig(p.get('noise_multiplier'))}, sample rate "
+        f"{_fig(p.get('sample_rate'))}, {_fig(p.get('steps'))} steps"
+    )
+
+
+def _fig(v: Any) -> str:
+    """A figure at 3 significant digits; a withheld one says so."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return f"{v:.3g}"
+    return "withheld" if isinstance(v, str) and v.startswith("withheld") else str(v)
 
 
 def _minute(iso: str) -> str:

@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from foundation.errors import SpecError
-from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, session, show_table
+from sandbox.cli.common import (
+    JsonOpt,
+    TokenOpt,
+    ZoneOpt,
+    console,
+    emit,
+    figure,
+    session,
+    show_table,
+)
 
 app = typer.Typer(help="Governed datasets.", no_args_is_help=True)
 
@@ -45,17 +54,101 @@ def ingest(
             contract = SchemaContract.from_toml_file(schema)
             rec = s.service.ingest_dataset(s.user, name, source, contract)
 
-    def said(r: object) -> None:
-        console.print(
-            f"dataset {r.name}: {r.rows} rows, {r.persons} persons, {len(r.sites)} sites"  # type: ignore[attr-defined]
-        )
-        if r.cross_site_persons:  # type: ignore[attr-defined]
+    def said(r: Any) -> None:
+        console.print(f"dataset {r.name}: {r.rows} rows, {r.persons} persons, {len(r.sites)} sites")
+        if r.get("version", 1) > 1:
             console.print(
-                f"[yellow]warning: {r.cross_site_persons} persons have rows at more than one "  # type: ignore[attr-defined]
+                f"version {r.version}, now the latest: grants that follow the latest read it from "
+                f"their next job; version {r.version - 1} and older stay readable until deleted "
+                f"(`sandbox dataset delete {r.name} --version N`)"
+            )
+        if r.get("cleaned"):
+            _show_cleaned(r["cleaned"], "cleaned as the contract declares")
+        if r.cross_site_persons:
+            console.print(
+                f"[yellow]warning: {r.cross_site_persons} persons have rows at more than one "
                 "site; federated jobs on this dataset will be refused[/yellow]"
             )
 
     emit(rec, as_json, said)
+
+
+def _show_version(rec: dict[str, Any]) -> None:
+    versions = rec.get("versions") or []
+    if len(versions) < 2:
+        return
+    latest = rec.get("latest_version", rec.get("version"))
+    console.print(
+        f"version {rec.get('version')} of {latest}"
+        + (" (the latest)" if rec.get("version") == latest else " (an older version)")
+    )
+    show_table(
+        [
+            {
+                "version": v["version"],
+                "created_at": v["created_at"],
+                "registered_by": v["registered_by"],
+                "state": "deleted" if v["deleted"] else ("latest" if v["latest"] else "readable"),
+            }
+            for v in versions
+        ],
+        ["version", "created_at", "registered_by", "state"],
+        title="versions",
+    )
+
+
+def _show_cleaned(cleaned: dict[str, dict[str, int]], title: str) -> None:
+    from connectors.ingest_findings import CLEANED_MEANS
+
+    show_table(
+        [
+            {"column": col, "rows": n, "what": CLEANED_MEANS.get(what, what)}
+            for col, per in cleaned.items()
+            for what, n in per.items()
+        ],
+        ["column", "rows", "what"],
+        title=title,
+    )
+
+
+@app.command("check")
+def check(
+    source: Annotated[Path, typer.Argument(metavar="FILE", help="CSV or Parquet file")],
+    schema: Annotated[Path, typer.Option("--schema", help="schema contract (TOML)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a file against a schema contract, writing nothing: every violation in one pass
+    (counts per column and the first row numbers, never values) and what the contract's
+    cleaning would change. Exit 0 when it would ingest, 1 when it would be refused."""
+    from connectors.ingest import check_file
+    from connectors.schema import SchemaContract
+
+    report = check_file(source, SchemaContract.from_toml_file(schema))
+
+    def human(r: Any) -> None:
+        verdict = "[green]would ingest[/green]" if r.ok else "[red]would be refused[/red]"
+        console.print(f"{source.name}: {r.rows} rows, {len(r.violations)} violations: {verdict}")
+        if r.violations:
+            show_table(
+                [
+                    {
+                        "column": v.column or "-",
+                        "rows": v.count,
+                        "problem": v.problem,
+                        "first rows": ", ".join(str(i) for i in v.rows),
+                        "fix": v.fix,
+                    }
+                    for v in r.violations
+                ],
+                ["column", "rows", "problem", "first rows", "fix"],
+                title="violations",
+            )
+        if r.cleaned:
+            _show_cleaned(r.cleaned, "cleaned as the contract declares")
+
+    emit(report, as_json, human)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("list")
@@ -82,13 +175,22 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 
 
 @app.command("show")
-def show(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
-    """Show a dataset's schema contract and sites; counts where the contract makes them public
-    (stewards see them always). Never values."""
+def show(
+    name: str,
+    version: Annotated[
+        int | None, typer.Option("--version", help="an older version (default: the latest)")
+    ] = None,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a dataset's schema contract, sites and versions; counts where the contract makes
+    them public (stewards see them always). Never values."""
     with session(zone, token) as s:
-        d = s.service.show_dataset(s.user, name)
+        d = s.service.show_dataset(s.user, name, version)
 
     def human(rec: dict) -> None:
+        _show_version(rec)
         if "rows" in rec:
             console.print(
                 f"[bold]{rec['name']}[/bold]: {rec['rows']} rows, {rec['persons']} persons"
@@ -144,9 +246,9 @@ def cap(
         d = "" if c.delta is None else f", delta {c.delta:g}"
         console.print(f"dataset {c.dataset} capped at epsilon {c.epsilon:g}{d} per person")
         console.print(
-            f"one person's worst case now: epsilon {w.epsilon:g}"
-            f" ({w.dataset_wide_epsilon:g} dataset-wide + {w.per_site_epsilon:g} per site),"
-            f" delta {w.delta:g}; {w.released_epsilon:g} of it already released"
+            f"one person's worst case now: epsilon {figure(w.epsilon)}"
+            f" ({figure(w.dataset_wide_epsilon)} dataset-wide + {figure(w.per_site_epsilon)} per site),"
+            f" delta {figure(w.delta)}; {figure(w.released_epsilon)} of it already released"
         )
         if o["over_cap"]:
             console.print(
@@ -154,7 +256,7 @@ def cap(
                 f" {c.dataset} is refused until the worst case is under the cap"
             )
         else:
-            console.print(f"left under the cap: epsilon {o['epsilon_left']:g}")
+            console.print(f"left under the cap: epsilon {figure(o['epsilon_left'])}")
 
     emit(out, as_json, human)
 
@@ -173,11 +275,13 @@ def caps(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonO
         else:
             d = "" if c.delta is None else f", delta {c.delta:g}"
             console.print(f"dataset {c.dataset} capped at epsilon {c.epsilon:g}{d} per person")
-        console.print(f"one person's worst case now: epsilon {w.epsilon:g}, delta {w.delta:g}")
+        console.print(
+            f"one person's worst case now: epsilon {figure(w.epsilon)}, delta {figure(w.delta)}"
+        )
         if o["over_cap"]:
             console.print("[bold]over the cap[/bold]: every new grant on it is refused")
         elif o["epsilon_left"] is not None:
-            console.print(f"left under the cap: epsilon {o['epsilon_left']:g}")
+            console.print(f"left under the cap: epsilon {figure(o['epsilon_left'])}")
         if o["history"]:
             show_table(
                 [h.to_dict() for h in o["history"]],
@@ -190,16 +294,24 @@ def caps(name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonO
 
 @app.command("delete")
 def delete(
-    name: str, zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+    name: str,
+    version: Annotated[
+        int | None,
+        typer.Option("--version", help="delete this older version only (not the latest)"),
+    ] = None,
+    zone: ZoneOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Delete a dataset (stewards): its files go and its data key is destroyed, so copies of
-    its Parquet are unreadable; its grants, ledger and audit history stay. Refused while a
-    queued or running job uses it."""
+    """Delete a dataset, every version of it (stewards), or with --version one older version:
+    its files go and its data key is destroyed, so copies of its Parquet are unreadable; its
+    grants, ledger and audit history stay. Refused while a queued or running job uses it."""
     with session(zone, token) as s:
-        out = s.service.delete_dataset(s.user, name)
+        out = s.service.delete_dataset(s.user, name, version)
 
     def human(o: dict[str, Any]) -> None:
-        console.print(f"dataset {o['name']} deleted; its history stays in the ledger and audit log")
+        what = f"version {o['version']} of dataset" if o.get("version") else "dataset"
+        console.print(f"{what} {o['name']} deleted; its history stays in the ledger and audit log")
         if not o["key_destroyed"]:
             console.print(
                 "[yellow]it was ingested before encryption at rest: copies of its files made "

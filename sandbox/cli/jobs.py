@@ -14,7 +14,9 @@ from sandbox.cli.common import (
     ZoneOpt,
     console,
     emit,
+    figure,
     session,
+    show_curve,
     show_table,
 )
 
@@ -80,7 +82,9 @@ def _summary(rec: Any) -> None:
     from sandbox.results import DpsgdResult, FederatedResult, SynthResult, parse_result
 
     r = parse_result(rec.result)
-    console.print(f"job [bold]{rec.id}[/bold]: {rec.state}")
+    # a dry run says so from its first line, whatever its state (it has no result until it ends)
+    tag = " (dry run: nothing is charged)" if getattr(rec, "dry_run", False) else ""
+    console.print(f"job [bold]{rec.id}[/bold]{tag}: {rec.state}")
     if isinstance(r, FederatedResult):
         left_out = len(r.excluded) + len(r.left_out)
         console.print(
@@ -91,10 +95,24 @@ def _summary(rec: Any) -> None:
             console.print(f"    {site}: epsilon {fmt3(c['epsilon'])} (delta {r.delta:g})")
         _optimizer_line(r.optimizer)
         _metric_lines(r.evaluation, r.metrics, "global DP metrics (all sites' histograms pooled)")
+    elif isinstance(r, DpsgdResult) and r.dry_run:
+        # nothing was spent: what a dry run can say is what the job would spend
+        would = r.would_spend or {}
+        submitted = (
+            f"; submitted, it would spend epsilon {fmt3(would['epsilon'])}, delta "
+            f"{would['delta']:g} (its quote)"
+            if would
+            else ""
+        )
+        console.print(f"  dry run on {r.dry_run} rows, nothing charged{submitted}")
+        console.print(f"  clipping {r.clipping}")
+        _tuning_line(r.tuning)
+        _optimizer_line(r.optimizer)
+        _metric_lines(r.evaluation, r.metrics, "metrics on the dry run's rows")
     elif isinstance(r, DpsgdResult):
-        what = "dry run, nothing charged" if r.dry_run else "epsilon spent"
-        eps = f"{what} (on {r.dry_run})" if r.dry_run else f"{what} {fmt3(r.epsilon)}"
-        console.print(f"  {eps} (delta {r.delta:g}), clipping {r.clipping}")
+        console.print(
+            f"  epsilon spent {fmt3(r.epsilon)} (delta {r.delta:g}), clipping {r.clipping}"
+        )
         _tuning_line(r.tuning)
         _optimizer_line(r.optimizer)
         _metric_lines(r.evaluation, r.metrics, "DP metrics")
@@ -105,9 +123,29 @@ def _summary(rec: Any) -> None:
         console.print(f"  error: {rec.error}")
 
 
+def _kind(job: Any) -> str:
+    """A job's kind for ``jobs list``: a dry run says so, and on which rows."""
+    if getattr(job, "dry_run", False):
+        on = (job.result or {}).get("dry_run")
+        return f"dry run ({on})" if on else "dry run"
+    return str(getattr(job, "kind", "") or "")
+
+
+def _left(p: Any) -> str:
+    """``epsilon 4 and delta 1e-05 left`` of the budget a quote draws on (before the job)."""
+    if "remaining_epsilon" not in p:
+        return ""
+    return f"epsilon {fmt3(p['remaining_epsilon'])} and delta {p['remaining_delta']:g} left"
+
+
+def _left_line(q: Any) -> None:
+    if "remaining_epsilon" in q:
+        console.print(f"  its budget has {_left(q)} before it")
+
+
 def fmt3(value: Any) -> str:
-    """A figure at 3 significant digits (a withheld one as its note)."""
-    return f"{value:.3g}" if isinstance(value, int | float) else str(value)
+    """A figure at 3 significant digits (a withheld one as its note): ``common.figure``."""
+    return figure(value)
 
 
 def register(app_root: typer.Typer) -> None:
@@ -197,19 +235,28 @@ def register_quote(app_root: typer.Typer) -> None:
             str, typer.Option("--on", help="data for the curve's dry runs: dummy or synthetic:JOB")
         ] = "dummy",
         out: Annotated[Path, typer.Option("--out", help="folder for the curve")] = Path("quote"),
+        for_request: Annotated[
+            bool,
+            typer.Option(
+                "--for-request",
+                help="a quote for an access request: a missing grant or budget is listed, "
+                "not refused",
+            ),
+        ] = False,
         ray_address: RayOpt = None,
         zone: ZoneOpt = None,
         token: TokenOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """What a job will spend (epsilon, delta) from the accountant, before anything runs."""
+        """What a job will spend (epsilon, delta) from the accountant, before anything runs,
+        after every check a submit runs (what submit refuses, the quote refuses)."""
         import json as _json
 
         from sandbox.jobspec import load_job_spec
 
         spec = load_job_spec(spec_path)
         with session(zone, token, ray_address) as s:
-            q = s.service.quote(s.user, spec)
+            q = s.service.quote(s.user, spec, for_request=for_request)
             if curve:
                 q["curve"] = s.service.quote_curve(s.user, spec, on, out)
         out.mkdir(parents=True, exist_ok=True)
@@ -219,16 +266,17 @@ def register_quote(app_root: typer.Typer) -> None:
             if q["mode"] == "dp-sgd":
                 p = q["plan"]
                 console.print(
-                    f"this job spends epsilon {q['epsilon']:.3f}, delta {q['delta']:g} (per person, RDP accountant)"
+                    f"this job spends epsilon {fmt3(q['epsilon'])}, delta {q['delta']:g} (per person, RDP accountant)"
                 )
                 console.print(
-                    f"  noise multiplier {p['noise_multiplier']:.3f}, sample rate {p['sample_rate']:.4g}, {p['steps']} steps, "
+                    f"  noise multiplier {fmt3(p['noise_multiplier'])}, sample rate {fmt3(p['sample_rate'])}, {fmt3(p['steps'])} steps, "
                     + (
                         "evaluation skipped"
                         if p.get("eval_sigma") is None
-                        else f"eval sigma {p['eval_sigma']:.2f}"
+                        else f"eval sigma {fmt3(p['eval_sigma'])}"
                     )
                 )
+                _left_line(q)
             else:
                 console.print(
                     f"this job spends up to epsilon {q['epsilon_per_site']:g}, delta {q['delta']:g} on each site's budget"
@@ -239,14 +287,17 @@ def register_quote(app_root: typer.Typer) -> None:
                         + (
                             p["left_out"]
                             if "left_out" in p
-                            else f"noise {p['noise_multiplier']:.3f}, epsilon {p['epsilon']:.3f}"
+                            else f"noise {fmt3(p['noise_multiplier'])}, epsilon {fmt3(p['epsilon'])}; "
+                            + _left(p)
                         )
                     )
             _tuning_line(q.get("tuning"))
+            for line in q.get("warnings") or []:
+                console.print(f"[bold]warning[/bold]: {line}")
+            for line in q.get("submit_now") or []:
+                console.print(f"submit would refuse it now: {line}")
             if "curve" in q:
-                for pt in q["curve"]["points"]:
-                    console.print(f"  epsilon {pt['epsilon']:>5g}: AUROC {pt['auroc']}")
-                console.print(f"  curve: {q['curve']['png']}")
+                show_curve(q["curve"], spec.privacy.epsilon)
             console.print(
                 f"quote saved to {out / 'quote.json'} (attach it with `access request --quote`)"
             )
@@ -263,8 +314,18 @@ def list_(zone: ZoneOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
         {"jobs": js},
         as_json,
         lambda o: show_table(
-            [{**j.to_dict(), "epsilon": (j.result or {}).get("epsilon")} for j in js],
-            ["id", "project", "dataset", "state", "epsilon", "created_at"],
+            [
+                {
+                    **j.to_dict(),
+                    "kind": _kind(j),
+                    # a dry run charged nothing: its plan's figure is no spend
+                    "epsilon": None
+                    if getattr(j, "dry_run", False)
+                    else (j.result or {}).get("epsilon"),
+                }
+                for j in js
+            ],
+            ["id", "kind", "project", "dataset", "state", "epsilon", "created_at"],
         ),
     )
 

@@ -16,7 +16,16 @@ from typing import Annotated, Any
 
 import typer
 
-from sandbox.cli.common import JsonOpt, TokenOpt, ZoneOpt, console, emit, session, show_table
+from sandbox.cli.common import (
+    JsonOpt,
+    TokenOpt,
+    ZoneOpt,
+    console,
+    emit,
+    figure,
+    session,
+    show_table,
+)
 
 app = typer.Typer(help="DP queries: counts, sums, means, histograms, quantiles (charged).")
 
@@ -45,10 +54,8 @@ def _figure_rows(figures: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _num(v: Any) -> str:
-    if v is None:
-        return "-"
-    x = float(v)
-    return f"{x:.0f}" if x.is_integer() and abs(x) < 1e12 else f"{x:.4g}"
+    """A DP answer's figure: ``common.figure`` (3 significant digits; 100 and over whole)."""
+    return "-" if v is None else figure(float(v))
 
 
 def _show(rec: dict[str, Any]) -> None:

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from sandbox.cli.common import JsonOpt, RayOpt, TokenOpt, ZoneOpt, console, emit, session
+from sandbox.cli.common import (
+    JsonOpt,
+    RayOpt,
+    TokenOpt,
+    ZoneOpt,
+    console,
+    emit,
+    figure,
+    session,
+)
 
 app = typer.Typer(
     help="Synthetic data: dummy (free) and DP synthetic (charged).", no_args_is_help=True
@@ -88,7 +97,11 @@ def fit(
 
     def human(j: object) -> None:
         r = job.result or {}
-        eps = f"epsilon {r['epsilon']:.3f} charged" if r.get("dp") else "not DP: held for a steward"
+        eps = (
+            f"epsilon {figure(r['epsilon'])} charged"
+            if r.get("dp")
+            else "not DP: held for a steward"
+        )
         console.print(f"synthetic job {job.id}: {job.state}; {r.get('rows')} rows; {eps}")
         console.print(f"  fetch with: sandbox jobs result {job.id} --out DIR")
 
@@ -108,7 +121,7 @@ def report(
         console.print(f"report of {job_id} ({r['view']} view)")
         for k, v in sorted(rep.items()):
             if isinstance(v, int | float) or v is None:
-                console.print(f"  {k}: {v if v is None else round(v, 4)}")
+                console.print(f"  {k}: {figure(v)}")
         for p in r.get("plots", []):
             console.print(f"  plot: {p}")
 

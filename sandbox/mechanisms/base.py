@@ -56,6 +56,8 @@ class Admission:
     resources: Resources = field(default_factory=lambda: Resources(cpus=1, gpus=0))
     #: shown in the audit event of the submit
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: the dataset version the job reads (its grant's pinned one, else the latest)
+    dataset_version: int | None = None
 
 
 class JobMechanism(ABC):
@@ -63,6 +65,8 @@ class JobMechanism(ABC):
     kind: str = "abstract"
     #: whether a running job can be stopped (its worker killed; settled as a failure)
     stoppable: bool = False
+    #: how the mechanism's job ids start (``dry`` marks a dry run wherever its id is listed)
+    id_prefix: str = "job"
 
     @abstractmethod
     def admit(

@@ -25,7 +25,6 @@ from typing import Any
 
 from connectors.schema import SchemaContract
 from foundation.errors import IntegrityError, SpecError
-from policies.decisions import Mechanism
 from policies.roles import Actor
 from privacy.budget_events import BudgetKey
 from sandbox.backend import Resources
@@ -38,14 +37,14 @@ from sandbox.mechanisms.dpsgd_plan import (
     TRAIN_FRACTION,
     check_batch_size,
     check_columns,
-    checked_spec,
     decide,
     n_train_of,
     plan_spec,
     service_plan,
 )
 from sandbox.mechanisms.plans import check_figures, dpsgd_epsilon, not_a_result
-from sandbox.mechanisms.tuning import TUNING_KEY, resolve, summary
+from sandbox.mechanisms.precheck import precheck
+from sandbox.mechanisms.tuning import TUNING_KEY, summary
 from sandbox.release import write_model_card
 from sandbox.results import DpsgdResult, JobResult
 from sandbox.worker import (
@@ -90,7 +89,7 @@ def job_plan(ctx: ZoneContext, job: JobRecord) -> dict[str, Any] | None:
         raise IntegrityError(
             f"job {job.id}: its stored spec does not match its hash; it is not charged from it"
         )
-    dataset = ctx.store.get_dataset(job.dataset)
+    dataset = ctx.job_dataset(job)
     return service_plan(spec, n_train_of(dataset), counts_public=dataset.counts_public)[0]
 
 
@@ -100,7 +99,6 @@ __all__ = [
     "DpsgdMechanism",
     "check_batch_size",
     "check_columns",
-    "checked_spec",
     "decide",
     "n_train_of",
     "plan_spec",
@@ -137,14 +135,12 @@ class DpsgdMechanism(BackendMechanism):
     def admit(
         self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
     ) -> Admission:
-        spec: JobSpec = request
-        dataset, contract, grant = checked_spec(ctx, actor, spec, Mechanism.DP_SGD)
-        # "auto" hyperparameters: chosen now by the search on free data (no real row, no
-        # charge); everything below plans, stores and charges the resolved spec
-        spec, tuning = resolve(ctx, spec)
-        check_batch_size(spec, dataset)
-        # plan before reserving: a spec the planner refuses never holds budget
-        plan = service_plan(spec, n_train_of(dataset), counts_public=dataset.counts_public)
+        # every check a quote and a dry run run too, in the same order (columns, the access
+        # decision, "auto" hyperparameters chosen on free data, the plan, the budget): a spec
+        # the planner refuses never holds budget; everything below plans, stores and charges
+        # the resolved spec
+        pre = precheck(ctx, actor, request)
+        spec, tuning, dataset, plan = pre.spec, pre.tuning, pre.dataset, pre.dpsgd_plan
         resources = Resources(cpus=spec.resources.cpus, gpus=spec.resources.gpus)
         ctx.backend.check_resources(resources)
         # chokepoint 2: the ledger reserves before the job may run
@@ -155,8 +151,8 @@ class DpsgdMechanism(BackendMechanism):
             job_id=job_id,
             actor=actor.name,
         )
-        work = worker_payload(ctx, job_id, spec, contract, dataset.path, plan)
-        details: dict[str, Any] = {"grant": grant}
+        work = worker_payload(ctx, job_id, spec, pre.contract, dataset.path, plan)
+        details: dict[str, Any] = {"grant": pre.grant}
         if tuning is not None:
             work[TUNING_KEY] = tuning
             details["tuned"] = summary(tuning)
@@ -169,10 +165,11 @@ class DpsgdMechanism(BackendMechanism):
             work=work,
             resources=resources,
             details=details,
+            dataset_version=dataset.version,
         )
 
     def check_report(self, ctx: ZoneContext, job: JobRecord, work: Any, result: Any) -> JobResult:
-        show = ctx.store.get_dataset(job.dataset).counts_public
+        show = ctx.job_dataset(job).counts_public
         checked = check_dpsgd_report(job, result, job_plan(ctx, job), show=show)
         # the search's record is the service's (from the payload it built), never the worker's
         return replace(checked, tuning=work.get(TUNING_KEY))
@@ -182,7 +179,7 @@ class DpsgdMechanism(BackendMechanism):
     ) -> JobResult:
         if job.reservation_id is None:
             raise SpecError("job", "has no reservation", "submit it again")
-        dataset = ctx.store.get_dataset(job.dataset)
+        dataset = ctx.job_dataset(job)
         # checked again here (``execute`` did already): the charge below is the plan's, made
         # again from what the service persisted, and a result that does not match it is
         # never charged as if it had run

@@ -65,17 +65,6 @@ def decide(ctx: ZoneContext, actor: Actor, spec: JobSpec, mechanism: Mechanism) 
     return decision.grant_id or ""
 
 
-def checked_spec(
-    ctx: ZoneContext, actor: Actor, spec: JobSpec, mechanism: Mechanism
-) -> tuple[Any, SchemaContract, str]:
-    """What every spec-driven mechanism checks first: its columns against the contract, then
-    the access decision. Returns the dataset record, its contract and the grant used."""
-    dataset = ctx.store.get_dataset(spec.dataset)
-    contract = SchemaContract.from_dict(dataset.contract)
-    check_columns(spec, contract)
-    return dataset, contract, decide(ctx, actor, spec, mechanism)
-
-
 def check_batch_size(spec: JobSpec, dataset: Any) -> None:
     """Refuse a batch larger than the training split before anything is reserved, when the
     counts are public (with private counts this check would be a free oracle on the exact
@@ -138,3 +127,8 @@ def n_train_of(dataset: Any) -> int:
     """The training split's size the service plans with (the split itself is drawn per
     person by the reader; the plan's sample rate bounds the run whatever its exact size)."""
     return int(dataset.persons * TRAIN_FRACTION)
+
+
+def spec_mechanism(spec: JobSpec) -> str:
+    """The grant mechanism a training spec runs under (``federated`` or ``dp-sgd``)."""
+    return "federated" if spec.federated is not None else "dp-sgd"

@@ -4,8 +4,9 @@ Sites hold disjoint patients, so the ledger keeps one budget per site
 (``BudgetKey(project, dataset, site)``) and a federated job's spend on one hospital's patients
 is charged to that hospital's budget only (parallel composition). The flow mirrors DP-SGD:
 
-1. the grant decision (mechanism ``federated``), then the site plan (``plan_sites``: which
-   sites take part, decided before any row is read);
+1. the checks every spec passes first (``sandbox.mechanisms.precheck``: the grant decision,
+   mechanism ``federated``, then the site plan, ``plan_sites``: which sites take part,
+   decided before any row is read, at least ``min_sites`` of them, and each site's budget);
 2. every site's epsilon is reserved up front, all or nothing (a site without budget refuses
    the whole job before any data is opened);
 3. Flower's Simulation Engine runs the ServerApp and one ClientApp per site on Ray;
@@ -28,13 +29,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from connectors.schema import SchemaContract
-from foundation.errors import BudgetExceeded, SpecError, ZoneError
-from policies.decisions import Mechanism
+from foundation.errors import BudgetExceeded, ZoneError
 from policies.roles import Actor
 from privacy.budget_events import BudgetKey
 from sandbox.backend import Resources
@@ -42,7 +41,6 @@ from sandbox.context import ProgressFn, ZoneContext
 from sandbox.jobs import JobRecord
 from sandbox.jobspec import JobSpec
 from sandbox.mechanisms.base import Admission, JobMechanism, close_reservations
-from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, checked_spec
 from sandbox.mechanisms.federated_charge import (
     charge_federated,
     check_federated_report,
@@ -51,93 +49,25 @@ from sandbox.mechanisms.federated_charge import (
     read_summary,
     write_federated_card,
 )
+
+# the plan of the sites lives in federated_plan (precheck imports it without a circle);
+# _config is re-exported for the tests that build a config from a spec
+from sandbox.mechanisms.federated_plan import SitePlan, plan_sites
+from sandbox.mechanisms.federated_plan import _config as _config
 from sandbox.mechanisms.plans import ReportMismatch
+from sandbox.mechanisms.precheck import precheck
 from sandbox.results import FederatedResult, JobResult
-from sandbox.spec_fields import resolved
-from training.federated.config import ClientDPConfig, FederatedConfig, Strategy
+from training.federated.config import FederatedConfig
 from training.federated.payload import FederatedPayload
 
 #: a federated job may take this long before it is stopped (and charged what it spent)
 FEDERATED_TIMEOUT_S = 3600.0
 
 
-def resolve_sites(spec: JobSpec, dataset_sites: dict[str, int]) -> tuple[str, ...]:
-    if spec.federated is None:
-        raise SpecError(
-            "mode", "is not federated", 'set mode = "federated" with a [federated] table'
-        )
-    known = sorted(dataset_sites)
-    if not spec.federated.sites:
-        return tuple(known)
-    unknown = [s for s in spec.federated.sites if s not in dataset_sites]
-    if unknown:
-        raise SpecError(
-            "federated.sites",
-            f"{unknown[0]!r} is not a site of dataset {spec.dataset!r}",
-            f"sites: {', '.join(known)}",
-        )
-    return spec.federated.sites
-
-
-@dataclass(frozen=True)
-class SitePlan:
-    """Which sites take part, decided before any row is read, and the validated config."""
-
-    sites: tuple[str, ...]
-    #: site -> why it is left out (only from public, declared sizes)
-    left_out: dict[str, str]
-    config: FederatedConfig
-
-
-def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
-    """Refuse what per-site budgets cannot charge honestly, pick the sites, validate the config.
-
-    - A person with rows at two sites would be charged once per site while each budget
-      shows one charge: such a dataset is refused (train with ``mode = "dp-sgd"`` on the
-      whole dataset instead: one budget).
-    - Participation is decided here, from the dataset card, before any row is read: a site
-      too small for ``min_site_rows`` is left out only when the contract declares the counts
-      public (deciding on private counts would be a free threshold oracle on an exact
-      count). With private counts every asked site takes part and is charged.
-    - The config is built (and so checked) before the ledger reserves anything.
-    """
-    f = spec.federated
-    if f is None:
-        raise SpecError(
-            "mode", "is not federated", 'set mode = "federated" with a [federated] table'
-        )
-    if dataset.cross_site_persons > 0:
-        raise SpecError(
-            "mode",
-            f"dataset {spec.dataset!r} has persons with rows at more than one site, so "
-            "per-site budgets would charge such a person once per site",
-            'train with mode = "dp-sgd" on the whole dataset (one budget), or ask the data '
-            "steward to re-ingest it with each person at one site",
-        )
-    asked = resolve_sites(spec, dict(dataset.sites))
-    left_out: dict[str, str] = {}
-    if dataset.counts_public:
-        need = max(f.min_site_rows, resolved(spec.training.batch_size, "training.batch_size"))
-        for site in asked:
-            if int(dataset.sites[site] * TRAIN_FRACTION) < need:
-                left_out[site] = (
-                    f"fewer training persons than federated.min_site_rows / "
-                    f"training.batch_size ({need})"
-                )
-    sites = tuple(s for s in asked if s not in left_out)
-    if not sites:
-        raise SpecError(
-            "federated.sites",
-            "no site is large enough for min_site_rows and batch_size",
-            "lower federated.min_site_rows or training.batch_size",
-        )
-    return SitePlan(sites, left_out, _config(spec, sites))
-
-
 def job_config(ctx: ZoneContext, job: JobRecord) -> FederatedConfig:
     """The config the service made at admission, made again from the job's persisted spec
     and the dataset's record (never read from the payload file a worker could rewrite)."""
-    return plan_sites(persisted_spec(job), ctx.store.get_dataset(job.dataset)).config
+    return plan_sites(persisted_spec(job), ctx.job_dataset(job)).config
 
 
 def reserve_sites(
@@ -165,50 +95,6 @@ def reserve_sites(
             )
         reserved.clear()
         raise BudgetExceeded(f"{exc} (no site was charged)") from None
-
-
-def _config(spec: JobSpec, sites: tuple[str, ...]) -> FederatedConfig:
-    f = spec.federated
-    if f is None:
-        raise SpecError(
-            "mode", "is not federated", 'set mode = "federated" with a [federated] table'
-        )
-    return FederatedConfig(
-        rounds=f.rounds,
-        sites=sites,
-        label=spec.label,
-        features=spec.features,
-        model=spec.model,
-        epsilon=spec.privacy.epsilon,
-        delta=spec.privacy.delta,
-        # a federated spec is never "auto" (the parser refuses it)
-        max_grad_norm=resolved(spec.privacy.max_grad_norm, "privacy.max_grad_norm"),
-        batch_size=resolved(spec.training.batch_size, "training.batch_size"),
-        lr=resolved(spec.training.lr, "training.lr"),
-        optimizer=spec.training.optimizer,
-        weight_decay=spec.training.weight_decay,
-        clients_per_round=f.clients_per_round,
-        min_sites=min(f.min_sites, len(sites)),
-        local_epochs=f.local_epochs,
-        strategy=Strategy(f.strategy.value),
-        mu=f.mu,
-        secure_aggregation=f.secure_aggregation,
-        client_dp=(
-            ClientDPConfig(
-                noise_multiplier=f.server_noise_multiplier,
-                clipping_norm=float(f.server_clipping_norm or 0.0),
-            )
-            if f.server_noise_multiplier is not None
-            else None
-        ),
-        seed=spec.training.seed,
-        evaluate=spec.privacy.evaluate,
-        # participation was decided by the service before any row was read (plan_sites);
-        # a site still too small for its batch is left out by the site and keeps its charge
-        min_site_rows=1,
-        num_cpus=spec.resources.cpus,
-        num_gpus=spec.resources.gpus,
-    )
 
 
 def build_payload(
@@ -244,10 +130,10 @@ class FederatedMechanism(JobMechanism):
     def admit(
         self, ctx: ZoneContext, actor: Actor, request: Any, job_id: str, reserved: dict[str, str]
     ) -> Admission:
-        spec: JobSpec = request
-        dataset, contract, grant = checked_spec(ctx, actor, spec, Mechanism.FEDERATED)
-        # plan before reserving: a spec the planner refuses never holds budget
-        plan = plan_sites(spec, dataset)
+        # every check a quote runs too (columns, the access decision, the sites taking part
+        # and their plans, the budget of each): a spec refused never holds budget
+        pre = precheck(ctx, actor, request)
+        spec, dataset, contract, plan = pre.spec, pre.dataset, pre.contract, pre.federated_plan
         resources = Resources(cpus=spec.resources.cpus, gpus=spec.resources.gpus)
         ctx.backend.check_resources(resources)
         reserve_sites(ctx, actor, spec, plan.sites, job_id, reserved)
@@ -260,7 +146,8 @@ class FederatedMechanism(JobMechanism):
             reservations=dict(reserved),
             work=payload_path,
             resources=resources,
-            details={"grant": grant, "sites": len(plan.sites)},
+            details={"grant": pre.grant, "sites": len(plan.sites)},
+            dataset_version=dataset.version,
         )
 
     def execute(
@@ -274,7 +161,7 @@ class FederatedMechanism(JobMechanism):
         from training.federated.simulation import run_federated_simulation
 
         rounds = int((job.spec.get("federated") or {}).get("rounds", 0))
-        counts_public = ctx.store.get_dataset(job.dataset).counts_public
+        counts_public = ctx.job_dataset(job).counts_public
 
         def on_round(line: dict[str, Any]) -> None:
             sites = line.get("sites", {})
@@ -332,7 +219,7 @@ class FederatedMechanism(JobMechanism):
         return self.check_report(ctx, job, work, result)
 
     def check_report(self, ctx: ZoneContext, job: JobRecord, work: Any, result: Any) -> JobResult:
-        show = ctx.store.get_dataset(job.dataset).counts_public
+        show = ctx.job_dataset(job).counts_public
         return check_federated_report(job_config(ctx, job), result, show=show)
 
     def charge(

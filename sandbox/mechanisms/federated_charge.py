@@ -141,7 +141,7 @@ def charge_federated(
 ) -> FederatedResult:
     """Check, charge every site, write the card: the charged result. ``cfg`` is the job's
     config as the service makes it from what it persisted (``federated.job_config``)."""
-    counts_public = ctx.store.get_dataset(job.dataset).counts_public
+    counts_public = ctx.job_dataset(job).counts_public
     result = check_federated_report(cfg, result, show=counts_public)
     job_dir = ctx.zone.job_dir(job.id)
     summary = read_summary(job_dir)

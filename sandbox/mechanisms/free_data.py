@@ -24,7 +24,7 @@ from sandbox.context import ZoneContext
 from sandbox.jobs import JobRecord, JobState
 from sandbox.jobspec import JobSpec
 from sandbox.mechanisms.base import is_charged
-from sandbox.mechanisms.dpsgd_plan import check_columns
+from sandbox.mechanisms.dpsgd_plan import check_columns, spec_mechanism
 from sandbox.mechanisms.synthetic import governed_contract
 from sandbox.synth_worker import restricted_contract
 
@@ -46,7 +46,7 @@ def free_table(
     rows drawn from the contract alone) or ``"synthetic:JOB"`` (a DP synthetic table of the
     spec's project and dataset, charged, so already released to the project). No real row is
     read: dry runs and the hyperparameter search (``sandbox.tuning``) run on these."""
-    rec = ctx.store.get_dataset(spec.dataset)
+    rec = ctx.dataset_version_for(spec.project, spec.dataset, spec_mechanism(spec))
     contract = governed_contract(SchemaContract.from_dict(rec.contract))
     # the checks a submit runs on the spec, so a dry run never accepts what submit refuses
     check_columns(spec, contract)

@@ -87,7 +87,8 @@ class SyntheticMechanism(BackendMechanism):
         dp = is_dp(kind)
         if not 1 <= req.rows <= MAX_ROWS:
             raise SpecError("--rows", "must be between 1 and 5,000,000", "ask for fewer rows")
-        rec = ctx.store.get_dataset(req.dataset)
+        # the version the fit reads: its grant's pinned one, else the latest
+        rec = ctx.dataset_version_for(req.project, req.dataset, "synthetic" if dp else "none")
         contract = governed_contract(SchemaContract.from_dict(rec.contract))
         cols = list(req.columns or [c.name for c in contract.columns])
         unknown = [c for c in cols if c not in set(contract.names)]
@@ -164,6 +165,7 @@ class SyntheticMechanism(BackendMechanism):
             work=payload,
             resources=Resources(cpus=1, gpus=0),
             details={"dp": dp},
+            dataset_version=rec.version,
         )
 
     @staticmethod
@@ -216,7 +218,7 @@ class SyntheticMechanism(BackendMechanism):
         charge = commit_charge(ctx, actor, job, epsilon, delta)
         charged = replace(result, epsilon=epsilon, delta=delta, charge=charge)
         card = write_synth_card(ctx.zone.job_dir(job.id), job, charged)
-        if not ctx.store.get_dataset(job.dataset).counts_public:
+        if not ctx.job_dataset(job).counts_public:
             # the card leaves the zone: the same cut as every researcher view
             cut_released_card(card)
         return charged
@@ -232,7 +234,7 @@ def synth_plan(ctx: ZoneContext, job: JobRecord) -> SynthPlan | None:
         )
     if not is_dp(str(spec["method"])):
         return None
-    rec = ctx.store.get_dataset(job.dataset)
+    rec = ctx.job_dataset(job)
     contract = governed_contract(SchemaContract.from_dict(rec.contract))
     restricted = SchemaContract.from_dict(restricted_contract(contract.to_dict(), spec["columns"]))
     return plan_synth(str(spec["method"]), restricted, float(spec["epsilon"]), float(spec["delta"]))

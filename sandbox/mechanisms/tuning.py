@@ -40,7 +40,7 @@ import numpy as np
 from foundation.errors import SpecError
 from sandbox.context import ZoneContext
 from sandbox.jobspec import JobSpec
-from sandbox.mechanisms.dpsgd_plan import TRAIN_FRACTION, n_train_of, plan_spec
+from sandbox.mechanisms.dpsgd_plan import TRAIN_FRACTION, n_train_of, plan_spec, spec_mechanism
 from sandbox.mechanisms.free_data import default_source, free_table
 from training.autotune import FIELDS, Hyper, auroc_se, candidates, choose, combined, learned
 
@@ -124,7 +124,7 @@ def resolve(
 
 def search(ctx: ZoneContext, spec: JobSpec, on: str) -> Tuning:
     """Run the rule's grid on the free rows ``on`` names (see the module docstring)."""
-    dataset = ctx.store.get_dataset(spec.dataset)
+    dataset = ctx.dataset_version_for(spec.project, spec.dataset, spec_mechanism(spec))
     if dataset.counts_public:
         n, basis = n_train_of(dataset), "public count"
     else:

@@ -129,6 +129,8 @@ def served() -> Iterator[dict[str, Any]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+# slow: two OS accounts and a served zone (~100 s); CI runs it as root (make test-slow)
+@pytest.mark.slow
 def test_as_the_analysts_account_the_kernel_cannot_open_the_zones_files(
     served: dict[str, Any],
 ) -> None:

@@ -283,7 +283,14 @@ def test_dataset_dicts_never_show_the_path(store: StateStore) -> None:
         assert "/zone/datasets" not in json.dumps(d)
     assert full["rows"] == 1000 and full["sites"] == {"north": 600, "south": 400}
     # private counts (the contract does not declare them public): site names, no count
-    assert set(public) == {"name", "contract", "site_names", "counts"}
+    assert set(public) == {
+        "name",
+        "contract",
+        "site_names",
+        "counts",
+        "version",
+        "latest_version",
+    }
     assert public["counts"] == "private" and public["site_names"] == ["north", "south"]
     assert not any(k in public for k in ("rows", "persons", "sites", "cross_site_persons"))
 

@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from sandbox.cli.main import main
@@ -210,6 +211,12 @@ def test_cli_first_slice_with_canaries(tmp_path: Path, capsys, ray_local) -> Non
     con = sqlite3.connect(zone / "state.db")
     haystacks["state.db dump"] = "\n".join(con.iterdump()).encode()
     con.close()
+    # the scores file holds the user's own id column beside each score (the input file is
+    # theirs, outside the zone) and nothing else of theirs: no name, address or phone
+    assert pq.read_table(scores).column_names == ["subject_id", "score"]
+    own_ids = {canaries.subject_id}
     for where, blob in haystacks.items():
         for s in secrets_:
+            if where == str(scores) and s in own_ids:
+                continue
             assert s.encode() not in blob, f"canary leaked into {where}"

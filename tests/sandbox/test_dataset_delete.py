@@ -72,7 +72,7 @@ def test_deletion_destroys_the_key_and_keeps_the_history(tmp_path: Path) -> None
     with pytest.raises(NotFoundError, match="deleted"):
         w.svc.delete_dataset(w.steward, "cohort")
     # the name stays with its history
-    with pytest.raises(SpecError, match="already exists"):
+    with pytest.raises(SpecError, match="its name stays with its history"):
         w.svc.ingest_demo(w.steward, "cohort", 200)
 
     # the history stays: the ledger's events, the past job's view, a verifying audit chain

@@ -30,7 +30,20 @@ from sandbox.zone import Zone
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "zone_v1.tar.gz"
 KEY = BudgetKey("readmission", "cohort")
 #: the tables the migrations after the baseline add
-ADDED_SINCE_V1 = ("gpu_quotas", "user_logins", "dataset_deletions", "query_releases")
+ADDED_SINCE_V1 = (
+    "gpu_quotas",
+    "user_logins",
+    "dataset_deletions",
+    "query_releases",
+    "dataset_versions",
+)
+#: columns later revisions added to the first revision's tables (table, column)
+COLUMNS_SINCE_V1 = (
+    ("datasets", "version"),
+    ("access_requests", "dataset_version"),
+    ("grants", "dataset_version"),
+    ("jobs", "dataset_version"),
+)
 
 
 @pytest.fixture
@@ -93,6 +106,8 @@ def test_an_old_postgresql_zone_upgrades_in_place(tmp_path: Path, pg_url: str) -
         conn.execute(text("DROP TABLE alembic_version"))
         for table in ADDED_SINCE_V1:
             conn.execute(text(f"DROP TABLE {table}"))
+        for table, column in COLUMNS_SINCE_V1:
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
     raw.dispose()
     with pytest.raises(SpecError, match="sandbox upgrade"):
         Service(Zone.open(tmp_path / "zone"), InProcessBackend())

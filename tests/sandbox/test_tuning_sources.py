@@ -100,6 +100,7 @@ def test_private_counts_plan_on_the_assumed_size_never_the_exact_one(world: Any)
         # the spec's epochs are written: the batch moves, within the assumed size
         assert {c["moves"] for c in t["candidates"]} >= {"prior", "training.batch_size"}
         assert all(c["batch_size"] <= ASSUMED_N_TRAIN for c in t["candidates"])
-    # a researcher's quote of such a spec shows the search (its figures are the assumption's)
-    quote = svc.quote(rita, auto_spec("training.lr", dataset="large"))
+    # a researcher's quote of such a spec shows the search (its figures are the assumption's);
+    # the project has no grant on it yet: a quote for an access request
+    quote = svc.quote(rita, auto_spec("training.lr", dataset="large"), for_request=True)
     assert quote["tuning"]["planned_persons"] == ASSUMED_N_TRAIN

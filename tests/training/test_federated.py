@@ -226,6 +226,8 @@ def test_reference_loop_gives_the_simulations_weights_bit_for_bit(fedavg: Any) -
         assert np.array_equal(ref[key], sim[key]), key
 
 
+# slow: a second whole federated simulation (~60-90 s on 2 cores); CI runs it (make test-slow)
+@pytest.mark.slow
 @pytest.mark.ray
 def test_same_seed_twice_gives_identical_global_weights(world: World, fedavg: Any) -> None:
     _, _, first, _ = fedavg
@@ -265,6 +267,8 @@ def test_fedprox_with_client_dp_and_site_sampling(world: World, ray_local: Any) 
     assert all(np.array_equal(ref[k], sim[k]) for k in ref)
 
 
+# slow: a federated simulation with a killed site (~50 s); CI runs it (make test-slow)
+@pytest.mark.slow
 @pytest.mark.ray
 def test_crashing_site_does_not_kill_the_job_and_is_charged(world: World, ray_local: Any) -> None:
     sidecar = world.root / "crash" / "payload.json.faults.json"

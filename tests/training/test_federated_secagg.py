@@ -45,6 +45,8 @@ def secagg_tolerance(ns: list[int]) -> float:
     return 2 * m * step / ratio_sum + 2.0**-24 * CLIP_RANGE
 
 
+# slow: two federated simulations, plain and SecAgg+ (~75 s); CI runs it (make test-slow)
+@pytest.mark.slow
 @pytest.mark.ray
 def test_secagg_gives_the_plain_model_within_quantisation(tmp_path: Path, ray_local: Any) -> None:
     from training.federated.simulation import run_federated_simulation
