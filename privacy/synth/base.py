@@ -49,7 +49,6 @@ from privacy.synth.codec import (
     SynthMethod,
     SynthResult,
     check_epsilon,
-    check_int,
     parse_method,
 )
 from privacy.synth.registry import engine, is_dp
@@ -175,3 +174,15 @@ def _conform(table: pa.Table, contract: SchemaContract) -> pa.Table:
                 ) from None
         arrays.append(column)
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def check_int(name: str, value: object, low: int, high: int | None) -> None:
+    """``SpecError`` naming ``name`` unless ``value`` is an integer in ``[low, high]``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        limit = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise SpecError(name, f"must be an integer {limit}")

@@ -512,15 +512,3 @@ def check_epsilon(epsilon: object) -> float:
             "use e.g. 1.0 to 10.0",
         )
     return float(epsilon)
-
-
-def check_int(name: str, value: object, low: int, high: int | None) -> None:
-    """``SpecError`` naming ``name`` unless ``value`` is an integer in ``[low, high]``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        limit = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise SpecError(name, f"must be an integer {limit}")
