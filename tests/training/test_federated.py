@@ -237,6 +237,9 @@ def test_same_seed_twice_gives_identical_global_weights(world: World, fedavg: An
     assert first.epsilons == again.epsilons
 
 
+# slow: a FedProx simulation with client DP and site sampling (~50 s); CI runs it
+# (make test-slow)
+@pytest.mark.slow
 @pytest.mark.ray
 def test_fedprox_with_client_dp_and_site_sampling(world: World, ray_local: Any) -> None:
     dp = ClientDPConfig(noise_multiplier=1.0, clipping_norm=0.5)
