@@ -88,43 +88,14 @@ class DatasetsMixin(StoreBase):
     ) -> DatasetRecord:
         """Record an ingested dataset: its contract, where connectors find it, its counts."""
         check_name("name", name)
-        contract_columns(contract)
-        check_text("path", path, "pass the ingested dataset's folder")
-        check_count("rows", rows)
-        check_count("persons", persons)
-        if persons > rows:
-            raise SpecError("persons", "is more than rows", "count each person once")
-        if not isinstance(sites, Mapping):
-            raise SpecError("sites", "must map site names to row counts", "e.g. {'north': 1200}")
-        for site, count in sites.items():
-            if not isinstance(site, str) or not site:
-                raise SpecError("sites", "has a site without a name", "name every site")
-            check_count(f"sites.{site}", count)
-        check_text("by", by, "pass the registering steward's name")
-        try:
-            contract_json = json_dumps(contract)
-        except (TypeError, ValueError):
-            raise SpecError(
-                "contract", "is not JSON-safe", "pass SchemaContract.to_dict()"
-            ) from None
+        values = _version_values(contract, path, rows, persons, sites, by, cross_site_persons)
         taken = SpecError("name", f"dataset {name!r} is already registered", "pick another name")
         try:
             with self.engine.begin() as conn:
                 if conn.execute(select(exists().where(datasets.c.name == name))).scalar():
                     raise taken
                 conn.execute(
-                    datasets.insert().values(
-                        name=name,
-                        contract_json=contract_json,
-                        path=path,
-                        rows=rows,
-                        persons=persons,
-                        sites_json=json_dumps(dict(sites)),
-                        cross_site_persons=check_count("cross_site_persons", cross_site_persons),
-                        registered_by=by,
-                        created_at=self._now(),
-                        version=1,
-                    )
+                    datasets.insert().values(name=name, created_at=self._now(), version=1, **values)
                 )
                 row = dataset_row(conn, name)
                 _insert_version(conn, row)
@@ -145,11 +116,7 @@ class DatasetsMixin(StoreBase):
     ) -> DatasetRecord:
         """Record a re-ingest of a live dataset as its next version, which becomes the
         latest; the earlier versions stay as they were (readable until deleted)."""
-        contract_columns(contract)
-        check_text("path", path, "pass the ingested version's folder")
-        check_count("rows", rows)
-        check_count("persons", persons)
-        check_text("by", by, "pass the registering steward's name")
+        values = _version_values(contract, path, rows, persons, sites, by, cross_site_persons)
         raced = SpecError(
             "NAME",
             f"dataset {name!r} was re-ingested by someone else at the same time",
@@ -162,17 +129,7 @@ class DatasetsMixin(StoreBase):
                 conn.execute(
                     update(datasets)
                     .where(datasets.c.name == name, datasets.c.version == current.version)
-                    .values(
-                        contract_json=json_dumps(contract),
-                        path=path,
-                        rows=rows,
-                        persons=persons,
-                        sites_json=json_dumps(dict(sites)),
-                        cross_site_persons=check_count("cross_site_persons", cross_site_persons),
-                        registered_by=by,
-                        created_at=self._now(),
-                        version=version,
-                    )
+                    .values(created_at=self._now(), version=version, **values)
                 )
                 row = dataset_row(conn, name)
                 if int(row.version) != version:  # another ingest of the name won the race
@@ -295,3 +252,41 @@ def _insert_version(conn: Connection, row: Row[Any]) -> None:
             created_at=row.created_at,
         )
     )
+
+
+def _version_values(
+    contract: Mapping[str, Any],
+    path: str,
+    rows: int,
+    persons: int,
+    sites: Mapping[str, int],
+    by: str,
+    cross_site_persons: int,
+) -> dict[str, Any]:
+    """One ingest's columns of a ``datasets`` row, checked (a new dataset or a version)."""
+    contract_columns(contract)
+    check_text("path", path, "pass the ingested dataset's folder")
+    check_count("rows", rows)
+    check_count("persons", persons)
+    if persons > rows:
+        raise SpecError("persons", "is more than rows", "count each person once")
+    if not isinstance(sites, Mapping):
+        raise SpecError("sites", "must map site names to row counts", "e.g. {'north': 1200}")
+    for site, count in sites.items():
+        if not isinstance(site, str) or not site:
+            raise SpecError("sites", "has a site without a name", "name every site")
+        check_count(f"sites.{site}", count)
+    check_text("by", by, "pass the registering steward's name")
+    try:
+        contract_json = json_dumps(contract)
+    except (TypeError, ValueError):
+        raise SpecError("contract", "is not JSON-safe", "pass SchemaContract.to_dict()") from None
+    return {
+        "contract_json": contract_json,
+        "path": path,
+        "rows": rows,
+        "persons": persons,
+        "sites_json": json_dumps(dict(sites)),
+        "cross_site_persons": check_count("cross_site_persons", cross_site_persons),
+        "registered_by": by,
+    }

@@ -258,25 +258,18 @@ def user_from_row(row: Row[Any]) -> User:
 
 
 def dataset_from_row(row: Row[Any]) -> DatasetRecord:
-    return DatasetRecord(
-        name=row.name,
-        contract=json.loads(row.contract_json),
-        path=row.path,
-        rows=row.rows,
-        persons=row.persons,
-        sites=json.loads(row.sites_json),
-        registered_by=row.registered_by,
-        created_at=row.created_at,
-        cross_site_persons=int(row.cross_site_persons or 0),
-        version=int(row.version or 1),
-        latest_version=int(row.version or 1),
-    )
+    """A ``datasets`` row: the latest version's record."""
+    return _dataset(row, row.name, int(row.version or 1), int(row.version or 1))
 
 
 def version_from_row(row: Row[Any], latest: int) -> DatasetRecord:
     """One row of ``dataset_versions`` as the record of that version."""
+    return _dataset(row, row.dataset, int(row.version), latest)
+
+
+def _dataset(row: Row[Any], name: str, version: int, latest: int) -> DatasetRecord:
     return DatasetRecord(
-        name=row.dataset,
+        name=name,
         contract=json.loads(row.contract_json),
         path=row.path,
         rows=row.rows,
@@ -285,7 +278,7 @@ def version_from_row(row: Row[Any], latest: int) -> DatasetRecord:
         registered_by=row.registered_by,
         created_at=row.created_at,
         cross_site_persons=int(row.cross_site_persons or 0),
-        version=int(row.version),
+        version=version,
         latest_version=latest,
     )
 
