@@ -27,6 +27,9 @@ from served import client_cli, let_accounts_run_python, start_server, stop_serve
 from sandbox.backend import InProcessBackend
 
 pytestmark = [
+    # slow: two OS accounts and a served zone started for them (~70 s in all); CI runs it as
+    # root after `make test` (make test-slow)
+    pytest.mark.slow,
     pytest.mark.ray,
     pytest.mark.skipif(
         os.geteuid() != 0 or shutil.which("useradd") is None,
