@@ -59,7 +59,8 @@ def ingest(
         if r.get("version", 1) > 1:
             console.print(
                 f"version {r.version}, now the latest: grants that follow the latest read it from "
-                f"their next job; version {r.version - 1} and older stay readable until deleted "
+                f"their next job; {'earlier versions stay' if r.version > 2 else 'version 1 stays'} "
+                "readable until deleted "
                 f"(`sandbox dataset delete {r.name} --version N`)"
             )
         if r.get("cleaned"):
