@@ -72,7 +72,7 @@ class Normalize(StrEnum):
 
 
 def _fail(key: str, problem: str, fix: str, column: str | None = None) -> SchemaError:
-    # the same wording as connectors.schema_columns' errors (which import this module)
+    # every contract error's wording (connectors.schema_columns and connectors.schema use it)
     return SchemaError(f"schema contract: {key}: {problem} (fix: {fix})", column=column)
 
 

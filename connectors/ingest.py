@@ -187,8 +187,7 @@ def check_file(source: str | Path, contract: SchemaContract) -> CheckReport:
     A source whose columns or CSV structure are wrong raises ``SchemaError`` at once."""
     if not isinstance(contract, SchemaContract):
         raise SpecError("contract", "must be a SchemaContract", "load it with SchemaContract")
-    _, report = _checked(_read_source(Path(source), contract), contract)
-    return report
+    return _checked(_read_source(Path(source), contract), contract).report
 
 
 def _read_source(source: Path, contract: SchemaContract) -> pa.Table:
@@ -202,9 +201,18 @@ def _read_source(source: Path, contract: SchemaContract) -> pa.Table:
     raise SpecError("source", "has an unknown file type", "use a .csv or .parquet file")
 
 
-def _checked(
-    table: pa.Table, contract: SchemaContract
-) -> tuple[dict[str, pa.ChunkedArray], CheckReport]:
+@dataclass(frozen=True)
+class _Checked:
+    """A source after the checks: its kept columns (converted and cleaned), what was found,
+    and the identifier's text dictionary-encoded (None without an identifier), encoded
+    once for the uniqueness check and the pseudonyms alike."""
+
+    columns: dict[str, pa.ChunkedArray]
+    report: CheckReport
+    ids: pa.DictionaryArray | None
+
+
+def _checked(table: pa.Table, contract: SchemaContract) -> _Checked:
     """Every kept column cleaned, converted and checked, and what was found."""
     found = Findings()
     columns: dict[str, pa.ChunkedArray] = {}
@@ -213,11 +221,12 @@ def _checked(
             continue  # dropped unread: no conversion, no checks, no copy
         column = prepare_column(table.column(spec.name), spec, contract.na_values, found)
         columns[spec.name] = pa.chunked_array([column])
-    id_name = contract.identifier
-    if id_name is not None and contract.rows_per_person is RowsPerPerson.ONE:
+    id_name, encoded = contract.identifier, None
+    if id_name is not None:
         encoded = pc.dictionary_encode(_id_text(columns[id_name], contract))
-        check_unique(np.asarray(encoded.indices), len(encoded.dictionary), id_name, found)
-    return columns, found.report(table.num_rows)
+        if contract.rows_per_person is RowsPerPerson.ONE:
+            check_unique(np.asarray(encoded.indices), len(encoded.dictionary), id_name, found)
+    return _Checked(columns, found.report(table.num_rows), encoded)
 
 
 def _id_text(ids: pa.ChunkedArray, contract: SchemaContract) -> pa.Array:
@@ -256,15 +265,15 @@ def _ingest(
     secret: bytes,
     zone_key_file: Path | None = None,
 ) -> IngestReport:
-    columns, check = _checked(table, contract)
+    checked = _checked(table, contract)
+    check, columns, encoded = checked.report, checked.columns, checked.ids
     if not check.ok:
         raise check.refusal()
     n = table.num_rows
 
     id_name, site_name = contract.identifier, contract.site
     persons = n
-    if id_name is not None:
-        encoded = pc.dictionary_encode(_id_text(columns[id_name], contract))
+    if id_name is not None and encoded is not None:
         persons = len(encoded.dictionary)
         pseudonyms = pc.take(_pseudonyms(encoded.dictionary, secret), encoded.indices)
         columns[id_name] = pa.chunked_array([pseudonyms])

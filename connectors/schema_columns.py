@@ -24,13 +24,13 @@ import pyarrow as pa
 from connectors.cleaning_rules import (
     Normalize,
     Outside,
+    _fail,
     check_cleaning,
     cleaning_to_dict,
     parse_aliases,
     parse_na_values,
 )
 from connectors.scales import Scale
-from foundation.errors import SchemaError
 
 
 class Role(StrEnum):
@@ -100,10 +100,6 @@ _COLUMN_KEYS = (
 # so forbidding them in column names keeps every output name unique.
 _MAX_NAME_CHARS = 128
 _BAD_NAME = re.compile(r"__|=|[\x00-\x1f\x7f]")
-
-
-def _fail(key: str, problem: str, fix: str, column: str | None = None) -> SchemaError:
-    return SchemaError(f"schema contract: {key}: {problem} (fix: {fix})", column=column)
 
 
 def _is_number(value: object) -> bool:

@@ -97,19 +97,28 @@ user_logins = Table(
     Column("totp_last_step", BigInteger, nullable=True),
 )
 
+
+def _ingest_columns() -> list[Column[Any]]:
+    """What one ingest recorded (a dataset's latest version, and each version's own row):
+    new Column objects per call, since a Column belongs to one table."""
+    return [
+        Column("contract_json", Text, nullable=False),
+        Column("path", Text, nullable=False),
+        Column("rows", BigInteger, nullable=False),
+        Column("persons", BigInteger, nullable=False),
+        Column("sites_json", Text, nullable=False),
+        # persons with rows at more than one site (federated per-site budgets refuse them)
+        Column("cross_site_persons", BigInteger, nullable=False, server_default="0"),
+        Column("registered_by", String(NAME_LEN), nullable=False),
+        Column("created_at", UTCDateTime, nullable=False),
+    ]
+
+
 datasets = Table(
     "datasets",
     metadata,
     Column("name", String(NAME_LEN), primary_key=True),
-    Column("contract_json", Text, nullable=False),
-    Column("path", Text, nullable=False),
-    Column("rows", BigInteger, nullable=False),
-    Column("persons", BigInteger, nullable=False),
-    Column("sites_json", Text, nullable=False),
-    # persons with rows at more than one site (federated per-site budgets refuse such data)
-    Column("cross_site_persons", BigInteger, nullable=False, server_default="0"),
-    Column("registered_by", String(NAME_LEN), nullable=False),
-    Column("created_at", UTCDateTime, nullable=False),
+    *_ingest_columns(),
     # the latest version's number: the row above describes it (``dataset_versions`` holds all)
     Column("version", Integer, nullable=False, server_default="1"),
 )
@@ -122,14 +131,7 @@ dataset_versions = Table(
     metadata,
     Column("dataset", String(NAME_LEN), ForeignKey("datasets.name"), primary_key=True),
     Column("version", Integer, primary_key=True),
-    Column("contract_json", Text, nullable=False),
-    Column("path", Text, nullable=False),
-    Column("rows", BigInteger, nullable=False),
-    Column("persons", BigInteger, nullable=False),
-    Column("sites_json", Text, nullable=False),
-    Column("cross_site_persons", BigInteger, nullable=False, server_default="0"),
-    Column("registered_by", String(NAME_LEN), nullable=False),
-    Column("created_at", UTCDateTime, nullable=False),
+    *_ingest_columns(),
     Column("deleted_by", String(NAME_LEN), nullable=True),
     Column("deleted_at", UTCDateTime, nullable=True),
 )

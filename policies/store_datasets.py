@@ -53,11 +53,14 @@ def dataset_row(conn: Connection, name: str, *, include_deleted: bool = False) -
     return row
 
 
-def version_row(conn: Connection, name: str, version: object) -> Row[Any]:
-    """A live version of a live dataset (``NotFoundError`` naming the versions there are)."""
+def version_row(
+    conn: Connection, name: str, version: object, *, include_deleted: bool = False
+) -> Row[Any]:
+    """A live version of a live dataset (``NotFoundError`` naming the versions there are;
+    ``include_deleted``: a deleted dataset's or version's row too)."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise SpecError("dataset_version", "must be a whole number of at least 1", "e.g. 2")
-    latest = int(dataset_row(conn, name).version or 1)
+    latest = int(dataset_row(conn, name, include_deleted=include_deleted).version or 1)
     row = conn.execute(
         select(dataset_versions).where(
             dataset_versions.c.dataset == name, dataset_versions.c.version == version
@@ -67,7 +70,7 @@ def version_row(conn: Connection, name: str, version: object) -> Row[Any]:
         raise NotFoundError(
             f"dataset {name!r} has no version {version}; its versions are 1 to {latest}"
         )
-    if row.deleted_at is not None:
+    if row.deleted_at is not None and not include_deleted:
         raise NotFoundError(f"version {version} of dataset {name!r} was deleted")
     return row
 
@@ -149,17 +152,7 @@ class DatasetsMixin(StoreBase):
             latest = int(row.version or 1)
             if version is None or version == latest:
                 return dataset_from_row(row)
-            found = conn.execute(
-                select(dataset_versions).where(
-                    dataset_versions.c.dataset == name, dataset_versions.c.version == version
-                )
-            ).first()
-        if found is None:
-            raise NotFoundError(
-                f"dataset {name!r} has no version {version}; its versions are 1 to {latest}"
-            )
-        if found.deleted_at is not None and not include_deleted:
-            raise NotFoundError(f"version {version} of dataset {name!r} was deleted")
+            found = version_row(conn, name, version, include_deleted=include_deleted)
         return version_from_row(found, latest)
 
     def list_dataset_versions(self, name: str) -> list[dict[str, Any]]:

@@ -59,7 +59,8 @@ def make_world(
     return ZoneWorld(svc, operator, steward, researcher, st, rt, op_token, root)
 
 
-def job_spec(**overrides: Any) -> JobSpec:
+def job_spec_dict(**overrides: Any) -> dict[str, Any]:
+    """The test spec as its TOML table; a dotted key sets one field of a table (made if new)."""
     data: dict[str, Any] = {
         "project": "readmission",
         "dataset": "cohort",
@@ -71,9 +72,23 @@ def job_spec(**overrides: Any) -> JobSpec:
         "resources": {"gpus": 0},
     }
     for key, value in overrides.items():
-        if "." in key:
-            section, field = key.split(".", 1)
-            data[section] = {**data[section], field: value}
+        section, _, field = key.partition(".")
+        if field:
+            data[section] = {**data.get(section, {}), field: value}
         else:
             data[key] = value
+    return data
+
+
+def job_spec(**overrides: Any) -> JobSpec:
+    return parse_job_spec(job_spec_dict(**overrides))
+
+
+def auto_spec(*fields: str, **overrides: Any) -> JobSpec:
+    """The spec with a logistic model (the searches stay fast) and ``fields`` left out for
+    the zone to choose."""
+    data = job_spec(model={"kind": "logistic", "hidden": []}, **overrides).to_dict()
+    for f in fields:
+        section, key = f.split(".")
+        del data[section][key]
     return parse_job_spec(data)

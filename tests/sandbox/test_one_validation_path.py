@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import tomli_w
 from cli_runner import ok, refused, sandbox
-from factories import FEATURES, LABEL, job_spec, make_world
+from factories import FEATURES, LABEL, job_spec, job_spec_dict, make_world
 
 from sandbox.backend import InProcessBackend
 
@@ -30,25 +30,9 @@ EPSILON, DELTA = 5.0, 1e-5
 
 
 def job_toml(path: Path, **over: Any) -> Path:
-    """A DP-SGD job spec as ``factories.job_spec`` writes it, with ``over`` on top (a dotted
-    key sets a field of a table)."""
-    data: dict[str, Any] = {
-        "project": "readmission",
-        "dataset": "cohort",
-        "label": LABEL,
-        "features": list(FEATURES),
-        "model": {"kind": "mlp", "hidden": [16]},
-        "privacy": {"epsilon": 1.0, "delta": 1e-6, "max_grad_norm": 1.0},
-        "training": {"epochs": 2, "batch_size": 128, "lr": 0.5, "seed": 3},
-        "resources": {"gpus": 0},
-    }
-    for key, value in over.items():
-        section, _, name = key.partition(".")
-        if name:
-            data[section] = {**data.get(section, {}), name: value}
-        else:
-            data[key] = value
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    """``factories.job_spec``'s spec as TOML, with ``over`` on top (a dotted key sets a field
+    of a table)."""
+    path.write_text(tomli_w.dumps(job_spec_dict(**over)), encoding="utf-8")
     return path
 
 

@@ -12,25 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import job_spec, make_world
+from factories import auto_spec, job_spec, make_world
 
 from privacy.budget_events import EventKind
 from sandbox.backend import InProcessBackend
-from sandbox.jobspec import JobSpec, parse_job_spec, parse_stored_spec
+from sandbox.jobspec import parse_job_spec, parse_stored_spec
 from sandbox.mechanisms.dpsgd import n_train_of, plan_spec
 from sandbox.mechanisms.tuning import TUNING_KEY
 
 AUTO = ("training.lr", "training.epochs", "training.batch_size", "privacy.max_grad_norm")
-
-
-def auto_spec(*fields: str, **overrides: Any) -> JobSpec:
-    """The factory's spec (a logistic model: the searches stay fast) with ``fields`` left
-    out for the zone to choose."""
-    data = job_spec(model={"kind": "logistic", "hidden": []}, **overrides).to_dict()
-    for f in fields:
-        section, key = f.split(".")
-        del data[section][key]
-    return parse_job_spec(data)
 
 
 @pytest.fixture(scope="module")

@@ -12,25 +12,16 @@ from importlib import resources
 from typing import Any
 
 import pytest
-from factories import FEATURES, LABEL, job_spec, make_world
+from factories import FEATURES, LABEL, auto_spec, make_world
 
 from connectors.cohort import write_cohort
 from connectors.schema import SchemaContract
 from foundation.errors import PolicyDenied
 from sandbox.backend import InProcessBackend
-from sandbox.jobspec import JobSpec, parse_job_spec
 from sandbox.mechanisms.free_data import default_source
 from sandbox.mechanisms.tuning import ASSUMED_N_TRAIN, FREE_TRAIN_ROWS
 
 SYNTH_COLUMNS = ["age", "sex", "diabetes", "hba1c", "prior_admissions", LABEL]
-
-
-def auto_spec(*fields: str, **overrides: Any) -> JobSpec:
-    data = job_spec(model={"kind": "logistic", "hidden": []}, **overrides).to_dict()
-    for f in fields:
-        section, key = f.split(".")
-        del data[section][key]
-    return parse_job_spec(data)
 
 
 @pytest.fixture(scope="module")
