@@ -1,19 +1,19 @@
 """A federated job's end: each site's report checked against its plan, each site charged
 from the service's plan, and the global model's card.
 
-The sites plan their own DP-SGD from the training persons they count at setup
-(``training.federated.site_plan``), so the service cannot fix each site's noise before any
-row is read. What it can do, and does: it makes the job's config again from what it
-persisted (the job's spec, checked against its hash, and the dataset's record:
+The sites plan their DP-SGD on the training size the service gave each of them in the
+config (``FederatedConfig.plan_sizes``: the dataset card's count x the training fraction),
+the size the quote planned on. At the end the service makes the job's config again from
+what it persisted (the job's spec, checked against its hash, and the dataset's record:
 ``federated.job_config``, the same config the payload got at admission), rebuilds every
-site's plan with ``plan_for`` from that config and the size the site reports, checks that
-the site ran that plan (noise multiplier, sample rate, steps per round, evaluation noise,
-target; no more steps, evaluations or rounds than planned; its delta) and charges the plan's *full* figure (every round trained, the
+site's plan with ``plan_for`` from that config and its own size for the site (the size the
+site reports must be that one), checks that the site ran that plan (size, noise multiplier,
+sample rate, steps per round, evaluation noise, target; no more steps, evaluations or rounds
+than planned; its delta) and charges the plan's *full* figure (every round trained, the
 evaluation released), never the epsilon the server reports. The full figure is the
-accountant's for the planned releases, which ``plan_job`` calibrated to the target whatever
-the size, so a site that misreports its size cannot buy itself a smaller charge. A site that
-trained fewer rounds (not sampled, refused, dropped) is charged the full figure too: its own
-count of its steps is not evidence.
+accountant's for the planned releases, which ``plan_job`` calibrated to the target. A site
+that trained fewer rounds (not sampled, refused, dropped) is charged the full figure too: its
+own count of its steps is not evidence.
 
 Every reservation of a succeeded job is committed: a site with a checked plan is charged
 its plan's figure (with private counts its reservation: the plan's digits follow the size);
@@ -49,6 +49,7 @@ from training.federated.site_plan import SitePlan, plan_for
 
 #: a site's plan figures in the server's report (``SitePlan.card``), checked one by one
 PLAN_FIGURES = (
+    "n",
     "noise_multiplier",
     "sample_rate",
     "steps_per_round",
@@ -75,7 +76,8 @@ def persisted_spec(job: JobRecord) -> JobSpec:
 
 
 def site_plan(cfg: FederatedConfig, site: str, info: Mapping[str, Any], *, show: bool) -> SitePlan:
-    """The service's plan for ``site`` at the size it reports, once its report matches it."""
+    """The service's plan for ``site`` (on the config's size for it; a config without sizes,
+    one made outside the service, on the size the site reports), once the report matches it."""
     label = f"site {site!r}'s"
     card = info.get("plan")
     if not isinstance(card, Mapping):
@@ -84,7 +86,7 @@ def site_plan(cfg: FederatedConfig, site: str, info: Mapping[str, Any], *, show:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ReportMismatch("n", f"no training size for site {site!r}")
     try:
-        plan = plan_for(cfg, site, n)
+        plan = plan_for(cfg, site, cfg.plan_size(site, n))
     except SpecError:
         raise ReportMismatch(
             "n", f"a training size for site {site!r} that no plan can be made for"

@@ -6,8 +6,10 @@ spec): the sites that take part, why the others are left out, the validated
 ``FederatedConfig`` and, when the dataset's counts are public, each taking part site's plan
 made by ``training.federated.site_plan.plan_for``, the function the sites run and the
 service charges from, on the training size the service knows (the site's persons x
-``TRAIN_FRACTION``; the site plans again on its exact split, which may differ by a few
-persons: the one figure a federated run takes from the site, ``docs/privacy-chokepoints.md``).
+``TRAIN_FRACTION``). The config carries those sizes (``FederatedConfig.plan_sizes``) and
+every site plans on them, not on its exact split: a quote's per-site figures are the run's
+and the charge's to the last digit, and a site's size is never a figure the run takes from
+the site.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
                 )
         # the plan each site would make at setup (it leaves itself out when it cannot):
         # made here, with the config's own figures, so the quote shows what the sites run
-        whole = _config(spec, asked, min_sites=1)
+        whole = _config(spec, asked, _sizes(dataset, asked), min_sites=1)
         for site in asked:
             if site in left_out:
                 continue
@@ -133,13 +135,22 @@ def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
             "lower federated.min_sites, or lower federated.min_site_rows or "
             "training.batch_size so that more sites take part",
         )
-    return SitePlan(sites, left_out, _config(spec, sites), plans)
+    return SitePlan(sites, left_out, _config(spec, sites, _sizes(dataset, sites)), plans)
+
+
+def _sizes(dataset: Any, sites: tuple[str, ...]) -> dict[str, int]:
+    return {site: site_n_train(dataset, site) for site in sites}
 
 
 def _config(
-    spec: JobSpec, sites: tuple[str, ...], *, min_sites: int | None = None
+    spec: JobSpec,
+    sites: tuple[str, ...],
+    sizes: dict[str, int] | None,
+    *,
+    min_sites: int | None = None,
 ) -> FederatedConfig:
-    """The run's config for ``sites`` (``min_sites``: the spec's unless given)."""
+    """The run's config for ``sites`` planned on ``sizes`` (``min_sites``: the spec's
+    unless given)."""
     f = spec.federated
     if f is None:
         raise SpecError(
@@ -180,4 +191,5 @@ def _config(
         min_site_rows=1,
         num_cpus=spec.resources.cpus,
         num_gpus=spec.resources.gpus,
+        plan_sizes=sizes,
     )

@@ -291,8 +291,10 @@ def _honest_sites(cfg: Any) -> dict[str, dict[str, Any]]:
     from training.federated.site_plan import plan_for
 
     out = {}
-    for site, n in (("a", 1180), ("b", 700)):
-        plan = plan_for(cfg, site, n)
+    # each site plans on the size the service put in the config (1500 x 0.8, 900 x 0.8)
+    assert cfg.plan_sizes == {"a": 1200, "b": 720}
+    for site in ("a", "b"):
+        plan = plan_for(cfg, site, cfg.plan_sizes[site])
         out[site] = {
             "epsilon": plan.planned_epsilon(cfg.rounds),
             "delta": cfg.delta,
@@ -312,22 +314,26 @@ def _federated(sites: dict[str, dict[str, Any]]) -> FederatedResult:
 
 
 def test_federated_sites_are_checked_against_the_plan_the_service_rebuilds() -> None:
+    from training.federated.site_plan import plan_for
+
     cfg = _federated_config()
     honest = _honest_sites(cfg)
     check_federated_report(cfg, _federated(honest), show=True)
     # a site that trained fewer rounds (not sampled) is fine: it is charged the full plan
     fewer = {**honest, "b": {**honest["b"], "steps": 0, "rounds": 0}}
     check_federated_report(cfg, _federated(fewer), show=True)
-    lies = {
-        "noise_multiplier": {"plan": {**honest["a"]["plan"], "noise_multiplier": 0.01}},
-        "steps": {"steps": 3 * honest["a"]["steps"]},
-        "evals": {"evals": 2},
-        "rounds": {"rounds": cfg.rounds + 1},
-        "delta": {"delta": 0.1},
-        "n": {"plan": {**honest["a"]["plan"], "n": 0}},
-        "plan": {"plan": None},
-    }
-    for field, change in lies.items():
+    lies = [
+        ("noise_multiplier", {"plan": {**honest["a"]["plan"], "noise_multiplier": 0.01}}),
+        ("steps", {"steps": 3 * honest["a"]["steps"]}),
+        ("evals", {"evals": 2}),
+        ("rounds", {"rounds": cfg.rounds + 1}),
+        ("delta", {"delta": 0.1}),
+        ("n", {"plan": {**honest["a"]["plan"], "n": 0}}),
+        # a site that planned on its own count instead of the service's size
+        ("n", {"plan": plan_for(cfg, "a", 1180).card()}),
+        ("plan", {"plan": None}),
+    ]
+    for field, change in lies:
         lying = {**honest, "a": {**honest["a"], **change}}
         with pytest.raises(ReportMismatch, match=field) as err:
             check_federated_report(cfg, _federated(lying), show=False)
@@ -340,7 +346,7 @@ def test_a_federated_site_is_charged_its_plans_full_figure() -> None:
     cfg = _federated_config()
     from training.federated.site_plan import plan_for
 
-    plan = plan_for(cfg, "a", 1180)
+    plan = plan_for(cfg, "a", 1200)
     full = plan.planned_epsilon(cfg.rounds)
     google = RdpAccountant(list(RDP_ORDERS))
     google.compose(

@@ -55,6 +55,7 @@ def test_federated_job_charges_each_site(tmp_path: Path, ray_local) -> None:
         assert svc.ledger.balance(BudgetKey("readmission", "cohort", site)).granted_epsilon == 3.0
     assert svc.ledger.balance(BudgetKey("readmission", "cohort")).granted_epsilon == 0
 
+    quote = svc.quote(rita, _fed_spec())
     seen = []
     job = svc.submit(rita, _fed_spec(), on_progress=seen.append)
     assert job.state is JobState.SUCCEEDED
@@ -75,6 +76,14 @@ def test_federated_job_charges_each_site(tmp_path: Path, ray_local) -> None:
             GaussianStep(plan["eval_sigma"], 1.0, 1),
         ]
         assert bal.spent_epsilon == pytest.approx(epsilon_for(history, 1e-6), rel=1e-6)
+        # the quote showed what the site ran and what it was charged, to the last digit:
+        # every site plans on the service's size for it (its persons x 0.8), never its count
+        quoted = quote["sites"][site]
+        assert plan["n"] == int(ds.sites[site] * 0.8)
+        for name in ("noise_multiplier", "sample_rate", "eval_sigma"):
+            assert quoted[name] == plan[name], (site, name)
+        assert quoted["steps"] == planned_steps
+        assert quoted["epsilon"] == bal.spent_epsilon
     # sites not in the job are untouched
     other = sorted(set(ds.sites) - set(SITES))[0]
     assert svc.ledger.balance(BudgetKey("readmission", "cohort", other)).spent_epsilon == 0

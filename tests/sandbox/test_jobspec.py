@@ -227,7 +227,7 @@ def test_the_optimizer_does_not_change_the_plan() -> None:
     site_plans = []
     for fields in ({"optimizer": "sgd"}, {}, {"optimizer": "adamw", "weight_decay": 0.1}):
         spec = parse_job_spec({**fed, "training": {**fed["training"], **fields}})
-        cfg = _config(spec, ("hospital-a", "hospital-b"))
+        cfg = _config(spec, ("hospital-a", "hospital-b"), None)
         assert cfg.optimizer is spec.training.optimizer
         assert cfg.weight_decay == spec.training.weight_decay
         site_plans.append(plan_for(cfg, "hospital-a", 5_000))

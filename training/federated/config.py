@@ -115,6 +115,7 @@ _CONFIG_KEYS = frozenset(
         "evaluate",
         "optimizer",
         "weight_decay",
+        "plan_sizes",
     }
 )
 
@@ -166,6 +167,13 @@ class FederatedConfig:
     optimizer: Optimizer = Optimizer.SGD
     #: AdamW's decoupled weight decay (0 for the other optimizers)
     weight_decay: float = 0.0
+    #: site -> the training persons the service plans the site on (its dataset card's
+    #: count x the training fraction): every site plans its DP-SGD on this size, so the
+    #: quote's, the run's and the charge's figures are one. The Poisson sample rate, the
+    #: noise and the steps bound a person's loss whatever the exact split, which the site
+    #: still counts for its participation checks. None (configs made outside the service:
+    #: the reference loop, the harness): each site plans on the persons it counts.
+    plan_sizes: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         _whole("rounds", self.rounds, 1, MAX_ROUNDS)
@@ -267,6 +275,17 @@ class FederatedConfig:
                 "federated.weight_decay", "applies to adamw only", "set it to 0 or use adamw"
             )
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
+        if self.plan_sizes is not None:
+            sizes = self.plan_sizes
+            if not isinstance(sizes, Mapping) or set(sizes) != set(self.sites):
+                raise SpecError(
+                    "federated.plan_sizes",
+                    "must give a training size for every site and no other",
+                    "make the config with the service (federated_plan.plan_sites)",
+                )
+            for site in self.sites:
+                _whole("plan_sizes", sizes[site], 1)
+            object.__setattr__(self, "plan_sizes", {s: int(sizes[s]) for s in self.sites})
         for name in ("epsilon", "delta", "max_grad_norm", "lr", "num_cpus", "num_gpus"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "round_timeout_s", float(self.round_timeout_s))
@@ -280,6 +299,10 @@ class FederatedConfig:
     def quorum(self) -> int:
         """``min_sites`` as resolved on construction (never None after it)."""
         return int(self.min_sites or 1)
+
+    def plan_size(self, site: str, counted: int) -> int:
+        """The training size ``site`` plans on: the service's, else the persons it counted."""
+        return counted if self.plan_sizes is None else int(self.plan_sizes[site])
 
     @property
     def local_training_epochs(self) -> int:
@@ -314,6 +337,7 @@ class FederatedConfig:
             "evaluate": self.evaluate,
             "optimizer": self.optimizer.value,
             "weight_decay": self.weight_decay,
+            "plan_sizes": None if self.plan_sizes is None else dict(self.plan_sizes),
         }
 
     @classmethod

@@ -323,9 +323,9 @@ def train_round(
         _check_site(payload, site)
         reader = _Reader(payload, site, data_path)
         X, y = reader.split("train")
-        if int(X.shape[0]) != plan.n_train:
+        if payload.config.plan_size(site, int(X.shape[0])) != plan.n_train:
             raise SpecError(
-                "site", f"site {site!r}'s training split changed size since the job's setup"
+                "site", f"site {site!r}'s plan is not the one its payload and split make"
             )
         model = _model(payload, global_state)
         with _torch_threads(payload.config.num_cpus):

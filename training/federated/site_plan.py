@@ -181,9 +181,13 @@ class SiteLedger:
         return cls(int(rec["train-steps"]), int(rec["evals"]), int(rec["rounds"]))
 
 
-def make_plan(payload: FederatedPayload, site: str, n_train: int) -> SitePlan:
-    """The site's plan for ``n_train`` persons (deterministic: same inputs, same plan)."""
-    return plan_for(payload.config, site, n_train)
+def make_plan(payload: FederatedPayload, site: str, counted: int) -> SitePlan:
+    """The site's plan, having counted ``counted`` training persons: on the service's size
+    for the site when the config carries one (``FederatedConfig.plan_size``), so the site
+    runs the plan the quote showed and the service charges (deterministic: same inputs,
+    same plan)."""
+    cfg = payload.config
+    return plan_for(cfg, site, cfg.plan_size(site, counted))
 
 
 def plan_for(cfg: FederatedConfig, site: str, n_train: int) -> SitePlan:
