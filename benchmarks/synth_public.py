@@ -133,14 +133,20 @@ TABLES: dict[str, PublicTable] = {
             source="German Breast Cancer Study Group 2 trial (sksurv.datasets.load_gbsg2)",
             label_means="recurrence or death during follow-up (cens)",
             columns={
-                "age": _num("int16", 18, 100),
+                "age": _num("int16", 18, 100, typical=[35, 70]),
                 "horTh": _cat("no", "yes"),
                 "menostat": _cat("Pre", "Post"),
-                "tsize": _num("int16", 0, 200, description="tumour size, mm"),
+                "tsize": _num("int16", 0, 200, typical=[10, 60], description="tumour size, mm"),
                 "tgrade": _cat("I", "II", "III"),
-                "pnodes": _num("int16", 0, 100, log=True, description="positive lymph nodes"),
-                "progrec": _num("int32", 0, 5000, log=True, description="progesterone, fmol/l"),
-                "estrec": _num("int32", 0, 5000, log=True, description="oestrogen, fmol/l"),
+                "pnodes": _num(
+                    "int16", 0, 100, log=True, typical=[1, 20], description="positive lymph nodes"
+                ),
+                "progrec": _num(
+                    "int32", 0, 5000, log=True, typical=[0, 500], description="progesterone, fmol/l"
+                ),
+                "estrec": _num(
+                    "int32", 0, 5000, log=True, typical=[0, 500], description="oestrogen, fmol/l"
+                ),
             },
             load=_sksurv("load_gbsg2", "cens"),
             quasi_identifiers=("age", "menostat", "tgrade"),
@@ -151,19 +157,25 @@ TABLES: dict[str, PublicTable] = {
             label_means="death during follow-up (fstat)",
             columns={
                 "afb": _flag(),
-                "age": _num("int16", 18, 110),
+                "age": _num("int16", 18, 110, typical=[45, 90]),
                 "av3": _flag(),
-                "bmi": _num("float64", 10, 70),
+                "bmi": _num("float64", 10, 70, typical=[18, 38]),
                 "chf": _flag(),
                 "cvd": _flag(),
-                "diasbp": _num("int16", 0, 250, description="diastolic pressure, mmHg"),
+                "diasbp": _num(
+                    "int16", 0, 250, typical=[50, 110], description="diastolic pressure, mmHg"
+                ),
                 "gender": _flag(),
-                "hr": _num("int16", 20, 250, description="heart rate, bpm"),
-                "los": _num("int16", 0, 365, log=True, description="length of stay, days"),
+                "hr": _num("int16", 20, 250, typical=[50, 130], description="heart rate, bpm"),
+                "los": _num(
+                    "int16", 0, 365, log=True, typical=[1, 20], description="length of stay, days"
+                ),
                 "miord": _flag(),
                 "mitype": _flag(),
                 "sho": _flag(),
-                "sysbp": _num("int16", 40, 300, description="systolic pressure, mmHg"),
+                "sysbp": _num(
+                    "int16", 40, 300, typical=[90, 200], description="systolic pressure, mmHg"
+                ),
             },
             load=_sksurv("load_whas500", "fstat"),
             quasi_identifiers=("age", "gender"),
@@ -173,12 +185,21 @@ TABLES: dict[str, PublicTable] = {
             source="ACTG 320 trial, 1151 patients (sksurv.datasets.load_aids)",
             label_means="AIDS diagnosis or death during follow-up (censor)",
             columns={
-                "age": _num("int16", 12, 90),
-                "cd4": _num("float64", 0, 1000, log=True, description="CD4 count, cells/mm3"),
+                "age": _num("int16", 12, 90, typical=[25, 55]),
+                "cd4": _num(
+                    "float64",
+                    0,
+                    1000,
+                    log=True,
+                    typical=[0, 250],
+                    description="CD4 count, cells/mm3",
+                ),
                 "hemophil": _flag(),
                 "ivdrug": _cat("1", "2", "3"),
                 "karnof": _cat("70", "80", "90", "100"),
-                "priorzdv": _num("float64", 0, 500, log=True, description="months of prior ZDV"),
+                "priorzdv": _num(
+                    "float64", 0, 500, log=True, typical=[5, 100], description="months of prior ZDV"
+                ),
                 "raceth": _cat("1", "2", "3", "4", "5", "6"),
                 "sex": _cat("1", "2"),
                 "strat2": _flag(),
@@ -193,14 +214,24 @@ TABLES: dict[str, PublicTable] = {
             source="serum free light chains, Olmsted County (sksurv.datasets.load_flchain)",
             label_means="death during follow-up (death)",
             columns={
-                "age": _num("int16", 50, 110),
+                "age": _num("int16", 50, 110, typical=[50, 85]),
                 "sex": _cat("F", "M"),
                 "sample.yr": _cat(*(str(y) for y in range(1995, 2004))),
-                "kappa": _num("float64", 0, 50, log=True, description="FLC kappa, mg/dl"),
-                "lambda": _num("float64", 0, 50, log=True, description="FLC lambda, mg/dl"),
+                "kappa": _num(
+                    "float64", 0, 50, log=True, typical=[0.5, 3], description="FLC kappa, mg/dl"
+                ),
+                "lambda": _num(
+                    "float64", 0, 50, log=True, typical=[0.8, 3], description="FLC lambda, mg/dl"
+                ),
                 "flc.grp": _cat(*(str(g) for g in range(1, 11))),
                 "creatinine": _num(
-                    "float64", 0, 20, log=True, nullable=True, description="serum, mg/dl"
+                    "float64",
+                    0,
+                    20,
+                    log=True,
+                    typical=[0.7, 1.6],
+                    nullable=True,
+                    description="serum, mg/dl",
                 ),
                 "mgus": _cat("no", "yes"),
             },
@@ -213,12 +244,14 @@ TABLES: dict[str, PublicTable] = {
             label_means="re-arrest within one year (arrest)",
             columns={
                 "fin": _num("int8", 0, 1, description="financial aid"),
-                "age": _num("int16", 16, 70),
+                "age": _num("int16", 16, 70, typical=[18, 40]),
                 "race": _num("int8", 0, 1),
                 "wexp": _num("int8", 0, 1, description="full-time work experience"),
                 "mar": _num("int8", 0, 1, description="married"),
                 "paro": _num("int8", 0, 1, description="released on parole"),
-                "prio": _num("int16", 0, 50, log=True, description="prior convictions"),
+                "prio": _num(
+                    "int16", 0, 50, log=True, typical=[0, 10], description="prior convictions"
+                ),
             },
             load=_rossi,
             quasi_identifiers=("age", "race", "mar"),

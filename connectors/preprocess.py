@@ -107,6 +107,7 @@ class FeaturePlan:
                 "fill",
                 "categories",
                 "cleaning",
+                "typical",
             }
             if unknown:
                 raise SpecError("preprocessing.steps", "has unknown keys", "re-export the plan")
@@ -123,6 +124,7 @@ class FeaturePlan:
                     fill=item.get("fill"),
                     categories=tuple(cats),
                     cleaning=item.get("cleaning"),
+                    typical=item.get("typical"),
                 )
             )
         plan = cls(steps=tuple(steps))

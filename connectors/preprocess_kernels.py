@@ -205,12 +205,21 @@ def _all_missing(step: FeatureStep, rows: np.ndarray) -> None:
 
 def _numeric_kernel(step: FeatureStep, chunk: pa.Array, rows: np.ndarray) -> None:
     values, indicator = rows[0], rows[1]
-    lo, hi = step.min, step.max
-    # (x - min) * (1 / (max - min)) in float32, then clip to [0, 1]; subtracting first keeps
-    # the domain's ends exact (x = min gives 0, not a rounding residue)
-    np.subtract(_values(chunk), np.float32(lo), out=values, dtype=np.float32, casting="unsafe")
-    np.multiply(values, np.float32(1.0 / (hi - lo)), out=values)  # type: ignore[operator]
-    np.clip(values, 0.0, 1.0, out=values)
+    if step.typical is None:
+        lo, hi = step.min, step.max
+        # (x - min) * (1 / (max - min)) in float32, then clip to [0, 1]; subtracting first
+        # keeps the domain's ends exact (x = min gives 0, not a rounding residue)
+        np.subtract(_values(chunk), np.float32(lo), out=values, dtype=np.float32, casting="unsafe")
+        np.multiply(values, np.float32(1.0 / (hi - lo)), out=values)  # type: ignore[operator]
+        np.clip(values, 0.0, 1.0, out=values)
+    else:
+        # clamp into the domain, then (x - low) / (high - low): the typical range spans
+        # [0, 1] and the rest of the domain keeps its distance beyond it
+        a, b = step.typical
+        np.copyto(values, _values(chunk), casting="unsafe")
+        np.clip(values, np.float32(step.min), np.float32(step.max), out=values)
+        np.subtract(values, np.float32(a), out=values)
+        np.divide(values, np.float32(b - a), out=values)
     missing = _missing(chunk)
     if pa.types.is_floating(chunk.type) and np.isnan(values).any():
         nan = np.isnan(values)  # NaN is missing too (it arrives from files outside the zone)
@@ -229,7 +238,8 @@ def _log_kernel(step: FeatureStep, chunk: pa.Array, rows: np.ndarray) -> None:
     np.log1p(values, out=values)
     np.subtract(values, lo, out=values)
     np.divide(values, width, out=values)
-    np.clip(values, 0.0, 1.0, out=values)
+    if step.typical is None:
+        np.clip(values, 0.0, 1.0, out=values)
     missing = _missing(chunk)
     if pa.types.is_floating(chunk.type) and np.isnan(values).any():
         nan = np.isnan(values)  # NaN is missing too (it arrives from files outside the zone)

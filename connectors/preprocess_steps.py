@@ -11,6 +11,11 @@
   min -> 0 and max -> 1 as on the linear path; a missing value -> the declared ``fill`` put
   through the same transform (else 0.5, the midpoint on the log scale), plus the indicator.
   Its step kind is ``log`` (a plan written before it never holds one).
+* a numeric or log feature that declares ``typical = [low, high]`` (where most values fall,
+  a published reference range) is scaled by that range instead of the whole domain: the
+  value is clamped into [min, max], then ``low`` maps to 0 and ``high`` to 1 (on the
+  column's scale), so values outside the typical range keep their distance, up to the
+  domain's image; the default fill is the typical range's midpoint (0.5).
 * bool feature -> 0/1; missing -> ``fill`` (else 0.5) plus ``NAME__missing``.
 * string feature (declared ``categories``) -> one-hot ``NAME=CATEGORY`` per category, then
   ``NAME__other`` for anything outside the vocabulary and ``NAME__missing`` for nulls.
@@ -65,6 +70,8 @@ class FeatureStep:
     #: ``aliases``, ``outside``): a released model checks new rows as ingest did
     #: (``training.predict``); it does not change the transform
     cleaning: dict[str, Any] | None = field(default=None, hash=False)
+    #: the declared typical range (numeric and log steps): the scaling's anchors
+    typical: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         field = f"steps.{self.name}"
@@ -90,6 +97,18 @@ class FeatureStep:
                 )
             object.__setattr__(self, "min", lo)
             object.__setattr__(self, "max", hi)
+        if self.typical is not None:
+            t = self.typical
+            if not self.scaled or not isinstance(t, list | tuple) or len(t) != 2:
+                raise SpecError(
+                    f"{field}.typical", "is not a numeric step's [low, high]", "rebuild it"
+                )
+            a, b = _finite(t[0], f"{field}.typical"), _finite(t[1], f"{field}.typical")
+            if not self.min <= a < b <= self.max:  # type: ignore[operator]
+                raise SpecError(
+                    f"{field}.typical", "must lie within [min, max], low below high", "rebuild it"
+                )
+            object.__setattr__(self, "typical", (a, b))
         if self.fill is not None:
             fill = _finite(self.fill, f"{field}.fill")
             bounds = (self.min, self.max) if self.scaled else (0.0, 1.0)
@@ -129,6 +148,7 @@ class FeatureStep:
                 max=self.max if self.scaled else None,
                 categories=self.categories or None,
                 scale=Scale.LOG if self.kind is StepKind.LOG else Scale.LINEAR,
+                typical=self.typical,
                 na_values=cleaning.get("na_values"),
                 normalize=cleaning.get("normalize"),
                 aliases=cleaning.get("aliases"),
@@ -159,19 +179,27 @@ class FeatureStep:
         return self.kind in (StepKind.NUMERIC, StepKind.LOG)
 
     @property
+    def anchors(self) -> tuple[float, float]:
+        """The values that map to 0 and 1: the typical range if declared, else the domain."""
+        if self.typical is not None:
+            return self.typical
+        return float(self.min), float(self.max)  # type: ignore[arg-type]
+
+    @property
     def log_bounds(self) -> tuple[np.float32, np.float32]:
-        """``log1p(min)`` and ``log1p(max) - log1p(min)`` as the log kernel computes them
-        (float32 ``log1p`` of the float32 bounds), so that min maps to exactly 0 and max to
-        exactly 1."""
-        lo = np.log1p(np.float32(self.min))
-        return lo, np.log1p(np.float32(self.max)) - lo
+        """``log1p(low)`` and ``log1p(high) - log1p(low)`` of the anchors as the log kernel
+        computes them (float32 ``log1p`` of the float32 bounds), so that the low anchor maps
+        to exactly 0 and the high one to exactly 1."""
+        a, b = self.anchors
+        lo = np.log1p(np.float32(a))
+        return lo, np.log1p(np.float32(b)) - lo
 
     @property
     def scaled_fill(self) -> float:
         if self.kind is StepKind.NUMERIC:
-            lo, hi = self.min, self.max
-            fill = (lo + hi) / 2.0 if self.fill is None else self.fill  # type: ignore[operator]
-            return (fill - lo) / (hi - lo)  # type: ignore[operator]
+            lo, hi = self.anchors
+            fill = (lo + hi) / 2.0 if self.fill is None else self.fill
+            return (fill - lo) / (hi - lo)
         if self.kind is StepKind.LOG:
             if self.fill is None:
                 return 0.5
@@ -189,6 +217,8 @@ class FeatureStep:
             out["categories"] = list(self.categories)
         if self.cleaning:
             out["cleaning"] = dict(self.cleaning)
+        if self.typical is not None:
+            out["typical"] = list(self.typical)
         return out
 
 
@@ -219,7 +249,15 @@ def _step_for(spec: ColumnSpec, na_values: tuple[str, ...] = ()) -> FeatureStep:
     if cleaning is None:
         return step
     return FeatureStep(
-        step.name, step.kind, step.type, step.min, step.max, step.fill, step.categories, cleaning
+        step.name,
+        step.kind,
+        step.type,
+        step.min,
+        step.max,
+        step.fill,
+        step.categories,
+        cleaning,
+        step.typical,
     )
 
 
@@ -246,7 +284,9 @@ def _bare_step_for(spec: ColumnSpec) -> FeatureStep:
                 "declare its domain in the schema contract",
             )
         kind = StepKind.LOG if spec.scale is Scale.LOG else StepKind.NUMERIC
-        return FeatureStep(name, kind, spec.type, spec.min, spec.max, spec.fill)
+        return FeatureStep(
+            name, kind, spec.type, spec.min, spec.max, spec.fill, typical=spec.typical
+        )
     if spec.type == "bool":
         return FeatureStep(name, StepKind.FLAG, spec.type, fill=spec.fill)
     if spec.categories is None:

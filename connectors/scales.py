@@ -68,3 +68,30 @@ def draw_in_bins(codes: np.ndarray, edges: np.ndarray, scale: Scale, u: np.ndarr
     lo, hi = edges[codes], edges[codes + 1]
     a, b = to_scale(lo, scale), to_scale(hi, scale)
     return np.clip(from_scale(a + u * (b - a), scale), lo, hi)
+
+
+def parse_typical(
+    value: object, *, numeric: bool, scalable: bool, lo: float | None, hi: float | None
+) -> tuple[float, float] | str:
+    """A column's ``typical = [low, high]`` as two floats, or the problem with it (a string).
+
+    ``typical`` is where most of a column's values fall, as the steward knows it from a
+    published reference range, not from the rows: preprocessing scales the column by it
+    instead of by the whole domain, so a column whose domain is wide for safety (an age of
+    0-120, a tumour of 0-200 mm) still spreads its values over the model's inputs. It lies
+    within the declared domain; values outside it keep their distance (up to the domain's
+    ends), they are not cut at it."""
+    if not numeric or not scalable:
+        return "is only allowed on a numeric feature or sensitive column"
+    if lo is None or hi is None:
+        return "needs a declared domain (min and max) around it"
+    if isinstance(value, str) or not isinstance(value, list | tuple) or len(value) != 2:
+        return "must be two numbers, [low, high]"
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        return "must be two numbers, [low, high]"
+    a, b = float(value[0]), float(value[1])
+    if not (math.isfinite(a) and math.isfinite(b)) or not a < b:
+        return "must be two finite numbers with low below high"
+    if not lo <= a < b <= hi:
+        return f"must lie within the declared domain [{lo:g}, {hi:g}]"
+    return a, b

@@ -30,7 +30,7 @@ from connectors.cleaning_rules import (
     parse_aliases,
     parse_na_values,
 )
-from connectors.scales import Scale
+from connectors.scales import Scale, parse_typical
 
 
 class Role(StrEnum):
@@ -88,6 +88,7 @@ _COLUMN_KEYS = (
     "nullable",
     "description",
     "scale",
+    "typical",
     # cleaning at ingest (connectors.cleaning_rules)
     "na_values",
     "date_format",
@@ -144,6 +145,9 @@ class ColumnSpec:
     description: str = ""
     #: how the declared domain is spread (numeric feature and sensitive columns only)
     scale: Scale = Scale.LINEAR
+    #: [low, high] where most values fall (a published reference range): preprocessing
+    #: scales by it instead of the whole domain (``connectors.scales.parse_typical``)
+    typical: tuple[float, float] | None = None
     # -- cleaning at ingest (connectors.cleaning_rules): what ingest does with messy values
     #: text that means missing in this column (beside the dataset's ``na_values``)
     na_values: tuple[str, ...] | None = None
@@ -217,6 +221,18 @@ class ColumnSpec:
         self._parse_cleaning(key)
         self._check_role_rules(key)
         self._check_scale(key)
+        if self.typical is not None:
+            typical = parse_typical(
+                self.typical,
+                numeric=self.type in _NUMERIC_TYPES,
+                scalable=self.role in (Role.FEATURE, Role.SENSITIVE),
+                lo=self.min,
+                hi=self.max,
+            )
+            if isinstance(typical, str):
+                fix = "write typical = [low, high] inside [min, max], or leave it out"
+                raise _fail(f"{key}.typical", typical, fix, self.name)
+            object.__setattr__(self, "typical", typical)
         check_cleaning(self, key)
 
     def _parse_cleaning(self, key: str) -> None:
@@ -421,6 +437,8 @@ class ColumnSpec:
         # left out when linear, so contracts written before it keep their dicts and hashes
         if self.scale is not Scale.LINEAR:
             out["scale"] = self.scale.value
+        if self.typical is not None:
+            out["typical"] = list(self.typical)
         out.update(cleaning_to_dict(self))
         return out
 
@@ -464,6 +482,7 @@ class ColumnSpec:
             nullable=table.get("nullable"),
             description=table.get("description", ""),
             scale=table.get("scale", Scale.LINEAR.value),
+            typical=table.get("typical"),
             na_values=table.get("na_values"),
             date_format=table.get("date_format"),
             normalize=table.get("normalize"),
