@@ -86,6 +86,7 @@ type = "int16"
 role = "feature"
 min = 0
 max = 110
+typical = [20, 90]
 outside = "null"
 
 [columns.sex]
@@ -102,6 +103,7 @@ role = "feature"
 min = 0
 max = 365
 scale = "log"
+typical = [1, 14]
 outside = "null"
 
 [columns.hba1c]
@@ -109,6 +111,7 @@ type = "float64"
 role = "feature"
 min = 3
 max = 20
+typical = [4.5, 10]
 
 [columns.readmitted_30d]
 type = "int8"
