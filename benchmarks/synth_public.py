@@ -13,7 +13,12 @@ domains taken from each dataset's published documentation (the R packages ``TH.d
 Fox's appendix for the Rossi data), NOT computed from the rows: bounds are round, plausible
 limits for the quantity (a heart rate of 20 to 250 beats per minute), so most sit well outside
 the rows' own range. Heavy-tailed quantities (receptor levels, lab values, counts, lengths of
-stay) are declared ``scale = "log"``; columns the documentation lists as complete are
+stay) are declared ``scale = "log"``. Each numeric feature also declares ``typical = [low,
+high]``, the range a steward or clinician expects most values in (an adult heart-attack
+patient's heart rate of 50 to 130, a normal creatinine of 0.7 to 1.6 mg/dl, the trials'
+published entry criteria and summaries), round figures, again not computed from the rows
+(they are close to the rows' 5th and 95th percentiles, as a good reference range is); the
+zone's preprocessing scales by them (``docs/schema-contract.md``). Columns the documentation lists as complete are
 declared ``nullable = false`` (only flchain's creatinine has missing values). A column derived from the outcome is left out (flchain's
 ``chapter``, the cause of death, recorded only for those who died).
 """
