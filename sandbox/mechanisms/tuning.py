@@ -131,7 +131,9 @@ def search(ctx: ZoneContext, spec: JobSpec, on: str) -> Tuning:
         n, basis = ASSUMED_N_TRAIN, "assumed: the dataset's counts are private"
     auto = spec.auto_fields
     written = {f: _written(spec, f) for f in FIELDS if f not in auto}
-    grid = list(candidates(n, spec.training.optimizer, auto, written))
+    # a model with no hidden layer takes the linear learning-rate prior
+    linear = not spec.model.hidden
+    grid = list(candidates(n, spec.training.optimizer, auto, written, linear=linear))
     data = _free_rows(ctx, spec, on)
     rows: list[dict[str, Any]] = []
     scores: list[float | None] = []
@@ -147,7 +149,7 @@ def search(ctx: ZoneContext, spec: JobSpec, on: str) -> Tuning:
         # 1/n, an epsilon no noise reaches), raised as the planner words it
         plan_spec(apply(spec, grid[0].hyper), n)
         raise SpecError("privacy.epsilon", rows[0]["refused"], "change epsilon or delta")
-    last = combined(grid, scores, n, spec.training.optimizer, auto)
+    last = combined(grid, scores, n, spec.training.optimizer, auto, linear=linear)
     # without signal in the free rows (dummy rows) the moves' scores are noise: nothing to
     # combine, the prior stays
     if learned(scores, ses) and last not in [c.hyper for c in grid]:

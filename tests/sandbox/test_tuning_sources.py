@@ -61,9 +61,9 @@ def test_the_released_synthetic_table_is_the_default_and_it_has_signal(world: An
     assert tuning["free_train_rows"] == FREE_TRAIN_ROWS
     assert tuning["free_test_rows"] == 3000 - FREE_TRAIN_ROWS
     # DP synthetic rows carry the label's signal (dummy rows do not): some candidate learns.
-    # The noise is unseeded, so the bound leaves room: over 12 fits at epsilon 8 the best
-    # candidate scored 0.62-0.70 (at epsilon 3, 0.55-0.74; dummy rows 0.51)
-    assert max(c["auroc"] for c in tuning["candidates"]) > 0.57
+    # The noise is unseeded, so the bound leaves room: with the rule's linear prior (Adam lr
+    # 0.03 at 600 steps) the best of 4 fits at epsilon 8 scored 0.60-0.66 (dummy rows 0.51)
+    assert max(c["auroc"] for c in tuning["candidates"]) > 0.55
     # named explicitly, dummy rows are what the search uses
     assert svc.tune(rita, spec, "dummy")["tuning"]["source"] == "dummy"
 

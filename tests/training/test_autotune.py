@@ -125,3 +125,20 @@ def test_every_value_is_one_a_spec_may_hold() -> None:
             written = {"privacy.max_grad_norm": clip}
             for c in at.candidates(50_000, optimizer, ["training.lr"], written):
                 assert 0 < c.hyper.lr <= at.LR_MAX
+
+
+def test_a_linear_model_takes_the_larger_adam_prior_and_follows_the_steps_alike() -> None:
+    mlp, linear = at.prior(6400, Optimizer.ADAM), at.prior(6400, Optimizer.ADAM, linear=True)
+    assert (mlp.batch_size, mlp.epochs) == (linear.batch_size, linear.epochs)
+    steps = at.steps_of(6400, mlp.batch_size, mlp.epochs)
+    ratio = math.sqrt(at.TARGET_STEPS / steps)
+    assert mlp.lr == pytest.approx(at.ADAM_LR * ratio, rel=0.05)
+    assert linear.lr == pytest.approx(at.ADAM_LR_LINEAR * ratio, rel=0.05)
+    # every candidate of the linear grid whose lr the rule picks follows the linear prior
+    grid = at.candidates(6400, Optimizer.ADAM, ALL, linear=True)
+    for c in grid:
+        if c.moves in ("", "training.epochs", "privacy.max_grad_norm"):
+            s = at.steps_of(6400, c.hyper.batch_size, c.hyper.epochs)
+            assert c.hyper.lr == at.prior_lr(Optimizer.ADAM, s, c.hyper.max_grad_norm, linear=True)
+    # SGD's prior does not depend on the model
+    assert at.prior(6400, Optimizer.SGD).lr == at.prior(6400, Optimizer.SGD, linear=True).lr

@@ -1,7 +1,9 @@
 """A site's DP budget in a federated job: its plan (``SitePlan``), its spend (``SiteLedger``).
 
 ``make_plan`` calibrates one plan per site (``privacy.job_plan.plan_job``) for
-``rounds x local_epochs`` epochs of DP-SGD on the site's ``n`` training persons plus, when
+``rounds x local_epochs`` epochs of DP-SGD on the site's ``n`` training persons (the size
+the service gave the site in the config, ``FederatedConfig.plan_sizes``, when it did; the
+persons the site counted otherwise) plus, when
 the job evaluates, one DP evaluation release (``EVAL_SHARE`` of the budget). Patient-level
 privacy: add/remove one person, RDP accountant.
 
