@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from connectors.cleaning_rules import cleaning_to_dict
-from connectors.scales import Scale
+from connectors.scales import Scale, parse_typical
 from connectors.schema_columns import ARROW_TYPES, ColumnSpec, Role
 from foundation.errors import SchemaError, SpecError
 
@@ -98,17 +98,13 @@ class FeatureStep:
             object.__setattr__(self, "min", lo)
             object.__setattr__(self, "max", hi)
         if self.typical is not None:
-            t = self.typical
-            if not self.scaled or not isinstance(t, list | tuple) or len(t) != 2:
-                raise SpecError(
-                    f"{field}.typical", "is not a numeric step's [low, high]", "rebuild it"
-                )
-            a, b = _finite(t[0], f"{field}.typical"), _finite(t[1], f"{field}.typical")
-            if not self.min <= a < b <= self.max:  # type: ignore[operator]
-                raise SpecError(
-                    f"{field}.typical", "must lie within [min, max], low below high", "rebuild it"
-                )
-            object.__setattr__(self, "typical", (a, b))
+            # the contract's own rule (a plan edited outside the zone meets it again)
+            typical = parse_typical(
+                self.typical, numeric=True, scalable=self.scaled, lo=self.min, hi=self.max
+            )
+            if isinstance(typical, str):
+                raise SpecError(f"{field}.typical", typical, "rebuild it from the contract")
+            object.__setattr__(self, "typical", typical)
         if self.fill is not None:
             fill = _finite(self.fill, f"{field}.fill")
             bounds = (self.min, self.max) if self.scaled else (0.0, 1.0)

@@ -85,7 +85,7 @@ class DryRunMechanism(BackendMechanism):
         # the dummy table is as large as the real one only when that size is public: a dry
         # run's plan (sample rate, steps) would otherwise give the size back
         size = max(MIN_DUMMY_ROWS, int(rec.persons)) if rec.counts_public else DUMMY_ROWS
-        table, contract = free_table(ctx, spec, on, dummy_rows=size)
+        table, contract = free_table(ctx, spec, on, dummy_rows=size, dataset=rec)
         if rec.counts_public:
             # the job's own plan (the quote's and the run's noise, sample rate and steps),
             # run on the free rows: a dry run shows the job that would run

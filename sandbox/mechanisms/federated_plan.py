@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from foundation.errors import SpecError
-from sandbox.jobspec import JobSpec
+from sandbox.jobspec import FederatedSpec, JobSpec
 from sandbox.mechanisms.dpsgd_plan import TRAIN_FRACTION
 from sandbox.spec_fields import resolved
 from training.federated.config import ClientDPConfig, FederatedConfig, Strategy
@@ -26,22 +26,28 @@ from training.federated.site_plan import SitePlan as SiteDPPlan
 from training.federated.site_plan import plan_for
 
 
-def resolve_sites(spec: JobSpec, dataset_sites: dict[str, int]) -> tuple[str, ...]:
+def _federated(spec: JobSpec) -> FederatedSpec:
+    """The spec's ``[federated]`` table; a DP-SGD spec is refused, naming the key to set."""
     if spec.federated is None:
         raise SpecError(
             "mode", "is not federated", 'set mode = "federated" with a [federated] table'
         )
+    return spec.federated
+
+
+def resolve_sites(spec: JobSpec, dataset_sites: dict[str, int]) -> tuple[str, ...]:
+    f = _federated(spec)
     known = sorted(dataset_sites)
-    if not spec.federated.sites:
+    if not f.sites:
         return tuple(known)
-    unknown = [s for s in spec.federated.sites if s not in dataset_sites]
+    unknown = [s for s in f.sites if s not in dataset_sites]
     if unknown:
         raise SpecError(
             "federated.sites",
             f"{unknown[0]!r} is not a site of dataset {spec.dataset!r}",
             f"sites: {', '.join(known)}",
         )
-    return spec.federated.sites
+    return f.sites
 
 
 @dataclass(frozen=True)
@@ -78,11 +84,7 @@ def plan_sites(spec: JobSpec, dataset: Any) -> SitePlan:
       stop at its setup ("only N sites are ready") after the sites read their rows.
     - The config is built (and so checked) before the ledger reserves anything.
     """
-    f = spec.federated
-    if f is None:
-        raise SpecError(
-            "mode", "is not federated", 'set mode = "federated" with a [federated] table'
-        )
+    f = _federated(spec)
     if dataset.cross_site_persons > 0:
         raise SpecError(
             "mode",
@@ -151,11 +153,7 @@ def _config(
 ) -> FederatedConfig:
     """The run's config for ``sites`` planned on ``sizes`` (``min_sites``: the spec's
     unless given)."""
-    f = spec.federated
-    if f is None:
-        raise SpecError(
-            "mode", "is not federated", 'set mode = "federated" with a [federated] table'
-        )
+    f = _federated(spec)
     return FederatedConfig(
         rounds=f.rounds,
         sites=sites,

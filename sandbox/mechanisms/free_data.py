@@ -20,6 +20,7 @@ from connectors.dummy import dummy_table
 from connectors.external import read_user_table
 from connectors.schema import SchemaContract
 from foundation.errors import NotFoundError, PolicyDenied, SpecError
+from policies.store_records import DatasetRecord
 from sandbox.context import ZoneContext
 from sandbox.jobs import JobRecord, JobState
 from sandbox.jobspec import JobSpec
@@ -40,13 +41,19 @@ def synthetic_job(ctx: ZoneContext, job_id: str) -> JobRecord:
 
 
 def free_table(
-    ctx: ZoneContext, spec: JobSpec, on: str, *, dummy_rows: int
+    ctx: ZoneContext,
+    spec: JobSpec,
+    on: str,
+    *,
+    dummy_rows: int,
+    dataset: DatasetRecord | None = None,
 ) -> tuple[pa.Table, SchemaContract]:
     """The free rows ``on`` names for ``spec`` and their contract: ``"dummy"`` (``dummy_rows``
     rows drawn from the contract alone) or ``"synthetic:JOB"`` (a DP synthetic table of the
     spec's project and dataset, charged, so already released to the project). No real row is
-    read: dry runs and the hyperparameter search (``sandbox.tuning``) run on these."""
-    rec = ctx.dataset_version_for(spec.project, spec.dataset, spec_mechanism(spec))
+    read: dry runs and the hyperparameter search (``sandbox.tuning``) run on these.
+    ``dataset``: the version record when the caller has looked it up already."""
+    rec = dataset or ctx.dataset_version_for(spec.project, spec.dataset, spec_mechanism(spec))
     contract = governed_contract(SchemaContract.from_dict(rec.contract))
     # the checks a submit runs on the spec, so a dry run never accepts what submit refuses
     check_columns(spec, contract)

@@ -143,7 +143,7 @@ def precheck(
         sites = plan_sites(spec, dataset)
         keys = [BudgetKey(spec.project, spec.dataset, s) for s in sites.sites]
     else:
-        spec, tuning = resolve(ctx, spec)
+        spec, tuning = resolve(ctx, spec, dataset=dataset)
         check_batch_size(spec, dataset)
         plan = service_plan(spec, n_train_of(dataset), counts_public=dataset.counts_public)
         keys = [BudgetKey(spec.project, spec.dataset)]

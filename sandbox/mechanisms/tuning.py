@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from foundation.errors import SpecError
+from policies.store_records import DatasetRecord
 from sandbox.context import ZoneContext
 from sandbox.jobspec import JobSpec
 from sandbox.mechanisms.dpsgd_plan import TRAIN_FRACTION, n_train_of, plan_spec, spec_mechanism
@@ -110,21 +111,28 @@ def apply(spec: JobSpec, h: Hyper) -> JobSpec:
 
 
 def resolve(
-    ctx: ZoneContext, spec: JobSpec, on: str | None = None
+    ctx: ZoneContext,
+    spec: JobSpec,
+    on: str | None = None,
+    dataset: DatasetRecord | None = None,
 ) -> tuple[JobSpec, dict[str, Any] | None]:
     """``spec`` with every ``"auto"`` field chosen, and the search's record (None when the
-    spec had none: it comes back as it is). ``on``: the free rows, else ``default_source``."""
+    spec had none: it comes back as it is). ``on``: the free rows, else ``default_source``;
+    ``dataset``: the version record when the caller has looked it up already."""
     if not spec.auto_fields:
         return spec, None
     if spec.federated is not None:
         raise SpecError("mode", '"auto" hyperparameters cover DP-SGD jobs', "write the values")
-    tuning = search(ctx, spec, on or default_source(ctx, spec))
+    tuning = search(ctx, spec, on or default_source(ctx, spec), dataset)
     return apply(spec, Hyper(**tuning.chosen)), tuning.to_dict()  # type: ignore[arg-type]
 
 
-def search(ctx: ZoneContext, spec: JobSpec, on: str) -> Tuning:
+def search(
+    ctx: ZoneContext, spec: JobSpec, on: str, dataset: DatasetRecord | None = None
+) -> Tuning:
     """Run the rule's grid on the free rows ``on`` names (see the module docstring)."""
-    dataset = ctx.dataset_version_for(spec.project, spec.dataset, spec_mechanism(spec))
+    if dataset is None:
+        dataset = ctx.dataset_version_for(spec.project, spec.dataset, spec_mechanism(spec))
     if dataset.counts_public:
         n, basis = n_train_of(dataset), "public count"
     else:
@@ -134,7 +142,7 @@ def search(ctx: ZoneContext, spec: JobSpec, on: str) -> Tuning:
     # a model with no hidden layer takes the linear learning-rate prior
     linear = not spec.model.hidden
     grid = list(candidates(n, spec.training.optimizer, auto, written, linear=linear))
-    data = _free_rows(ctx, spec, on)
+    data = _free_rows(ctx, spec, on, dataset)
     rows: list[dict[str, Any]] = []
     scores: list[float | None] = []
     ses: list[float] = []
@@ -201,7 +209,7 @@ def _written(spec: JobSpec, field: str) -> float | int:
 
 
 def _free_rows(
-    ctx: ZoneContext, spec: JobSpec, on: str
+    ctx: ZoneContext, spec: JobSpec, on: str, dataset: DatasetRecord
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The free rows' features and labels, split at random (seeded by the spec): at most
     ``FREE_TRAIN_ROWS`` to train (80% of a smaller table), the rest held out (at most
@@ -211,7 +219,7 @@ def _free_rows(
     from connectors.preprocess import FeaturePlan
 
     total = FREE_TRAIN_ROWS + FREE_TEST_ROWS
-    table, contract = free_table(ctx, spec, on, dummy_rows=total)
+    table, contract = free_table(ctx, spec, on, dummy_rows=total, dataset=dataset)
     table = table.filter(pc.is_valid(table.column(spec.label)))
     rng = np.random.default_rng(spec.training.seed)
     order = rng.permutation(table.num_rows)[:total]
