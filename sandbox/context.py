@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from foundation.errors import PolicyDenied, UserError, ZoneError
@@ -91,6 +92,10 @@ class ZoneContext:
         return self.store.get_dataset(
             job.dataset, version=job.dataset_version, include_deleted=include_deleted
         )
+
+    def dataset_path(self, dataset: DatasetRecord) -> Path:
+        """The governed folder of ``dataset``'s version in this zone (``Zone.version_dir``)."""
+        return self.zone.version_dir(dataset.name, dataset.version)
 
     def dataset_version_for(self, project: str, dataset: str, mechanism: str) -> DatasetRecord:
         """The version a new job of ``project`` reads: the one its live grant for

@@ -87,7 +87,7 @@ def next_version(ctx: ZoneContext, name: str) -> int:
 
 def version_dir(ctx: ZoneContext, name: str, version: int) -> Path:
     """Where a version's governed file and data key live (module docstring)."""
-    return ctx.zone.dataset_dir(name if version == 1 else f"{name}.v{version}")
+    return ctx.zone.version_dir(name, version)
 
 
 def _register(

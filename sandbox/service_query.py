@@ -126,7 +126,7 @@ class QueryCalls:
         try:
             handle = DatasetHandle(
                 name=spec.dataset,
-                path=dataset.path,
+                path=ctx.dataset_path(dataset),
                 contract=contract,
                 authorization=qid,
                 on_open=lambda: opened.append(True),

@@ -246,6 +246,12 @@ class Zone:
     def dataset_dir(self, name: str) -> Path:
         return self.data_dir / name
 
+    def version_dir(self, name: str, version: int) -> Path:
+        """Where a dataset version's governed file and data key live: ``data/NAME`` for the
+        first, ``data/NAME.vN`` after. Readers take it from here, not from the path stored
+        at ingest, so a zone moved with ``mv`` still finds its data."""
+        return self.dataset_dir(name if version == 1 else f"{name}.v{version}")
+
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 

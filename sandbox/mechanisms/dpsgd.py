@@ -151,7 +151,7 @@ class DpsgdMechanism(BackendMechanism):
             job_id=job_id,
             actor=actor.name,
         )
-        work = worker_payload(ctx, job_id, spec, pre.contract, dataset.path, plan)
+        work = worker_payload(ctx, job_id, spec, pre.contract, str(ctx.dataset_path(dataset)), plan)
         details: dict[str, Any] = {"grant": pre.grant}
         if tuning is not None:
             work[TUNING_KEY] = tuning

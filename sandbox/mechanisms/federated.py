@@ -137,7 +137,9 @@ class FederatedMechanism(JobMechanism):
         resources = Resources(cpus=spec.resources.cpus, gpus=spec.resources.gpus)
         ctx.backend.check_resources(resources)
         reserve_sites(ctx, actor, spec, plan.sites, job_id, reserved)
-        payload_path = build_payload(ctx, spec, contract.to_dict(), dataset.path, plan, job_id)
+        payload_path = build_payload(
+            ctx, spec, contract.to_dict(), str(ctx.dataset_path(dataset)), plan, job_id
+        )
         return Admission(
             project=spec.project,
             dataset=spec.dataset,

@@ -145,7 +145,7 @@ class SyntheticMechanism(BackendMechanism):
             "db_url": ctx.zone.db_url,
             "job_id": job_id,
             "dataset": req.dataset,
-            "dataset_path": rec.path,
+            "dataset_path": str(ctx.dataset_path(rec)),
             "contract": restricted,
             "method": kind.value,
             "epsilon": req.epsilon,

@@ -8,8 +8,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from factories import job_spec, make_world
 
 from foundation.errors import NotFoundError, SpecError
+from privacy.budget_events import BudgetKey
 from sandbox.backend import InProcessBackend
 from sandbox.service import Service
 from sandbox.zone import (
@@ -306,3 +308,21 @@ def test_a_moved_old_zone_is_refused_with_the_fix_and_then_adopted(tmp_path: Pat
     assert not (tmp_path / "zone").exists()
     (moved / ZONE_FILE).write_text(f'db_url = "{DEFAULT_DB_URL}"\n')
     assert _user_names(moved, token) == ["operator"]
+
+
+def test_a_moved_zone_still_reads_its_datasets(tmp_path: Path) -> None:
+    """The governed files are found from the zone's layout, not from the absolute path
+    stored at ingest: after ``mv`` a job reads its dataset where the zone now is."""
+    world = make_world(tmp_path / "zone", InProcessBackend(), patients=400)
+    world.svc.close()
+    moved = tmp_path / "elsewhere" / "moved-zone"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "zone", moved)
+    svc = _open(moved)
+    try:
+        rita = svc.authenticate(world.researcher_token)
+        job = svc.submit(rita, job_spec(**{"training.epochs": 1}))
+        assert job.state.value == "succeeded", job.error
+        assert svc.ledger.balance(BudgetKey("readmission", "cohort")).spent_epsilon > 0
+    finally:
+        svc.close()
