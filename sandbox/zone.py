@@ -21,7 +21,9 @@ A zone is one zone. ``zone.toml`` reads::
 * Paths in zone.toml are relative to the zone: the default database is written as
   ``sqlite:///state.db`` and opened as ``ZONE/state.db`` wherever the folder now is, so a
   zone moved with ``mv`` still works and a zone copied with ``cp -r`` opens its own copy of
-  the database (a real copy, with its own audit chain). A ``--db-url`` given at ``init`` is
+  the database (a real copy, with its own audit chain). Datasets are found the same way:
+  readers take a version's folder from the zone's layout (``Zone.version_dir``), not from
+  the absolute path recorded at ingest. A ``--db-url`` given at ``init`` is
   written as given, except that a SQLite file inside the zone folder is written relative to
   it (and a relative SQLite path there is relative to the zone). A PostgreSQL URL stays a URL:
   that database is not in the folder, so a copy of the folder is the same zone on the same
