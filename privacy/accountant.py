@@ -57,6 +57,17 @@ NEIGHBOURING = "add/remove one person"
 UNIT = "person"
 
 
+class Composition(StrEnum):
+    """How a DP-SGD job's training and its evaluation release compose.
+
+    ``sequential``: both may read the same person (the split is by row position, which other
+    persons move), so their RDP curves add. ``parallel``: the evaluation reads only persons
+    the training never reads, by a per-person rule (``epsilon_parallel``)."""
+
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+
+
 class Accountant(StrEnum):
     """The accountant used to charge a release. There is one; the enum makes it explicit in
     every plan and ledger row which analysis produced a figure.
@@ -183,6 +194,20 @@ def epsilon_for(history: Sequence[GaussianStep], delta: float) -> float:
     return _epsilon_from_curve(_composed_curve(active), delta)
 
 
+def epsilon_parallel(parts: Sequence[Sequence[GaussianStep]], delta: float) -> float:
+    """Epsilon at ``delta`` of releases made on disjoint sets of persons (parallel
+    composition): the largest of the parts' own epsilons.
+
+    Valid when each person's part is fixed by a rule of that person alone (the reader's
+    split: a keyed hash of the person's pseudonym), never by who else is in the data. Adding
+    or removing one person then changes the input of one part only, and a later part may
+    even use an earlier part's output (the evaluation scores the trained model): with the
+    other part's persons fixed, that is post-processing. So the whole is
+    (max of the parts' epsilons, delta)-DP, where the parts' sequential composition
+    (``epsilon_for`` of them all) would add them."""
+    return max((epsilon_for(part, delta) for part in parts), default=0.0)
+
+
 def dpsgd_schedule(n_persons: int, batch_size: int, epochs: int) -> tuple[float, int, int]:
     """``(sample_rate, steps_per_epoch, total_steps)`` for DP-SGD over ``n_persons`` persons.
 
@@ -283,8 +308,8 @@ class DPSGDPlan:
     """A DP-SGD run and its one DP evaluation release, calibrated together to a target.
 
     ``epsilon`` is the composed figure of both releases (training + evaluation) at ``delta``,
-    from ``accountant``, for the ``neighbouring`` relation and privacy ``unit`` stated; it is
-    <= ``target_epsilon``. Charge :meth:`history` to the ledger."""
+    from ``accountant``, for the ``neighbouring`` relation and privacy ``unit`` stated, by
+    ``composition`` (``dpsgd_epsilon``); it is <= ``target_epsilon``."""
 
     noise_multiplier: float
     sample_rate: float
@@ -295,6 +320,7 @@ class DPSGDPlan:
     delta: float
     target_epsilon: float
     accountant: Accountant = Accountant.RDP
+    composition: Composition = Composition.SEQUENTIAL
     # init=False: no caller can label a plan with a different relation or unit.
     neighbouring: str = field(default=NEIGHBOURING, init=False)
     unit: str = field(default=UNIT, init=False)
@@ -314,7 +340,23 @@ class DPSGDPlan:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["accountant"] = self.accountant.value
+        out["composition"] = self.composition.value
         return out
+
+
+def dpsgd_epsilon(
+    training: GaussianStep,
+    evaluation: GaussianStep | None,
+    delta: float,
+    composition: Composition | str = Composition.SEQUENTIAL,
+) -> float:
+    """Epsilon at ``delta`` of a DP-SGD run and its evaluation release (None: none), composed
+    as ``composition`` says: the one figure the plan, the worker's report and the charge use."""
+    if evaluation is None:
+        return epsilon_for([training], delta)
+    if Composition(composition) is Composition.PARALLEL:
+        return epsilon_parallel([[training], [evaluation]], delta)
+    return epsilon_for([training, evaluation], delta)
 
 
 def plan_dpsgd(
@@ -325,15 +367,19 @@ def plan_dpsgd(
     epochs: int,
     *,
     eval_share: float = 0.1,
+    composition: Composition = Composition.SEQUENTIAL,
 ) -> DPSGDPlan:
     """Calibrate DP-SGD noise for ``epochs`` over ``n_persons`` persons so that training plus
     one DP evaluation release compose to at most ``target_epsilon`` at ``delta``.
 
-    The evaluation release (a sensitivity-1 noisy histogram, ``GaussianStep(eval_sigma, 1, 1)``)
-    gets noise such that it alone costs at most ``eval_share * target_epsilon``; the training
-    noise is then calibrated with that release in ``fixed``. Because RDP composes more tightly
-    than adding epsilons, training ends up with a little more than ``1 - eval_share`` of the
-    target."""
+    Sequential: the evaluation release (a sensitivity-1 noisy histogram,
+    ``GaussianStep(eval_sigma, 1, 1)``) gets noise such that it alone costs at most
+    ``eval_share * target_epsilon``; the training noise is then calibrated with that release
+    in ``fixed``. Because RDP composes more tightly than adding epsilons, training ends up
+    with a little more than ``1 - eval_share`` of the target.
+
+    Parallel (the evaluation's persons are not the training's, ``epsilon_parallel``): each
+    is calibrated to the whole target on its own, and ``eval_share`` is not used."""
     _check_epsilon(target_epsilon)
     _check_delta(delta)
     if not (math.isfinite(eval_share) and 0 < eval_share < 1):
@@ -346,10 +392,21 @@ def plan_dpsgd(
             f"delta must be below 1/persons ({n_persons})",
             "use e.g. 1e-6",
         )
-    eval_sigma = calibrate_noise(eval_share * target_epsilon, delta, 1.0, 1)
-    eval_step = GaussianStep(eval_sigma, 1.0, 1)
-    sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps, fixed=(eval_step,))
-    epsilon = epsilon_for([GaussianStep(sigma, sample_rate, steps), eval_step], delta)
+    composition = Composition(composition)
+    if composition is Composition.PARALLEL:
+        eval_sigma = calibrate_noise(target_epsilon, delta, 1.0, 1)
+        sigma = calibrate_noise(target_epsilon, delta, sample_rate, steps)
+    else:
+        eval_sigma = calibrate_noise(eval_share * target_epsilon, delta, 1.0, 1)
+        sigma = calibrate_noise(
+            target_epsilon, delta, sample_rate, steps, fixed=(GaussianStep(eval_sigma, 1.0, 1),)
+        )
+    epsilon = dpsgd_epsilon(
+        GaussianStep(sigma, sample_rate, steps),
+        GaussianStep(eval_sigma, 1.0, 1),
+        delta,
+        composition,
+    )
     return DPSGDPlan(
         noise_multiplier=sigma,
         sample_rate=sample_rate,
@@ -359,4 +416,5 @@ def plan_dpsgd(
         epsilon=epsilon,
         delta=delta,
         target_epsilon=target_epsilon,
+        composition=composition,
     )

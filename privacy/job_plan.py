@@ -6,8 +6,9 @@ runs the plan and reports what it ran, and the service checks the report against
 (``sandbox.mechanisms.plans``).
 
 With the evaluation, the plan is ``privacy.accountant.plan_dpsgd``'s (training plus one
-evaluation histogram taking ``eval_share`` of the target; ``privacy.dp_metrics`` makes that
-release). A job that does not want the evaluation plans without it (``evaluate=False``): a
+evaluation histogram, ``privacy.dp_metrics``). When the evaluation's persons are not the
+training's (the reader's person split), the two compose in parallel and each is calibrated
+to the whole target; otherwise the histogram takes ``eval_share`` of it. A job that does not want the evaluation plans without it (``evaluate=False``): a
 ``TrainingOnlyPlan``, no histogram, no charge, the whole epsilon goes to training.
 """
 
@@ -65,15 +66,21 @@ def plan_job(
     *,
     evaluate: bool,
     eval_share: float,
+    disjoint_eval: bool = False,
 ) -> DPSGDPlan | TrainingOnlyPlan:
-    """``plan_dpsgd`` (training + one evaluation release taking ``eval_share`` of the
-    target) when ``evaluate``; otherwise a :class:`TrainingOnlyPlan` calibrated with the
-    same checks for training alone. (``plan_dpsgd`` refuses ``eval_share = 0``: it always
-    plans the evaluation release.)
+    """``plan_dpsgd`` (training + one evaluation release) when ``evaluate``; otherwise a
+    :class:`TrainingOnlyPlan` calibrated with the same checks for training alone.
+    (``plan_dpsgd`` refuses ``eval_share = 0``: it always plans the evaluation release.)
+
+    ``disjoint_eval``: the evaluation reads only persons the training never reads (the
+    reader's split by pseudonym), so the two compose in parallel and each gets the whole
+    target; otherwise sequentially, the evaluation taking ``eval_share`` of it.
 
     A pure function of its arguments, memoised: the service makes the same plan at
     admission, when it checks a worker's report and when it charges (plans are frozen)."""
-    return _plan_job(target_epsilon, delta, n_persons, batch_size, epochs, evaluate, eval_share)
+    return _plan_job(
+        target_epsilon, delta, n_persons, batch_size, epochs, evaluate, eval_share, disjoint_eval
+    )
 
 
 @functools.lru_cache(maxsize=512)
@@ -85,12 +92,20 @@ def _plan_job(
     epochs: int,
     evaluate: bool,
     eval_share: float,
+    disjoint_eval: bool,
 ) -> DPSGDPlan | TrainingOnlyPlan:
     from privacy import accountant as acc
 
     if evaluate:
+        composition = acc.Composition.PARALLEL if disjoint_eval else acc.Composition.SEQUENTIAL
         return acc.plan_dpsgd(
-            target_epsilon, delta, n_persons, batch_size, epochs, eval_share=eval_share
+            target_epsilon,
+            delta,
+            n_persons,
+            batch_size,
+            epochs,
+            eval_share=eval_share,
+            composition=composition,
         )
     acc._check_epsilon(target_epsilon)
     acc._check_delta(delta)

@@ -121,6 +121,9 @@ def write_model_card(
             "composition": (
                 "DP-SGD steps only (evaluation skipped), by RDP"
                 if skipped
+                else "DP-SGD steps and one DP evaluation histogram on other persons (the "
+                "person split), composed in parallel: the larger of their RDP epsilons"
+                if plan.get("composition") == "parallel"
                 else "DP-SGD steps and one DP evaluation histogram, composed by RDP"
             ),
             "clipping": result.clipping,

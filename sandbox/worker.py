@@ -73,7 +73,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     from connectors.schema import SchemaContract
     from foundation.engine_env import configure_engine_env
     from foundation.sql import make_engine
-    from privacy.accountant import GaussianStep, epsilon_for
+    from privacy.accountant import GaussianStep, dpsgd_epsilon
     from privacy.dp_metrics import dp_binary_metrics
     from sandbox.jobs import JobStore
     from sandbox.jobspec import parse_stored_spec
@@ -149,7 +149,7 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
     model = model.to("cpu")
 
     rng = np.random.default_rng(noise_seed(payload, "eval"))
-    history = [GaussianStep(result.noise_multiplier, result.sample_rate, result.steps_taken)]
+    training = GaussianStep(result.noise_multiplier, result.sample_rate, result.steps_taken)
     # a skipped evaluation (privacy.evaluate = false) releases nothing and is not charged;
     # a dry run still evaluates: its test rows are dummy or already-released synthetic rows
     # (no noise needed, nothing charged) and its figures are what a quote's curve plots
@@ -161,10 +161,9 @@ def run_dpsgd_job(payload: dict[str, Any]) -> DpsgdResult:
         # every figure comes with its 95% interval and the unreliable flag (dp_metrics)
         metrics = dp_binary_metrics(scores, y_test.numpy(), eval_sigma, rng).to_dict()
     released_sigma = None if dry_run else dp.eval_sigma
-    if released_sigma is not None:
-        history.append(GaussianStep(released_sigma, 1.0, 1))
+    evaluation = None if released_sigma is None else GaussianStep(released_sigma, 1.0, 1)
     # the worker's own figure travels for display only: the service charges its plan's
-    epsilon_spent = epsilon_for(history, spec.privacy.delta)
+    epsilon_spent = dpsgd_epsilon(training, evaluation, spec.privacy.delta, dp.composition)
 
     out = zone_root / "jobs" / job_id
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +219,7 @@ def _payload_plan(payload: dict[str, Any]) -> _Plan:
         steps=int(plan["steps"]),
         steps_per_epoch=int(plan["steps_per_epoch"]),
         eval_sigma=None if eval_sigma is None else float(eval_sigma),
+        composition=str(plan.get("composition", "sequential")),
     )
 
 
@@ -234,3 +234,5 @@ class _Plan:
     steps_per_epoch: int
     #: None: no evaluation release is planned (``privacy.evaluate = false``)
     eval_sigma: float | None
+    #: how training and the evaluation compose (``privacy.accountant.Composition``)
+    composition: str = "sequential"

@@ -38,6 +38,7 @@ from sandbox.mechanisms.dpsgd_plan import (
     check_batch_size,
     check_columns,
     decide,
+    disjoint_eval,
     n_train_of,
     plan_spec,
     service_plan,
@@ -90,7 +91,12 @@ def job_plan(ctx: ZoneContext, job: JobRecord) -> dict[str, Any] | None:
             f"job {job.id}: its stored spec does not match its hash; it is not charged from it"
         )
     dataset = ctx.job_dataset(job)
-    return service_plan(spec, n_train_of(dataset), counts_public=dataset.counts_public)[0]
+    return service_plan(
+        spec,
+        n_train_of(dataset),
+        counts_public=dataset.counts_public,
+        disjoint=disjoint_eval(dataset),
+    )[0]
 
 
 #: the admission helpers, where they were first written (``sandbox.mechanisms.dpsgd_plan``)

@@ -80,9 +80,19 @@ def check_batch_size(spec: JobSpec, dataset: Any) -> None:
         )
 
 
-def plan_spec(spec: JobSpec, n_train: int) -> Any:
+def disjoint_eval(dataset: Any) -> bool:
+    """Whether a DP-SGD job's evaluation reads only persons its training never reads: the
+    reader splits by a hash of each person's pseudonym when the contract has an identifier
+    column (``connectors.reader``), a rule of the person alone, so the two releases compose
+    in parallel (``privacy.accountant.epsilon_parallel``). Without one the split is by row
+    position, which other persons move: they compose sequentially."""
+    return SchemaContract.from_dict(dataset.contract).identifier is not None
+
+
+def plan_spec(spec: JobSpec, n_train: int, *, disjoint: bool) -> Any:
     """The accountant's plan (``privacy.job_plan.JobPlan``) for a DP-SGD ``spec`` on
-    ``n_train`` training persons: the one planning the submit, the quote and dry runs share."""
+    ``n_train`` training persons: the one planning the submit, the quote and dry runs share.
+    ``disjoint``: ``disjoint_eval`` of the dataset."""
     from privacy.job_plan import plan_job
 
     return plan_job(
@@ -95,13 +105,15 @@ def plan_spec(spec: JobSpec, n_train: int) -> Any:
         # privacy.evaluate = false: no evaluation release, its share goes to training
         evaluate=spec.privacy.evaluate,
         eval_share=EVAL_SHARE,
+        disjoint_eval=disjoint,
     )
 
 
 def service_plan(
-    spec: JobSpec, n_train: int, *, counts_public: bool
+    spec: JobSpec, n_train: int, *, counts_public: bool, disjoint: bool
 ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
-    """The service's plan for ``spec`` on ``n_train`` training persons: ``(plan, None)``.
+    """The service's plan for ``spec`` on ``n_train`` training persons: ``(plan, None)``
+    (``disjoint``: ``disjoint_eval`` of the dataset).
 
     A spec the planner refuses for this size (a batch above the split, delta >= 1/n, a
     target no noise reaches) is refused now when the size is public. With private counts
@@ -114,7 +126,7 @@ def service_plan(
     accountant._check_epsilon(spec.privacy.epsilon)
     accountant._check_delta(spec.privacy.delta)
     try:
-        dp = plan_spec(spec, n_train)
+        dp = plan_spec(spec, n_train, disjoint=disjoint)
     except SpecError as exc:
         if counts_public:
             raise

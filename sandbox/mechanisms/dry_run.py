@@ -28,6 +28,7 @@ from sandbox.jobs import DRY_RUN_PREFIX, JobRecord
 from sandbox.jobspec import JobSpec, parse_stored_spec
 from sandbox.mechanisms.base import Admission, BackendMechanism
 from sandbox.mechanisms.dpsgd import TRAIN_FRACTION, service_plan, worker_payload
+from sandbox.mechanisms.dpsgd_plan import disjoint_eval
 from sandbox.mechanisms.free_data import free_table, synthetic_job
 from sandbox.mechanisms.plans import check_figures, dpsgd_epsilon, not_a_result
 from sandbox.mechanisms.precheck import precheck
@@ -93,7 +94,12 @@ class DryRunMechanism(BackendMechanism):
         else:
             # the job's plan follows the exact size: the dry run plans on its table's size,
             # which is public (see the module docstring), so its refusals are free
-            plan = service_plan(spec, int(table.num_rows * TRAIN_FRACTION), counts_public=True)
+            plan = service_plan(
+                spec,
+                int(table.num_rows * TRAIN_FRACTION),
+                counts_public=True,
+                disjoint=disjoint_eval(rec),
+            )
         dest = ctx.zone.job_dir(job_id) / "dry-run-data"
         ingest_table(
             table, contract, dest, ctx.zone.secret(), zone_key_file=ctx.zone.data_key_file()

@@ -120,15 +120,15 @@ def not_a_result(kind: str) -> ReportMismatch:
 
 
 def dpsgd_epsilon(plan: Mapping[str, Any]) -> float:
-    """The accountant's epsilon for a DP-SGD plan: its training steps plus, when planned,
-    the one evaluation histogram, at the plan's delta (RDP, as ``plan_job`` calibrated it)."""
-    from privacy.accountant import GaussianStep, epsilon_for
+    """The accountant's epsilon for a DP-SGD plan: its training steps and, when planned, the
+    one evaluation histogram, composed as the plan says (sequential for a plan stored before
+    plans named their composition), at the plan's delta (RDP, as ``plan_job`` calibrated it)."""
+    from privacy import accountant as acc
 
-    history = [
-        GaussianStep(
-            float(plan["noise_multiplier"]), float(plan["sample_rate"]), int(plan["steps"])
-        )
-    ]
-    if plan.get("eval_sigma") is not None:
-        history.append(GaussianStep(float(plan["eval_sigma"]), 1.0, 1))
-    return epsilon_for(history, float(plan["delta"]))
+    training = acc.GaussianStep(
+        float(plan["noise_multiplier"]), float(plan["sample_rate"]), int(plan["steps"])
+    )
+    sigma = plan.get("eval_sigma")
+    evaluation = None if sigma is None else acc.GaussianStep(float(sigma), 1.0, 1)
+    composition = plan.get("composition", acc.Composition.SEQUENTIAL)
+    return acc.dpsgd_epsilon(training, evaluation, float(plan["delta"]), composition)

@@ -40,6 +40,7 @@ from sandbox.mechanisms.dpsgd_plan import (
     check_batch_size,
     check_columns,
     decide,
+    disjoint_eval,
     n_train_of,
     service_plan,
 )
@@ -145,7 +146,12 @@ def precheck(
     else:
         spec, tuning = resolve(ctx, spec, dataset=dataset)
         check_batch_size(spec, dataset)
-        plan = service_plan(spec, n_train_of(dataset), counts_public=dataset.counts_public)
+        plan = service_plan(
+            spec,
+            n_train_of(dataset),
+            counts_public=dataset.counts_public,
+            disjoint=disjoint_eval(dataset),
+        )
         keys = [BudgetKey(spec.project, spec.dataset)]
     eps, dlt = spec.privacy.epsilon, spec.privacy.delta
     checks = tuple(BudgetCheck(k, ctx.ledger.balance(k), eps, dlt) for k in keys)

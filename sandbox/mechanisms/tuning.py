@@ -9,7 +9,7 @@ quote, a dry run) or when ``sandbox tune`` asks, :func:`resolve` picks them:
    x ``TRAIN_FRACTION``; with private counts the fixed :data:`ASSUMED_N_TRAIN`, never the
    exact count: chokepoint 10), the optimizer and the fields the spec wrote.
 2. Each candidate is planned exactly as admission would plan the job (``plan_spec``: the
-   same epsilon, delta and evaluation share on that size) and trained on free rows
+   same epsilon, delta and composition with the evaluation on that size) and trained on free rows
    (``free_data``: the project's released DP synthetic table, else dummy rows from the
    contract; at most :data:`FREE_TRAIN_ROWS` to train, up to :data:`FREE_TEST_ROWS` more
    held out, so the scores' standard errors are ~0.01-0.02) with the plan's steps
@@ -41,7 +41,13 @@ from foundation.errors import SpecError
 from policies.store_records import DatasetRecord
 from sandbox.context import ZoneContext
 from sandbox.jobspec import JobSpec
-from sandbox.mechanisms.dpsgd_plan import TRAIN_FRACTION, n_train_of, plan_spec, spec_mechanism
+from sandbox.mechanisms.dpsgd_plan import (
+    TRAIN_FRACTION,
+    disjoint_eval,
+    n_train_of,
+    plan_spec,
+    spec_mechanism,
+)
 from sandbox.mechanisms.free_data import default_source, free_table
 from training.autotune import FIELDS, Hyper, auroc_se, candidates, choose, combined, learned
 
@@ -143,26 +149,27 @@ def search(
     linear = not spec.model.hidden
     grid = list(candidates(n, spec.training.optimizer, auto, written, linear=linear))
     data = _free_rows(ctx, spec, on, dataset)
+    disjoint = disjoint_eval(dataset)
     rows: list[dict[str, Any]] = []
     scores: list[float | None] = []
     ses: list[float] = []
     with _one_thread():
         for c in grid:
-            row, score, se = _evaluate(spec, c.hyper, n, data)
+            row, score, se = _evaluate(spec, c.hyper, n, data, disjoint)
             rows.append({**row, "moves": c.moves or "prior"})
             scores.append(score)
             ses.append(se)
     if all("refused" in row for row in rows):
         # every candidate refused by the planner: the spec's own problem (a delta at or above
         # 1/n, an epsilon no noise reaches), raised as the planner words it
-        plan_spec(apply(spec, grid[0].hyper), n)
+        plan_spec(apply(spec, grid[0].hyper), n, disjoint=disjoint)
         raise SpecError("privacy.epsilon", rows[0]["refused"], "change epsilon or delta")
     last = combined(grid, scores, n, spec.training.optimizer, auto, linear=linear)
     # without signal in the free rows (dummy rows) the moves' scores are noise: nothing to
     # combine, the prior stays
     if learned(scores, ses) and last not in [c.hyper for c in grid]:
         with _one_thread():
-            row, score, se = _evaluate(spec, last, n, data)
+            row, score, se = _evaluate(spec, last, n, data, disjoint)
         rows.append({**row, "moves": "combined"})
         scores.append(score)
         ses.append(se)
@@ -241,6 +248,7 @@ def _evaluate(
     h: Hyper,
     n: int,
     data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    disjoint: bool,
 ) -> tuple[dict[str, Any], float | None, float]:
     """Plan ``h`` as admission would on ``n`` persons, train it :data:`REPEATS` times on the
     free rows with that plan's steps and noise per averaged gradient, score it on the
@@ -256,7 +264,7 @@ def _evaluate(
 
     row: dict[str, Any] = h.to_dict()
     try:
-        plan = plan_spec(apply(spec, h), n)
+        plan = plan_spec(apply(spec, h), n, disjoint=disjoint)
     except SpecError as exc:
         row["refused"] = exc.problem
         return row, None, float("inf")

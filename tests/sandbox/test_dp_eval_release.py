@@ -62,16 +62,19 @@ def test_card_and_cli_show_each_metric_with_its_interval(
     m = r["metrics"]
     assert set(m["ci95"]) == {"auroc", "accuracy", "ece", "n_noisy"}
     assert isinstance(m["unreliable"], bool)
-    # charged: the DP-SGD steps and the evaluation histogram
+    # charged: the DP-SGD steps and the evaluation histogram, on disjoint persons (the
+    # cohort has ids): parallel composition, the larger of the two
     p = r["plan"]
-    history = [
-        GaussianStep(p["noise_multiplier"], p["sample_rate"], r["steps_taken"]),
-        GaussianStep(p["eval_sigma"], 1.0, 1),
-    ]
-    assert r["epsilon"] == pytest.approx(epsilon_for(history, r["delta"]))
+    assert p["composition"] == "parallel"
+    training = GaussianStep(p["noise_multiplier"], p["sample_rate"], r["steps_taken"])
+    evaluation = GaussianStep(p["eval_sigma"], 1.0, 1)
+    parts = [epsilon_for([training], r["delta"]), epsilon_for([evaluation], r["delta"])]
+    assert r["epsilon"] == pytest.approx(max(parts))
+    assert r["epsilon"] < epsilon_for([training, evaluation], r["delta"])
 
     card = _card(world, evaluated, tmp_path / "release")
     assert card["evaluation"] != "skipped" and card["privacy"]["eval_sigma"] > 0
+    assert "in parallel" in card["privacy"]["composition"]
     assert card["dp_metrics"]["ci95"] == m["ci95"]
     shown = card["dp_metrics_display"]
     for key in ("auroc", "accuracy", "ece"):
@@ -113,9 +116,11 @@ def test_skipped_evaluation_is_neither_run_nor_charged(
     assert r["evaluation"] == "skipped" and r["metrics"] == {}
     p = r["plan"]
     assert p["eval_sigma"] is None
-    # the whole epsilon went to training: less noise than the same job with its evaluation,
-    # and the charge is the DP-SGD steps alone (no evaluation step in the history)
-    assert p["noise_multiplier"] < evaluated.result["plan"]["noise_multiplier"]
+    # the whole epsilon went to training, and the charge is the DP-SGD steps alone (no
+    # evaluation step in the history). On this cohort (ids: the evaluation's persons are not
+    # the training's) the evaluated job's training had the whole epsilon too: same noise
+    assert evaluated.result["plan"]["composition"] == "parallel"
+    assert p["noise_multiplier"] == pytest.approx(evaluated.result["plan"]["noise_multiplier"])
     training = GaussianStep(p["noise_multiplier"], p["sample_rate"], r["steps_taken"])
     assert r["epsilon"] == pytest.approx(epsilon_for([training], r["delta"]))
     assert r["epsilon"] <= 1.0

@@ -217,10 +217,10 @@ def test_the_optimizer_does_not_change_the_plan() -> None:
         parse_job_spec(_training(optimizer="adamw", weight_decay=0.3)),
         parse_job_spec(_training(lr=None)),
     ]
-    plans = [plan_spec(s, 40_000).to_dict() for s in specs]
+    plans = [plan_spec(s, 40_000, disjoint=True).to_dict() for s in specs]
     assert all(p == plans[0] for p in plans)
     assert {"noise_multiplier", "sample_rate", "steps", "epsilon"} <= set(plans[0])
-    served = [service_plan(s, 40_000, counts_public=False) for s in specs]
+    served = [service_plan(s, 40_000, counts_public=False, disjoint=True) for s in specs]
     assert all(p == served[0] for p in served)
 
     fed = tomllib.loads(FEDERATED)
@@ -332,5 +332,5 @@ def test_an_unresolved_spec_is_never_planned() -> None:
 
     for field in ("training.epochs", "training.batch_size"):
         with pytest.raises(SpecError) as err:
-            plan_spec(parse_job_spec(_without(field)), 40_000)
+            plan_spec(parse_job_spec(_without(field)), 40_000, disjoint=True)
         assert err.value.field == field and "not resolved" in err.value.problem

@@ -63,7 +63,7 @@ def test_submit_resolves_the_auto_fields_charges_the_resolved_plan_and_records_i
 
     # charged exactly the accountant's epsilon of the resolved spec's plan
     dataset = svc.store.get_dataset("cohort")
-    plan = plan_spec(stored, n_train_of(dataset))
+    plan = plan_spec(stored, n_train_of(dataset), disjoint=True)  # the cohort has ids
     commits = [e for e in svc.ledger.events() if e.job_id == job.id and e.kind is EventKind.COMMIT]
     assert [e.epsilon for e in commits] == [pytest.approx(plan.epsilon)]
     assert job.result["epsilon"] == pytest.approx(plan.epsilon)
@@ -162,7 +162,8 @@ def test_quotes_and_dry_runs_resolve_as_a_submit_would(world: Any) -> None:
     assert quote["tuning"] == tuned["tuning"]
     resolved = parse_job_spec(tuned["spec"])
     assert (
-        quote["plan"] == plan_spec(resolved, n_train_of(svc.store.get_dataset("cohort"))).to_dict()
+        quote["plan"]
+        == plan_spec(resolved, n_train_of(svc.store.get_dataset("cohort")), disjoint=True).to_dict()
     )
     dry = svc.dry_run(rita, spec, "dummy")
     assert dry.state == "succeeded", dry.error
