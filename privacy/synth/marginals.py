@@ -41,7 +41,10 @@ Estimation and sampling (post-processing of the noisy tables, no further cost): 
 marginal is the inverse-variance average of the anchors' label sums. Each anchor is denoised
 (``_denoise``): an ordered column's noisy 1-way counts are fitted piecewise-constant and each
 piece's total soft-thresholded, so that the empty ends of a wide declared domain (a lab value
-declared 0 to 5,000) mostly get no rows from noise alone; the label splits each piece. Pair
+declared 0 to 5,000) mostly get no rows from noise alone; the label splits each piece. A
+numeric column on a linear scale whose noise is as large as its data (a few hundred persons
+at epsilon 1) is then re-shaped by a mixture of one or two normals fitted to its noisy counts
+(``privacy.noisy_counts``). Pair
 tables group each column into contiguous equal-mass values (the commonest categories), as
 many as keep a cell's mean count near the tree tables' noise (``_pair_values``: 2 per column
 for a few hundred persons at epsilon 1, up to :data:`MAX_PAIR_VALUES` for tens of
@@ -66,10 +69,12 @@ import numpy as np
 
 from connectors.schema_columns import Role
 from privacy.accountant import GaussianStep
+from privacy.noisy_counts import smooth_anchor
 from privacy.synth.codec import (
     Codec,
     ColumnCodec,
     DPFit,
+    ValueKind,
     plan_sigmas,
     project_to_simplex,
     sample_rows,
@@ -160,7 +165,20 @@ def fit_mst(
 
     # post-processing (noisy anchors only): denoised anchors, coarse domains for the pairs
     for j in others:
-        anchors[j] = _denoise(codec.columns[j], anchors[j], label_marginal, sigma_anchor)
+        column = codec.columns[j]
+        denoised = _denoise(column, anchors[j], label_marginal, sigma_anchor)
+        # a numeric column under noise as large as its data: a smooth shape (privacy.noisy_counts)
+        anchors[j] = smooth_anchor(
+            column.spec.is_numeric and column.kind is ValueKind.BINNED,
+            column.scale,
+            column.n_values,
+            anchors[j],
+            denoised,
+            label_marginal,
+            sigma_anchor,
+            piece_penalty=SEGMENT_PENALTY,
+            rake_rounds=RAKE_ROUNDS,
+        )
     n_groups = _pair_values(total, k_root, sigma_tree)
     coarse = {j: _coarsen(codec.columns[j], anchors[j].sum(axis=0), n_groups) for j in others}
     coarse_anchor = {j: _merge(anchors[j], coarse[j]) for j in others}
