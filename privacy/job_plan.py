@@ -50,10 +50,12 @@ class TrainingOnlyPlan:
         return (self.training_step,)
 
     def to_dict(self) -> dict[str, Any]:
-        from privacy.accountant import NEIGHBOURING, UNIT, Accountant
+        from privacy.accountant import NEIGHBOURING, UNIT, Accountant, Composition
 
         out = asdict(self)
         out.update(accountant=Accountant.RDP.value, neighbouring=NEIGHBOURING, unit=UNIT)
+        # one release: nothing to compose (the key keeps every plan's shape the same)
+        out["composition"] = Composition.SEQUENTIAL.value
         return out
 
 
