@@ -20,10 +20,15 @@ recomputes epsilon from them, it never keeps a running epsilon.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -130,16 +135,37 @@ def _check_epsilon(target_epsilon: float) -> None:
         raise SpecError("privacy.epsilon", "must be a finite number > 0", "use e.g. 1.0 to 10.0")
 
 
+@functools.cache
+def _opacus_rdp() -> ModuleType:
+    """Opacus's RDP analysis (``opacus.accountants.analysis.rdp``), its own file loaded alone.
+
+    The module needs only numpy and scipy, but ``import opacus`` first runs the package's
+    ``__init__``, which imports torch and the trainer: about 4 s of every CLI call that plans
+    a job (a quote, a dry run, a submit), refusals included. Loaded here from the installed
+    package's file, the same code, in milliseconds. A process that has imported Opacus
+    already (a worker) uses that module."""
+    name = "opacus.accountants.analysis.rdp"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("opacus")  # finds the package without running it
+    if package is None or package.origin is None:
+        raise ImportError("opacus is not installed; the accountant needs its RDP analysis")
+    path = Path(package.origin).parent / "accountants" / "analysis" / "rdp.py"
+    spec = importlib.util.spec_from_file_location("safe_zone_opacus_rdp", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load Opacus's RDP analysis from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _rdp_curve(step: GaussianStep) -> np.ndarray:
     """The step's RDP at every order in :data:`RDP_ORDERS`."""
     if step.steps == 0:
         # Opacus multiplies the per-step curve by ``steps``; skip it so that 0 * inf is never nan.
         return np.zeros(len(RDP_ORDERS))
-    # opacus imports torch (seconds): loaded when a figure is computed, not when a CLI starts
-    from opacus.accountants.analysis.rdp import compute_rdp
-
     curve = np.asarray(
-        compute_rdp(
+        _opacus_rdp().compute_rdp(
             q=step.sample_rate,
             noise_multiplier=step.noise_multiplier,
             steps=step.steps,
@@ -162,9 +188,7 @@ def _epsilon_from_curve(curve: np.ndarray, delta: float) -> float:
     # process-global state (not thread-safe).
     orders = [RDP_ORDERS[0] - 0.05, *RDP_ORDERS, RDP_ORDERS[-1] + 1.0]
     rdp = np.concatenate(([np.inf], curve, [np.inf]))
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
-    eps, _order = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    eps, _order = _opacus_rdp().get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     eps = float(eps)
     if math.isnan(eps):
         return math.inf
