@@ -1,4 +1,6 @@
-"""A smooth shape for a numeric column's noisy counts when the noise is as large as the data.
+"""Post-processing of noisy counts: the least-squares non-negative table with a known total
+(``project_to_simplex``), and a smooth shape for a numeric column's counts when the noise is
+as large as the data (``smooth_anchor``).
 
 MST's anchors (``privacy.synth.marginals``) are noisy (label, bin) tables. On a few hundred
 persons at epsilon 1 the noise per bin is as large as the counts, and the piecewise-constant
@@ -45,6 +47,32 @@ PARAMETRIC_SNR = 25.0
 MIN_BINS = 8
 #: Nelder-Mead's iteration cap per fit (a fit of five parameters converges in a few hundred)
 MAX_ITERATIONS = 2000
+
+
+def project_to_simplex(values: np.ndarray, totals: np.ndarray | float) -> np.ndarray:
+    """Euclidean projection of each row of ``values`` (last axis) onto
+    ``{x >= 0, sum(x) = total}``: the least-squares non-negative table with a known total.
+
+    Used on noisy counts: it removes negative counts without the upward bias of clipping at 0
+    (cells of noise-only mass shrink to zero). Post-processing: it costs no privacy."""
+    v = np.asarray(values, dtype=np.float64)
+    shape = v.shape
+    k = shape[-1]
+    flat = v.reshape(-1, k)
+    t = np.broadcast_to(np.asarray(totals, dtype=np.float64), shape[:-1]).reshape(-1)
+    t = np.maximum(t, 0.0)
+    u = -np.sort(-flat, axis=1)
+    css = np.cumsum(u, axis=1) - t[:, None]
+    ranks = np.arange(1, k + 1)
+    positive = u - css / ranks > 0
+    last = k - 1 - np.argmax(positive[:, ::-1], axis=1)
+    # index 0 always qualifies in exact arithmetic (t > 0); rounding can lose it for a total
+    # far below the values' spacing, and then the answer is "all mass on the largest value"
+    last = np.where(positive.any(axis=1), last, 0)
+    theta = css[np.arange(flat.shape[0]), last] / (last + 1)
+    out = np.maximum(flat - theta[:, None], 0.0)
+    out[t <= 0] = 0.0
+    return out.reshape(shape)
 
 
 def snr(total: float, noise_sd: float, bins: int) -> float:

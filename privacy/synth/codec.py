@@ -1,6 +1,6 @@
 """What every synthesizer shares: the method names, the result, the contract-only encoding,
-the shared DP helpers (:func:`plan_sigmas`, :func:`project_to_simplex`, :func:`sample_rows`)
-and the argument checks. It imports no other module of ``privacy.synth``; the engines
+the shared DP helpers (:func:`plan_sigmas`, :func:`sample_rows`; the projection of noisy
+counts lives in ``privacy.noisy_counts``) and the argument checks. It imports no other module of ``privacy.synth``; the engines
 (marginals, copula, baselines) import it and nothing else of ``privacy.synth``;
 :mod:`privacy.synth.registry` maps each :class:`SynthMethod` to its engine.
 
@@ -449,32 +449,6 @@ def plan_sigmas(
             return tuple(sig * scale for sig in sigmas)
         scale *= 1.0 + 1e-6
     raise IntegrityError("noise calibration did not converge; nothing was released")
-
-
-def project_to_simplex(values: np.ndarray, totals: np.ndarray | float) -> np.ndarray:
-    """Euclidean projection of each row of ``values`` (last axis) onto
-    ``{x >= 0, sum(x) = total}``: the least-squares non-negative table with a known total.
-
-    Used on noisy counts: it removes negative counts without the upward bias of clipping at 0
-    (cells of noise-only mass shrink to zero). Post-processing: it costs no privacy."""
-    v = np.asarray(values, dtype=np.float64)
-    shape = v.shape
-    k = shape[-1]
-    flat = v.reshape(-1, k)
-    t = np.broadcast_to(np.asarray(totals, dtype=np.float64), shape[:-1]).reshape(-1)
-    t = np.maximum(t, 0.0)
-    u = -np.sort(-flat, axis=1)
-    css = np.cumsum(u, axis=1) - t[:, None]
-    ranks = np.arange(1, k + 1)
-    positive = u - css / ranks > 0
-    last = k - 1 - np.argmax(positive[:, ::-1], axis=1)
-    # index 0 always qualifies in exact arithmetic (t > 0); rounding can lose it for a total
-    # far below the values' spacing, and then the answer is "all mass on the largest value"
-    last = np.where(positive.any(axis=1), last, 0)
-    theta = css[np.arange(flat.shape[0]), last] / (last + 1)
-    out = np.maximum(flat - theta[:, None], 0.0)
-    out[t <= 0] = 0.0
-    return out.reshape(shape)
 
 
 def sample_rows(probs: np.ndarray, index: np.ndarray, rng: np.random.Generator) -> np.ndarray:

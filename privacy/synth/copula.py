@@ -44,7 +44,8 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from privacy.accountant import GaussianStep
-from privacy.synth.codec import Codec, DPFit, plan_sigmas, project_to_simplex
+from privacy.noisy_counts import project_to_simplex
+from privacy.synth.codec import Codec, DPFit, plan_sigmas
 
 #: Shares of the budget (zCDP rho). The marginals are accurate even on little budget (each bin
 #: holds many persons); the correlations carry the label link and are small numbers, so they

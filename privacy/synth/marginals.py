@@ -69,14 +69,13 @@ import numpy as np
 
 from connectors.schema_columns import Role
 from privacy.accountant import GaussianStep
-from privacy.noisy_counts import smooth_anchor
+from privacy.noisy_counts import project_to_simplex, smooth_anchor
 from privacy.synth.codec import (
     Codec,
     ColumnCodec,
     DPFit,
     ValueKind,
     plan_sigmas,
-    project_to_simplex,
     sample_rows,
 )
 

@@ -36,8 +36,9 @@ from connectors.schema import SchemaContract
 from foundation.engine_env import configure_engine_env
 from foundation.errors import BackendError, SchemaError, SpecError
 from privacy.accountant import GaussianStep, epsilon_for
+from privacy.noisy_counts import project_to_simplex
 from privacy.synth import SynthMethod, SynthResult, fit_and_sample, is_dp
-from privacy.synth.codec import OTHER, Codec, plan_sigmas, project_to_simplex
+from privacy.synth.codec import OTHER, Codec, plan_sigmas
 
 PERSONS = 3_000
 DELTA = 1e-6

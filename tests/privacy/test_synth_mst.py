@@ -20,9 +20,10 @@ from connectors.schema import SchemaContract
 from connectors.schema_columns import ColumnSpec, Role
 from privacy.accountant import epsilon_for
 from privacy.job_plan import plan_synth
+from privacy.noisy_counts import project_to_simplex
 from privacy.synth import marginals
 from privacy.synth.base import fit_and_sample
-from privacy.synth.codec import ColumnCodec, project_to_simplex
+from privacy.synth.codec import ColumnCodec
 
 DELTA = 1e-6
 
