@@ -96,13 +96,33 @@ def start_server(
 
 
 def stop_server(server: Server) -> None:
+    """SIGTERM to the service alone first: it shuts its own Ray down in ~2.5 s, where a
+    SIGTERM to the whole group kills Ray under it and its shutdown then waits ~9 s on the
+    dead processes. Started through ``runuser`` (which may not pass the signal on), or not
+    gone in time: the whole group, then SIGKILL. Whatever is left of the group goes last."""
     if server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGTERM)
+        alone = str(server.proc.args[0]) != "runuser"
+        if alone:
+            os.kill(server.proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(server.proc.pid, signal.SIGTERM)
         try:
-            server.proc.wait(timeout=30)
+            server.proc.wait(timeout=20 if alone else 30)
         except subprocess.TimeoutExpired:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait(timeout=30)
+            _signal_group(server.proc.pid, signal.SIGTERM)
+            try:
+                server.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal_group(server.proc.pid, signal.SIGKILL)
+                server.proc.wait(timeout=30)
+    _signal_group(server.proc.pid, signal.SIGKILL)  # strays of the session, if any
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 @contextmanager
