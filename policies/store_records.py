@@ -78,7 +78,8 @@ class User:
 @dataclass(frozen=True)
 class DatasetRecord:
     """A registered dataset. ``path`` is where ingest wrote it, for the record only (readers
-    find the files from the zone's layout, ``Zone.version_dir``): it is never in ``to_dict``. ``rows``, ``persons`` and ``sites`` are counts taken from real rows: the
+    find the files from the zone's layout, ``Zone.version_dir``): it is never in
+    ``to_dict``. ``rows``, ``persons`` and ``sites`` are counts taken from real rows: the
     steward's view (``to_dict``); researchers and analysts get ``to_public_dict``."""
 
     name: str

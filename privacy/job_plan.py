@@ -8,8 +8,9 @@ runs the plan and reports what it ran, and the service checks the report against
 With the evaluation, the plan is ``privacy.accountant.plan_dpsgd``'s (training plus one
 evaluation histogram, ``privacy.dp_metrics``). When the evaluation's persons are not the
 training's (the reader's person split), the two compose in parallel and each is calibrated
-to the whole target; otherwise the histogram takes ``eval_share`` of it. A job that does not want the evaluation plans without it (``evaluate=False``): a
-``TrainingOnlyPlan``, no histogram, no charge, the whole epsilon goes to training.
+to the whole target; otherwise the histogram takes ``eval_share`` of it. A job that does not
+want the evaluation plans without it (``evaluate=False``): a ``TrainingOnlyPlan``, no
+histogram, no charge, the whole epsilon goes to training.
 """
 
 from __future__ import annotations

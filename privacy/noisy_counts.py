@@ -75,6 +75,18 @@ def project_to_simplex(values: np.ndarray, totals: np.ndarray | float) -> np.nda
     return out.reshape(shape)
 
 
+def rake(table: np.ndarray, rows_to: np.ndarray, cols_to: np.ndarray, rounds: int) -> np.ndarray:
+    """Iterative proportional fitting of a non-negative 2-D ``table``, in place: ``rounds``
+    times its rows scaled to sum to ``rows_to``, then its columns to ``cols_to`` (a row or
+    column that sums to 0 stays 0). Returns ``table``."""
+    for _ in range(rounds):
+        rows = table.sum(axis=1)
+        table *= np.where(rows > 0, rows_to / np.where(rows > 0, rows, 1.0), 0.0)[:, None]
+        cols = table.sum(axis=0)
+        table *= np.where(cols > 0, cols_to / np.where(cols > 0, cols, 1.0), 0.0)[None, :]
+    return table
+
+
 def snr(total: float, noise_sd: float, bins: int) -> float:
     """The column's total against the noise of its ``bins`` counts together."""
     return total / max(noise_sd * math.sqrt(max(bins, 1)), 1e-12)
@@ -168,10 +180,6 @@ def smooth_anchor(
             share[:, v] = share[:, alive[np.argmin(np.abs(alive - v))]]
     out = denoised.copy()
     out[:, :body] = share * mass[None, :]
+    # rows to the label marginal, columns to the fitted counts
     want = np.concatenate([mass, denoised[:, body:].sum(axis=0)])
-    for _ in range(rake_rounds):  # rows to the label marginal, columns to the fitted counts
-        rows = out.sum(axis=1)
-        out *= np.where(rows > 0, label_marginal / np.where(rows > 0, rows, 1.0), 0.0)[:, None]
-        cols = out.sum(axis=0)
-        out *= np.where(cols > 0, want / np.where(cols > 0, cols, 1.0), 0.0)[None, :]
-    return out
+    return rake(out, label_marginal, want, rake_rounds)

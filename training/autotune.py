@@ -40,8 +40,9 @@ Where the rule comes from (the DP-SGD literature's recipes; ``docs/tuning.md`` s
   was measured at 80-500 steps; long runs want less): ``0.01 sqrt(TARGET_STEPS / steps)``
   within ``[0.003, 0.1]`` (0.01 at 600 steps beat 0.03 by 0.01-0.07 AUROC on every one of
   the five tables above, and 0.003 on all but one; a logistic model, whose weights must
-  grow larger to move its logits as far, starts from 0.03: :data:`ADAM_LR_LINEAR`), and a third and three times it. SGD's step is lr times a clipped
-  mean of norm at most C, so its prior keeps ``lr C = 1`` (``DEFAULT_LR[SGD]`` at C = 1).
+  grow larger to move its logits as far, starts from 0.03: :data:`ADAM_LR_LINEAR`), and a
+  third and three times it. SGD's step is lr times a clipped mean of norm at most C, so its
+  prior keeps ``lr C = 1`` (``DEFAULT_LR[SGD]`` at C = 1).
 * **Choosing** (Papernot & Steinke 2022, "Hyperparameter tuning with Renyi differential
   privacy": tuning on the real rows is itself a release, so the scores come from free data
   only). The best AUROC wins unless the prior is within one standard error of it (the

@@ -1,7 +1,8 @@
 """What every synthesizer shares: the method names, the result, the contract-only encoding,
 the shared DP helpers (:func:`plan_sigmas`, :func:`sample_rows`; the projection of noisy
-counts lives in ``privacy.noisy_counts``) and the argument checks. It imports no other module of ``privacy.synth``; the engines
-(marginals, copula, baselines) import it and nothing else of ``privacy.synth``;
+counts lives in ``privacy.noisy_counts``) and the argument checks. It imports no other
+module of ``privacy.synth``; the engines (marginals, copula, baselines) import it and
+nothing else of ``privacy.synth``;
 :mod:`privacy.synth.registry` maps each :class:`SynthMethod` to its engine.
 
 How the DP methods see the data (:class:`Codec`), all of it fixed by the contract before any

@@ -44,11 +44,10 @@ piece's total soft-thresholded, so that the empty ends of a wide declared domain
 declared 0 to 5,000) mostly get no rows from noise alone; the label splits each piece. A
 numeric column on a linear scale whose noise is as large as its data (a few hundred persons
 at epsilon 1) is then re-shaped by a mixture of one or two normals fitted to its noisy counts
-(``privacy.noisy_counts``). Pair
-tables group each column into contiguous equal-mass values (the commonest categories), as
-many as keep a cell's mean count near the tree tables' noise (``_pair_values``: 2 per column
-for a few hundred persons at epsilon 1, up to :data:`MAX_PAIR_VALUES` for tens of
-thousands). Tree tables are projected onto the non-negative tables with the estimated totals
+(``privacy.noisy_counts``). Pair tables group each column into contiguous equal-mass values
+(the commonest categories), as many as keep a cell's mean count near the tree tables' noise
+(``_pair_values``: 2 per column for a few hundred persons at epsilon 1, up to
+:data:`MAX_PAIR_VALUES` for tens of thousands). Tree tables are projected onto the non-negative tables with the estimated totals
 (least squares) and raked (iterative proportional fitting) to agree with the anchors on their
 shared 2-way margins, and rows are drawn by ancestral sampling: label, then the tree's root
 column given the label, then each child given the label and its parent; finally each coarse
@@ -69,7 +68,7 @@ import numpy as np
 
 from connectors.schema_columns import Role
 from privacy.accountant import GaussianStep
-from privacy.noisy_counts import project_to_simplex, smooth_anchor
+from privacy.noisy_counts import project_to_simplex, rake, smooth_anchor
 from privacy.synth.codec import (
     Codec,
     ColumnCodec,
@@ -388,12 +387,9 @@ def _denoise(
     out = np.zeros((k_label, size))
     for p, (a, b) in enumerate(pieces):
         out[:, a:b] = split[:, p : p + 1] / (b - a)
-    for _ in range(RAKE_ROUNDS):  # rows to the label marginal, columns to the 1-way counts
-        rows = out.sum(axis=1)
-        out *= np.where(rows > 0, label_marginal / np.where(rows > 0, rows, 1.0), 0.0)[:, None]
-        cols, want = out.sum(axis=0), np.repeat(piece_mass / width, width.astype(np.int64))
-        out *= np.where(cols > 0, want / np.where(cols > 0, cols, 1.0), 0.0)[None, :]
-    return out
+    # rows to the label marginal, columns to the 1-way counts
+    want = np.repeat(piece_mass / width, width.astype(np.int64))
+    return rake(out, label_marginal, want, RAKE_ROUNDS)
 
 
 def _merge(table: np.ndarray, coarse: _Coarse) -> np.ndarray:

@@ -16,6 +16,7 @@ one part's input only, so the job costs the larger of the two epsilons
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import dp_accounting as dpa
@@ -114,13 +115,13 @@ def test_parallel_only_where_the_split_is_a_rule_of_the_person_alone() -> None:
     assert seq.eval_sigma > par.eval_sigma
 
 
-def _parts(table: pa.Table, folder: str, tmp_path) -> dict[int, str]:  # type: ignore[no-untyped-def]
+def _parts(table: pa.Table, folder: str, tmp_path: Path) -> dict[float, str]:
     """Each person's part (by their age code, unique here) in one ingest of ``table``."""
     contract = cohort_contract()
     report = ingest_table(table, contract, tmp_path / folder, SECRET)
     plan = FeaturePlan.from_contract(contract, ["age"])
     handle = DatasetHandle("cohort", report.path.parent, contract, "job-parallel")
-    out: dict[int, str] = {}
+    out: dict[float, str] = {}
     for part in (Split.TRAIN, Split.TEST):
         X, _ = load_split(handle, plan, "readmitted_30d", part, seed=5)
         for code in X[:, 0].numpy():
@@ -130,7 +131,7 @@ def _parts(table: pa.Table, folder: str, tmp_path) -> dict[int, str]:  # type: i
     return out
 
 
-def test_a_persons_part_does_not_move_when_others_come_or_go(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_persons_part_does_not_move_when_others_come_or_go(tmp_path: Path) -> None:
     table = generate_cohort(200, seed=3).slice(0, 120)
     # one distinct age per person, so the loaded features say who is where
     ages = pa.array(18.0 + 0.5 * np.arange(120), pa.float64())
