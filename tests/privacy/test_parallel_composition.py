@@ -8,28 +8,21 @@ one part's input only, so the job costs the larger of the two epsilons
 
 - the figure: each part checked against Google's ``dp_accounting`` on its own, the whole
   the larger, and each part calibrated to the whole target;
-- the premise: with an identifier a person's part does not move when other persons come or
-  go, and no person is in both parts;
+- the premise (``tests/attacks/test_split_seed.py``): with an identifier a person's part does
+  not move when other persons come or go, and no seed puts a person in both parts;
 - the rule that uses it: a contract without an identifier (the split follows row
   positions, which other persons move) plans sequentially.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import dp_accounting as dpa
-import numpy as np
-import pyarrow as pa
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from connectors.cohort import cohort_contract, generate_cohort
-from connectors.dataset_handle import DatasetHandle
-from connectors.ingest import ingest_table
-from connectors.preprocess import FeaturePlan
-from connectors.reader import Split, load_split
+from connectors.cohort import cohort_contract
 from privacy.accountant import (
     RDP_ORDERS,
     Composition,
@@ -113,33 +106,3 @@ def test_parallel_only_where_the_split_is_a_rule_of_the_person_alone() -> None:
     assert seq.to_dict()["composition"] == "sequential"
     assert par.to_dict()["composition"] == "parallel"
     assert seq.eval_sigma > par.eval_sigma
-
-
-def _parts(table: pa.Table, folder: str, tmp_path: Path) -> dict[float, str]:
-    """Each person's part (by their age code, unique here) in one ingest of ``table``."""
-    contract = cohort_contract()
-    report = ingest_table(table, contract, tmp_path / folder, SECRET)
-    plan = FeaturePlan.from_contract(contract, ["age"])
-    handle = DatasetHandle("cohort", report.path.parent, contract, "job-parallel")
-    out: dict[float, str] = {}
-    for part in (Split.TRAIN, Split.TEST):
-        X, _ = load_split(handle, plan, "readmitted_30d", part, seed=5)
-        for code in X[:, 0].numpy():
-            key = round(float(code), 5)
-            assert key not in out, "a person is in both parts"
-            out[key] = part.value
-    return out
-
-
-def test_a_persons_part_does_not_move_when_others_come_or_go(tmp_path: Path) -> None:
-    table = generate_cohort(200, seed=3).slice(0, 120)
-    # one distinct age per person, so the loaded features say who is where
-    ages = pa.array(18.0 + 0.5 * np.arange(120), pa.float64())
-    table = table.set_column(table.schema.get_field_index("age"), "age", ages)
-    everyone = _parts(table, "all", tmp_path)
-    assert len(everyone) == 120 and set(everyone.values()) == {"train", "test"}
-    # every other person leaves, the rest arrive in reverse order: nobody else moves
-    fewer = table.take(np.arange(0, 120, 2)[::-1])
-    remaining = _parts(fewer, "fewer", tmp_path)
-    assert len(remaining) == 60
-    assert all(everyone[k] == part for k, part in remaining.items())
