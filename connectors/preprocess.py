@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from connectors.preprocess_kernels import _apply, _column, _Input, _normalise
-from connectors.preprocess_steps import FeatureStep, _step_for
+from connectors.preprocess_steps import UNIT_SPAN, FeatureStep, _step_for
 from connectors.schema import SchemaContract
 from foundation.errors import NotFoundError, SpecError
 
@@ -108,6 +108,7 @@ class FeaturePlan:
                 "categories",
                 "cleaning",
                 "typical",
+                "span",
             }
             if unknown:
                 raise SpecError("preprocessing.steps", "has unknown keys", "re-export the plan")
@@ -125,6 +126,8 @@ class FeaturePlan:
                     categories=tuple(cats),
                     cleaning=item.get("cleaning"),
                     typical=item.get("typical"),
+                    # a plan released before spans: its typical range went to [0, 1]
+                    span=item.get("span", UNIT_SPAN),
                 )
             )
         plan = cls(steps=tuple(steps))

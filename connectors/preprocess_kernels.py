@@ -220,11 +220,21 @@ def _numeric_kernel(step: FeatureStep, chunk: pa.Array, rows: np.ndarray) -> Non
         np.clip(values, np.float32(step.min), np.float32(step.max), out=values)
         np.subtract(values, np.float32(a), out=values)
         np.divide(values, np.float32(b - a), out=values)
+        _to_span(step, values)
     missing = _missing(chunk)
     if pa.types.is_floating(chunk.type) and np.isnan(values).any():
         nan = np.isnan(values)  # NaN is missing too (it arrives from files outside the zone)
         missing = nan if missing is None else np.logical_or(missing, nan)
     _finish(values, indicator, missing, step.scaled_fill)
+
+
+def _to_span(step: FeatureStep, values: np.ndarray) -> None:
+    """Unit scale (the low anchor 0, the high 1) -> the step's span, in place; the unit
+    span is left alone, so a plan from before spans gives the same bits."""
+    lo, hi = step.span
+    if (lo, hi) != (0.0, 1.0):
+        np.multiply(values, np.float32(hi - lo), out=values)
+        np.add(values, np.float32(lo), out=values)
 
 
 def _log_kernel(step: FeatureStep, chunk: pa.Array, rows: np.ndarray) -> None:
@@ -240,6 +250,7 @@ def _log_kernel(step: FeatureStep, chunk: pa.Array, rows: np.ndarray) -> None:
     np.divide(values, width, out=values)
     if step.typical is None:
         np.clip(values, 0.0, 1.0, out=values)
+    _to_span(step, values)
     missing = _missing(chunk)
     if pa.types.is_floating(chunk.type) and np.isnan(values).any():
         nan = np.isnan(values)  # NaN is missing too (it arrives from files outside the zone)

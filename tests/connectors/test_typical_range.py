@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -88,25 +89,65 @@ def test_the_typical_range_anchors_the_scaling_and_the_domain_still_clamps() -> 
     table = pa.table({"age": pa.array(ages, pa.int16()), "crp": crps})
     out = plan.transform(table)
     age, age_missing, crp, crp_missing = out.T
-    # linear: (x - 30) / 50; the domain's ends are kept beyond [0, 1]; 500 clamps to 120
-    np.testing.assert_allclose(age[:6], [-0.6, 0.0, 0.5, 1.0, 1.8, 1.8], atol=1e-6)
+    # linear: -2 + 4 (x - 30) / 50 (the typical range on [-2, 2], z-score-like); the
+    # domain's ends are kept beyond it; 500 clamps to 120
+    np.testing.assert_allclose(age[:6], [-4.4, -2.0, 0.0, 2.0, 5.2, 5.2], atol=1e-5)
+    assert age[1] == -2.0 and age[3] == 2.0  # the anchors land exactly
 
-    # log: (log1p(x) - log1p(1)) / (log1p(50) - log1p(1)); 9e9 clamps to 500
+    # log: -2 + 4 (log1p(x) - log1p(1)) / (log1p(50) - log1p(1)); 9e9 clamps to 500
     def log_scaled(x: float) -> float:
-        return (math.log1p(x) - math.log1p(1)) / (math.log1p(50) - math.log1p(1))
+        return -2 + 4 * (math.log1p(x) - math.log1p(1)) / (math.log1p(50) - math.log1p(1))
 
     want = [log_scaled(x) for x in (0.0, 1.0, 7.0, 50.0, 500.0, 500.0)]
-    np.testing.assert_allclose(crp[:6], want, atol=1e-6)
-    assert crp[1] == 0.0 and crp[3] == 1.0
+    np.testing.assert_allclose(crp[:6], want, atol=1e-5)
+    assert crp[1] == -2.0 and crp[3] == 2.0
     # a missing value: the typical range's midpoint (on the column's scale), flagged
-    assert age[6] == pytest.approx(0.5) and crp[6] == pytest.approx(0.5)
+    assert age[6] == pytest.approx(0.0) and crp[6] == pytest.approx(0.0)
     assert list(age_missing) == [0] * 6 + [1] and list(crp_missing) == [0] * 6 + [1]
+    # an all-missing chunk gets the same fill
+    empty = plan.transform(pa.table({"age": pa.nulls(2, pa.int16()), "crp": pa.nulls(2)}))
+    assert list(empty[:, 0]) == [0.0, 0.0] and list(empty[:, 2]) == [0.0, 0.0]
 
 
 def test_a_declared_fill_is_scaled_by_the_typical_range() -> None:
     plan = FeaturePlan.from_contract(contract(age="typical = [30, 80]\nfill = 90"), ["age"])
     out = plan.transform(pa.table({"age": pa.array([None], pa.int16())}))
-    assert out[0, 0] == pytest.approx(1.2)
+    assert out[0, 0] == pytest.approx(-2 + 4 * 1.2)
+
+
+def test_a_plan_released_before_spans_transforms_as_it_did() -> None:
+    """A released ``preprocessing.json`` without ``span`` keeps its typical range on [0, 1]:
+    a model trained on it still gets the inputs it learned on."""
+    plan = FeaturePlan.from_contract(contract(), ["age", "crp"])
+    old = plan.to_dict()
+    assert [s["span"] for s in old["steps"]] == [[-2.0, 2.0], [-2.0, 2.0]]
+    for step in old["steps"]:
+        del step["span"]
+    before = FeaturePlan.from_dict(old)
+    table = pa.table({"age": pa.array([30, 55, 80, None], pa.int16()), "crp": [1.0, 1.0, 50, 1]})
+    out = before.transform(table)
+    np.testing.assert_allclose(out[:, 0], [0.0, 0.5, 1.0, 0.5], atol=1e-6)
+    assert out[0, 2] == 0.0 and out[2, 2] == 1.0
+    assert "span" not in before.to_dict()["steps"][0]
+
+
+@pytest.mark.parametrize(
+    ("span", "problem"),
+    [([2.0, -2.0], "low to high"), ([0, "1"], "must be a number"), ([1.0], "two numbers")],
+)
+def test_a_bad_span_in_an_edited_plan_is_refused_by_name(span: list[Any], problem: str) -> None:
+    bad = FeaturePlan.from_contract(contract(), ["age"]).to_dict()
+    bad["steps"][0]["span"] = span
+    with pytest.raises(SpecError, match="steps.age.span") as err:
+        FeaturePlan.from_dict(bad)
+    assert problem in str(err.value)
+
+
+def test_a_span_needs_a_typical_range() -> None:
+    bad = FeaturePlan.from_contract(contract(age=""), ["age"]).to_dict()
+    bad["steps"][0]["span"] = [-2.0, 2.0]
+    with pytest.raises(SpecError, match="steps.age.span.*needs a typical range"):
+        FeaturePlan.from_dict(bad)
 
 
 def test_without_a_typical_range_the_domain_scales_as_before() -> None:
