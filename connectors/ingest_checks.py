@@ -164,6 +164,13 @@ def _check_values(
             "write a missing value as an empty field (or list its text in na_values)",
         )
     column = _check_domain(column, spec, found)
+    if spec.typical is not None and spec.is_numeric:
+        low, high = spec.typical
+        nan = int(_mask(pc.is_nan(column)).sum()) if spec.is_float else 0
+        values = len(column) - column.null_count - nan
+        below = int(_mask(pc.less(column, low)).sum())
+        above = int(_mask(pc.greater(column, high)).sum())
+        found.cover(name, below, above, values)
     return _check_vocabulary(column, spec, found)
 
 

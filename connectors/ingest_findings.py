@@ -18,6 +18,10 @@ from foundation.errors import SchemaError
 
 #: how many row numbers a violation lists
 FIRST_ROWS = 5
+#: a typical range is a reference range, about 95% of values: more than this share of a
+#: column's values outside it gets a note (preprocessing maps the range to [-2, 2], so values
+#: far outside become large inputs)
+TYPICAL_OUTSIDE_NOTE = 0.15
 
 #: what each cleaning count means, for people (keys of ``CheckReport.cleaned``)
 CLEANED_MEANS = {
@@ -75,10 +79,34 @@ class CheckReport:
     violations: tuple[Violation, ...]
     #: column -> what was cleaned (a key of ``CLEANED_MEANS``) -> rows
     cleaned: dict[str, dict[str, int]] = field(hash=False)
+    #: column with a declared typical range -> "below", "above" it and "values" (non-missing)
+    typical: dict[str, dict[str, int]] = field(default_factory=dict, hash=False)
 
     @property
     def ok(self) -> bool:
         return not self.violations
+
+    @property
+    def notes(self) -> list[str]:
+        """Advice that refuses nothing: a typical range that holds too few of its column's
+        values (counts and shares only, never a value)."""
+        out = []
+        for column, c in self.typical.items():
+            values = c["values"]
+            if not values or (c["below"] + c["above"]) / values <= TYPICAL_OUTSIDE_NOTE:
+                continue
+            below, above = c["below"] / values, c["above"] / values
+            tail = (
+                'declare scale = "log" if the column has a long tail, or widen the range'
+                if above > below
+                else "widen the range"
+            )
+            out.append(
+                f"column {column!r}: {below + above:.0%} of its values lie outside its typical "
+                f"range ({below:.0%} below, {above:.0%} above); a reference range holds about "
+                f"95%, and values far outside it become large model inputs: {tail}"
+            )
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +114,8 @@ class CheckReport:
             "rows": self.rows,
             "violations": [v.to_dict() for v in self.violations],
             "cleaned": {c: dict(a) for c, a in self.cleaned.items()},
+            "typical": {c: dict(a) for c, a in self.typical.items()},
+            "notes": self.notes,
         }
 
     def refusal(self) -> SchemaError:
@@ -107,6 +137,7 @@ class Findings:
     def __init__(self, rows: int | None = None) -> None:
         self.violations: list[Violation] = []
         self.cleaned: dict[str, dict[str, int]] = {}
+        self.typical: dict[str, dict[str, int]] = {}
         #: with ``rows``: every row in some violation (a released model leaves them unscored)
         self.rejected = None if rows is None else np.zeros(rows, dtype=bool)
 
@@ -126,7 +157,14 @@ class Findings:
             per = self.cleaned.setdefault(column, {})
             per[what] = per.get(what, 0) + int(count)
 
+    def cover(self, column: str, below: int, above: int, values: int) -> None:
+        """How many of ``column``'s values lie below and above its typical range."""
+        self.typical[column] = {"below": int(below), "above": int(above), "values": int(values)}
+
     def report(self, rows: int) -> CheckReport:
         return CheckReport(
-            rows, tuple(self.violations), {c: dict(a) for c, a in self.cleaned.items()}
+            rows,
+            tuple(self.violations),
+            {c: dict(a) for c, a in self.cleaned.items()},
+            {c: dict(a) for c, a in self.typical.items()},
         )

@@ -146,6 +146,8 @@ def check(
             )
         if r.cleaned:
             _show_cleaned(r.cleaned, "cleaned as the contract declares")
+        for note in r.notes:
+            console.print(f"[yellow]note: {note}[/yellow]")
 
     emit(report, as_json, human)
     if not report.ok:

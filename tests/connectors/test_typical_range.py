@@ -8,6 +8,7 @@ scaling's anchors, so a domain declared wide for safety no longer squeezes the v
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -191,3 +192,37 @@ def test_dataset_check_refuses_a_misused_typical_range_naming_the_key(tmp_path: 
     good.write_text(CONTRACT.format(age="typical = [30, 80]", crp="", sex="", label=""))
     proc = sandbox("dataset", "check", str(data), "--schema", str(good), zone=tmp_path / "z")
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
+
+
+def test_dataset_check_notes_a_typical_range_that_holds_too_few_values(tmp_path: Path) -> None:
+    """A typical range is a reference range (about 95% of values): when far fewer of the
+    file's values fall in it, `dataset check` says so (a note: it still ingests), with shares
+    and counts, never a value; a range that holds them says nothing."""
+    schema = tmp_path / "c.toml"
+    schema.write_text(
+        CONTRACT.format(age="typical = [30, 80]", crp="typical = [1, 5]", sex="", label="")
+    )
+    # ages all inside; crp: 7 of 10 above 5 (a long tail), 1 below 1
+    ages = [31, 45, 50, 62, 70, 79, 55, 41, 38, 66]
+    crps = [0.5, 2.0, 3.0, 7.5, 12.0, 30.0, 45.5, 81.0, 160.0, 9.25]
+    data = tmp_path / "rows.csv"
+    lines = ["pid,age,crp,sex,y"] + [
+        f"p{i},{a},{c},F,{i % 2}" for i, (a, c) in enumerate(zip(ages, crps, strict=True))
+    ]
+    data.write_text("\n".join(lines) + "\n")
+    proc = sandbox("dataset", "check", str(data), "--schema", str(schema), zone=tmp_path / "z")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    text = " ".join(proc.stdout.split())
+    assert "note: column 'crp': 80% of its values lie outside its typical range" in text
+    assert "(10% below, 70% above)" in text and 'declare scale = "log"' in text
+    assert "'age'" not in text  # all of age's values are inside its range
+    for value in ("7.5", "12.0", "45.5", "81.0", "160.0", "9.25"):
+        assert value not in proc.stdout  # shares and counts, never a value
+    js = sandbox(
+        "dataset", "check", str(data), "--schema", str(schema), "--json", zone=tmp_path / "z"
+    )
+    out = json.loads(js.stdout)
+    assert out["ok"] is True
+    assert out["typical"]["crp"] == {"below": 1, "above": 7, "values": 10}
+    assert out["typical"]["age"] == {"below": 0, "above": 0, "values": 10}
+    assert len(out["notes"]) == 1 and out["notes"][0].startswith("column 'crp'")
