@@ -156,18 +156,19 @@ def _check_values(
         found.violate(
             name, blank, f"are blank; a {spec.role.value} must name something", "fill them in"
         )
-    if spec.is_float:
+    nan = _mask(pc.is_nan(column)) if spec.is_float else None
+    if nan is not None:
         found.violate(
             name,
-            _mask(pc.is_nan(column)),
+            nan,
             "are NaN",
             "write a missing value as an empty field (or list its text in na_values)",
         )
     column = _check_domain(column, spec, found)
     if spec.typical is not None and spec.is_numeric:
         low, high = spec.typical
-        nan = int(_mask(pc.is_nan(column)).sum()) if spec.is_float else 0
-        values = len(column) - column.null_count - nan
+        # NaN compares false both ways: neither below nor above, and not a value either
+        values = len(column) - column.null_count - (int(nan.sum()) if nan is not None else 0)
         below = int(_mask(pc.less(column, low)).sum())
         above = int(_mask(pc.greater(column, high)).sum())
         found.cover(name, below, above, values)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.preprocess_steps import FeatureStep, StepKind
+from connectors.preprocess_steps import UNIT_SPAN, FeatureStep, StepKind
 from foundation.errors import SchemaError
 
 # Up to this many one-hot outputs, one broadcast "codes == j" comparison (contiguous writes)
@@ -231,8 +231,8 @@ def _numeric_kernel(step: FeatureStep, chunk: pa.Array, rows: np.ndarray) -> Non
 def _to_span(step: FeatureStep, values: np.ndarray) -> None:
     """Unit scale (the low anchor 0, the high 1) -> the step's span, in place; the unit
     span is left alone, so a plan from before spans gives the same bits."""
-    lo, hi = step.span
-    if (lo, hi) != (0.0, 1.0):
+    if step.span != UNIT_SPAN:
+        lo, hi = step.span
         np.multiply(values, np.float32(hi - lo), out=values)
         np.add(values, np.float32(lo), out=values)
 

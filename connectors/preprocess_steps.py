@@ -32,7 +32,7 @@ itself on construction, so one rebuilt from a released plan's JSON is checked as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -282,18 +282,8 @@ def _step_for(spec: ColumnSpec, na_values: tuple[str, ...] = ()) -> FeatureStep:
     cleaning = _cleaning_of(spec, na_values)
     if cleaning is None:
         return step
-    return FeatureStep(
-        step.name,
-        step.kind,
-        step.type,
-        step.min,
-        step.max,
-        step.fill,
-        step.categories,
-        cleaning,
-        step.typical,
-        step.span,
-    )
+    # every other field as the bare step has it (a field added later needs no line here)
+    return replace(step, cleaning=cleaning)
 
 
 def _bare_step_for(spec: ColumnSpec) -> FeatureStep:

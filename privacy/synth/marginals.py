@@ -47,12 +47,12 @@ at epsilon 1) is then re-shaped by a mixture of one or two normals fitted to its
 (``privacy.noisy_counts``). Pair tables group each column into contiguous equal-mass values
 (the commonest categories), as many as keep a cell's mean count near the tree tables' noise
 (``_pair_values``: 2 per column for a few hundred persons at epsilon 1, up to
-:data:`MAX_PAIR_VALUES` for tens of thousands). Tree tables are projected onto the non-negative tables with the estimated totals
-(least squares) and raked (iterative proportional fitting) to agree with the anchors on their
-shared 2-way margins, and rows are drawn by ancestral sampling: label, then the tree's root
-column given the label, then each child given the label and its parent; finally each coarse
-value is refined to a contract bin from the denoised anchor, and the codec draws a value
-inside the bin.
+:data:`MAX_PAIR_VALUES` for tens of thousands). Tree tables are projected onto the
+non-negative tables with the estimated totals (least squares) and raked (iterative
+proportional fitting) to agree with the anchors on their shared 2-way margins, and rows are
+drawn by ancestral sampling: label, then the tree's root column given the label, then each
+child given the label and its parent; finally each coarse value is refined to a contract bin
+from the denoised anchor, and the codec draws a value inside the bin.
 
 Measured on public clinical tables of 432 to 7,874 persons beside SDV's GaussianCopula:
 ``benchmarks/bench_synth.py --tables public`` (``benchmarks/results/synth_public.md``).
