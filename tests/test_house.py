@@ -4,6 +4,8 @@ no module so large that its name can no longer say what it holds."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +107,17 @@ def test_no_module_outgrows_its_name() -> None:
         if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert big == {}
+
+
+def test_importing_ray_compiles_no_url_grammar() -> None:
+    """Every CLI submit, job worker and Ray agent imports Ray; with jsonschema 4.24+ and
+    ``rfc3987-syntax`` installed that import compiled 39 grammars (a second of CPU per process,
+    docs/engines.md "Ray 2.55"). constraints.txt holds jsonschema below it: a bump that brings
+    the grammar back fails here."""
+    probe = (
+        "import sys, ray; print(sorted(m for m in ('rfc3987_syntax', 'lark') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout
