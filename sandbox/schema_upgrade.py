@@ -1,11 +1,11 @@
-"""The state database's schema version, and upgrading a zone in place (Alembic).
+"""Upgrading a zone in place (Alembic).
 
-``sandbox init`` creates the whole schema at once and stamps it with the newest revision. A
-zone made by an older version is refused when it opens (``check_current``: the message says
-which command upgrades it), and ``sandbox upgrade`` runs the missing migrations
-(``sandbox/migrations/versions``) as the database's owner. Zones made before migrations
-existed carry no ``alembic_version`` table: they are the first revision's schema, stamped so
-before the upgrade runs.
+``sandbox init`` creates the whole schema at once and stamps it with the newest revision
+(``stamp_head``). A zone made by an older version is refused when it opens
+(``sandbox.schema_version.check_current``), and ``sandbox upgrade`` runs the missing
+migrations (``sandbox/migrations/versions``) as the database's owner. Zones made before
+migrations existed carry no ``alembic_version`` table: they are the first revision's schema,
+stamped so before the upgrade runs.
 
 With least privilege (PostgreSQL) the service's role cannot run DDL: the upgrade is given the
 owner's URL and re-grants the service role its rights on the tables the migrations added.
@@ -13,22 +13,19 @@ owner's URL and re-grants the service role its rights on the tables the migratio
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, inspect
 from sqlalchemy.exc import SQLAlchemyError
 
 from foundation.errors import IntegrityError, SpecError
+from sandbox.schema_version import BASELINE, HEAD, VERSION_TABLE, current
 
 #: the folder Alembic reads (env.py and versions/)
 SCRIPTS = Path(__file__).resolve().parent / "migrations"
-#: the revision a zone made before migrations holds (its tables are that revision's)
-BASELINE = "0001"
-VERSION_TABLE = "alembic_version"
 
 
 def _config(connection: object | None = None) -> Config:
@@ -39,43 +36,15 @@ def _config(connection: object | None = None) -> Config:
     return cfg
 
 
-@functools.cache
-def head() -> str:
-    """The newest revision (read from the migrations once per process: every open checks it)."""
-    found = ScriptDirectory.from_config(_config()).get_current_head()
-    assert found is not None, "no migrations"
-    return found
-
-
-def current(engine: Engine) -> str | None:
-    """The database's revision; None when it holds no zone tables at all."""
-    names = set(inspect(engine).get_table_names())
-    if VERSION_TABLE not in names:
-        return BASELINE if "zone_meta" in names else None
-    with engine.connect() as conn:
-        row = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).first()
-    return None if row is None else str(row[0])
+def script_head() -> str | None:
+    """The newest revision as Alembic reads it from the migrations (``HEAD`` must match)."""
+    return ScriptDirectory.from_config(_config()).get_current_head()
 
 
 def stamp_head(engine: Engine) -> None:
     """Mark a schema ``sandbox init`` just created whole as the newest revision."""
     with engine.begin() as conn:
-        command.stamp(_config(conn), head())
-
-
-def check_current(engine: Engine) -> None:
-    """Refuse a database whose schema is older (or newer) than this version's."""
-    have, want = current(engine), head()
-    if have == want or have is None:
-        return
-    raise SpecError(
-        "zone.toml db_url",
-        f"the zone's database has schema revision {have}; this version needs {want}",
-        "run `sandbox upgrade --zone ZONE` (with --db-url OWNER_URL where the service runs "
-        "as a least-privilege role)"
-        if have < want
-        else "use the version of sandbox that made this zone",
-    )
+        command.stamp(_config(conn), HEAD)
 
 
 def upgrade(engine: Engine) -> tuple[str, str]:
@@ -97,4 +66,4 @@ def upgrade(engine: Engine) -> tuple[str, str]:
             f"database's schema is not what revision {before} should be: restore it from a "
             "backup or ask for help"
         ) from None
-    return before, head()
+    return before, HEAD

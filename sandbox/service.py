@@ -48,7 +48,7 @@ from sandbox.mechanisms.base import close_reservations, is_charged
 from sandbox.query_releases import QueryReleases
 from sandbox.release import RELEASED_FILES, SYNTH_FILES, release_artefacts
 from sandbox.runner import JobRunner
-from sandbox.schema_upgrade import check_current, stamp_head
+from sandbox.schema_version import check_current
 from sandbox.service_access import AccessCalls
 from sandbox.service_login import Logins
 from sandbox.service_query import QueryCalls
@@ -134,7 +134,10 @@ class Service(AccessCalls):
         create_schema(svc.engine)
         svc.jobs.create_schema()
         svc.queries.releases.create_schema()
-        # the whole schema, made at once, is the newest revision
+        # the whole schema, made at once, is the newest revision (Alembic is imported here,
+        # not with the service: every other command only checks the revision)
+        from sandbox.schema_upgrade import stamp_head
+
         stamp_head(svc.engine)
         user, token = svc.store.add_user("operator", Role.OPERATOR)
         svc.logins.store.set_expiry(user.name, svc.logins.expiry(None))
