@@ -26,8 +26,8 @@ demo-served: install
 	$(VENV)/bin/sandbox demo --served
 
 # the default run: fast tests plus integration tests on a real local Ray, in two pytest
-# workers (whole files per worker: module fixtures are built once). On 2 cores: 7m13s vs 10m08s
-# in one process (1065 tests)
+# workers (whole files per worker: module fixtures are built once). On 2 cores, 1682 tests:
+# 301-349 s, both cores busy for all but ~35 CPU-s of it (more workers do not help)
 test: install
 	$(PYTEST) -m "not slow" -q -n 2 --dist loadfile
 
