@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import platform
 import sys
 import time
@@ -23,13 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from foundation.errors import SpecError  # noqa: E402
 from privacy.accountant import (  # noqa: E402
-    CALIBRATION_RELATIVE_TOLERANCE,
-    NOISE_CEILING,
-    NOISE_FLOOR,
     GaussianStep,
     calibrate_noise,
     epsilon_for,
+    search_noise,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,31 +43,12 @@ CASES = list(
 def plain_calibration(
     target: float, delta: float, q: float, steps: int, fixed: tuple[GaussianStep, ...]
 ) -> float:
-    """The same bracket and bisection, every question answered on the whole grid."""
+    """The same search (``search_noise``), every question answered on the whole grid."""
 
     def meets(sigma: float) -> bool:
         return epsilon_for([*fixed, GaussianStep(sigma, q, steps)], delta) <= target
 
-    hi = 1.0
-    while not meets(hi):
-        if hi >= NOISE_CEILING:
-            raise ValueError("unreachable")
-        hi = min(2.0 * hi, NOISE_CEILING)
-    lo = hi
-    while hi > NOISE_FLOOR:
-        lo = max(hi / 2.0, NOISE_FLOOR)
-        if not meets(lo):
-            break
-        hi = lo
-    if lo == hi:
-        return hi
-    while hi - lo > CALIBRATION_RELATIVE_TOLERANCE * hi:
-        mid = math.sqrt(lo * hi)
-        if meets(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return search_noise(meets, unreachable=SpecError("privacy.epsilon", "unreachable"))
 
 
 def main() -> None:
@@ -86,7 +65,7 @@ def main() -> None:
         t1 = time.perf_counter()
         try:
             plain: float | str = plain_calibration(target, delta, q, steps, fixed)
-        except ValueError:
+        except SpecError:
             plain = "SpecError"
         t2 = time.perf_counter()
         if ours != plain:

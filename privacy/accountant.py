@@ -24,7 +24,7 @@ import functools
 import importlib.util
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -308,7 +308,8 @@ def calibrate_noise(
         # Every order's bound is valid on its own, so a few orders around the last optimum
         # that already meet the target prove that sigma does: the same answer as the whole
         # grid, at a tenth of its cost. Only a "no" needs every order (the optimum may have
-        # moved). Half a bisection's steps are a "yes": planning costs about half as much.
+        # moved). About half a bisection's steps are a "yes": a calibration takes ~0.7 of the
+        # time (benchmarks/bench_calibration.py).
         near = slice(max(0, best - CALIBRATION_WINDOW), best + CALIBRATION_WINDOW + 1)
         orders = RDP_ORDERS[near]
         curve = fixed_curve[near] + _rdp_curve(step, orders)
@@ -317,19 +318,30 @@ def calibrate_noise(
         eps, best = _epsilon_from_curve(fixed_curve + _rdp_curve(step), delta)
         return eps <= target_epsilon
 
-    # Bracket [lo, hi] with hi feasible and lo infeasible by doubling/halving from sigma = 1,
-    # then bisect geometrically (sigma spans orders of magnitude). Epsilon is decreasing in
-    # sigma, but the answer's safety does not rest on that: only a checked-feasible sigma is
-    # ever returned.
+    return search_noise(
+        meets_target,
+        unreachable=SpecError(
+            "privacy.epsilon",
+            f"target {target_epsilon:.4g} at delta {delta:g} needs a noise multiplier "
+            f"above {NOISE_CEILING:g} for {steps} steps at sample rate {sample_rate:.4g}",
+            "raise privacy.epsilon, or train for fewer epochs / with a smaller batch",
+        ),
+    )
+
+
+def search_noise(meets_target: Callable[[float], bool], *, unreachable: SpecError) -> float:
+    """The smallest sigma in [NOISE_FLOOR, NOISE_CEILING], to
+    :data:`CALIBRATION_RELATIVE_TOLERANCE` and rounded up, for which ``meets_target`` holds;
+    ``unreachable`` is raised when not even the ceiling does.
+
+    Bracket [lo, hi] with hi feasible and lo infeasible by doubling/halving from sigma = 1,
+    then bisect geometrically (sigma spans orders of magnitude). Epsilon is decreasing in
+    sigma, but the answer's safety does not rest on that: only a checked-feasible sigma is
+    ever returned."""
     hi = 1.0
     while not meets_target(hi):
         if hi >= NOISE_CEILING:
-            raise SpecError(
-                "privacy.epsilon",
-                f"target {target_epsilon:.4g} at delta {delta:g} needs a noise multiplier "
-                f"above {NOISE_CEILING:g} for {steps} steps at sample rate {sample_rate:.4g}",
-                "raise privacy.epsilon, or train for fewer epochs / with a smaller batch",
-            )
+            raise unreachable
         hi = min(2.0 * hi, NOISE_CEILING)
     lo = hi
     while hi > NOISE_FLOOR:
