@@ -49,6 +49,7 @@ bench: install
 	$(PY) benchmarks/bench_dpsgd.py
 	$(PY) benchmarks/bench_parquet.py
 	$(PY) benchmarks/bench_submit.py
+	$(PY) benchmarks/bench_calibration.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
