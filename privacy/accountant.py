@@ -185,9 +185,15 @@ def _rdp_curve(step: GaussianStep, orders: Sequence[float] = RDP_ORDERS) -> np.n
 
 def _epsilon_from_curve(
     curve: np.ndarray, delta: float, orders: Sequence[float] = RDP_ORDERS
+) -> float:
+    """Convert a composed RDP curve to epsilon at ``delta`` (Balle et al. 2020, via Opacus)."""
+    return _epsilon_and_order(curve, delta, orders)[0]
+
+
+def _epsilon_and_order(
+    curve: np.ndarray, delta: float, orders: Sequence[float] = RDP_ORDERS
 ) -> tuple[float, int]:
-    """Convert a composed RDP curve to epsilon at ``delta`` (Balle et al. 2020, via Opacus),
-    and the index in ``orders`` of the order that gave it."""
+    """``_epsilon_from_curve``, and the index in ``orders`` of the order that gave it."""
     # Pad both ends with an order whose RDP is +inf: it can never be the minimiser, so Opacus's
     # "optimal order is the smallest/largest alpha" warning does not fire. That warning is about
     # tightness only (every order gives a valid bound); it fires at the largest order whenever
@@ -222,7 +228,7 @@ def epsilon_for(history: Sequence[GaussianStep], delta: float) -> float:
         # Nothing released. (The conversion of an all-zero curve would not give 0: at the
         # largest order it still leaves (log(1/delta) - log(alpha)) / (alpha - 1) ~ 0.006.)
         return 0.0
-    return _epsilon_from_curve(_composed_curve(active), delta)[0]
+    return _epsilon_from_curve(_composed_curve(active), delta)
 
 
 def epsilon_parallel(parts: Sequence[Sequence[GaussianStep]], delta: float) -> float:
@@ -313,9 +319,9 @@ def calibrate_noise(
         near = slice(max(0, best - CALIBRATION_WINDOW), best + CALIBRATION_WINDOW + 1)
         orders = RDP_ORDERS[near]
         curve = fixed_curve[near] + _rdp_curve(step, orders)
-        if _epsilon_from_curve(curve, delta, orders)[0] <= target_epsilon:
+        if _epsilon_from_curve(curve, delta, orders) <= target_epsilon:
             return True
-        eps, best = _epsilon_from_curve(fixed_curve + _rdp_curve(step), delta)
+        eps, best = _epsilon_and_order(fixed_curve + _rdp_curve(step), delta)
         return eps <= target_epsilon
 
     return search_noise(

@@ -94,7 +94,7 @@ class SitePlan:
         total = np.zeros(len(accountant.RDP_ORDERS))
         for part in parts:
             total = total + part
-        return accountant._epsilon_from_curve(total, self.delta)[0]
+        return accountant._epsilon_from_curve(total, self.delta)
 
     @property
     def planned_evals(self) -> int:
