@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	$(PY) -m compileall -q sandbox privacy connectors training policies
+	$(PY) -m compileall -q foundation sandbox privacy connectors training policies
 	touch $(STAMP)
 
 install: $(STAMP)
