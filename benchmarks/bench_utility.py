@@ -98,6 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS / "utility")
     p.add_argument("--render", action="store_true", help="rewrite <out>.md from <out>.json")
     p.add_argument("--note", default="", help="a line for the report (e.g. which code ran)")
+    p.add_argument(
+        "--zone-evaluate",
+        choices=["default", "off"],
+        default="default",
+        help="off: the zone's spec also writes privacy.evaluate = false, so it trains on the "
+        "same 80%% the peer trains on (the peer's evaluation is outside; so is the zone's then)",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.tables, a.seeds, a.epsilons = ["gbsg2"], 1, [3.0]
@@ -233,7 +240,7 @@ _STORED = {
 class Zone:
     """One zone for the run; a dataset, a grant per (table, seed); a job per epsilon."""
 
-    def __init__(self, root: Path, epsilons: list[float]) -> None:
+    def __init__(self, root: Path, epsilons: list[float], evaluate: bool | None = None) -> None:
         from sandbox.service import Service
 
         self.svc, op = Service.init_zone(root)
@@ -243,6 +250,7 @@ class Zone:
         self.steward, self.researcher = self.svc.authenticate(st), self.svc.authenticate(rt)
         self.svc.create_project(self.researcher, PROJECT, "issue 12 utility benchmark")
         self.epsilons = epsilons
+        self.evaluate = evaluate  # None: the spec leaves privacy.evaluate to its default
         self.work = root.parent
         self.cli = Path(sys.executable).parent / "sandbox"
 
@@ -264,6 +272,8 @@ class Zone:
         written = {"project": PROJECT, "dataset": name, "label": LABEL, "features": features}
         written["model"] = {"kind": "mlp", "hidden": list(HIDDEN)}
         written["privacy"] = {"epsilon": eps, "delta": DELTA}
+        if self.evaluate is not None:
+            written["privacy"]["evaluate"] = self.evaluate
         written["training"] = {"seed": seed}  # not a hyperparameter: the reader's split
         spec = parse_job_spec(written)
         t0 = time.perf_counter()
@@ -523,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     from foundation.engine_env import configure_engine_env
 
     configure_engine_env(work)
-    zone = Zone(work / "zone", args.epsilons)
+    zone = Zone(work / "zone", args.epsilons, None if args.zone_evaluate == "default" else False)
     runs: list[dict[str, Any]] = []
     try:
         for name in args.tables:
@@ -541,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluation_sentence(meta: dict[str, Any]) -> str:
     """What the zone's default DP evaluation took from training in this run."""
+    if meta.get("zone_evaluate") == "off":
+        return (
+            "Its spec also writes `privacy.evaluate = false` (`--zone-evaluate off`): no DP "
+            "evaluation inside, so it trains on the whole ingested 80% with all of epsilon, as "
+            "the peer does; both are scored only on the held-out 20%."
+        )
     if meta.get("zone_compositions") == ["parallel"]:
         return (
             "Its default `privacy.evaluate = true` keeps 20% of the ingested persons for the DP "
@@ -576,6 +592,7 @@ def run_meta(args: argparse.Namespace, runs: list, load: Any, t0: float, *, done
         "peer_epochs": args.peer_epochs,
         "zone_tuning_sources": ", ".join(sorted(sources)) or "-",
         "zone_compositions": sorted(compositions),
+        "zone_evaluate": args.zone_evaluate,
         "failures": [
             f"{r['table']} seed {r['seed']} eps {k}: {e['zone']['error']}"
             for r in runs
