@@ -36,7 +36,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +53,7 @@ from connectors.governed_file import (
     _read_metadata,
     open_decryption,
 )
+from connectors.person_split import Split, in_part, person_keys
 from connectors.preprocess import FeaturePlan
 from connectors.preprocess_steps import StepKind
 from connectors.schema import RowsPerPerson, SchemaContract
@@ -62,20 +62,12 @@ from foundation.errors import SchemaError, SpecError
 # Rows per streamed batch: 64 Ki rows x ~30 outputs of float32 is ~8 MiB per tensor, large
 # enough that per-batch Python costs vanish and small enough to keep memory flat.
 DEFAULT_BATCH_ROWS = 65_536
-_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 # Below this many rows per thread the transform stays in one thread: thread start-up and GIL
 # hand-offs would cost more than they save.
 _MIN_PARALLEL_ROWS = 131_072
 # More transform threads than this only queue for the GIL (measured on 16 cores: 2 and 4
 # threads 36-38 ms, 8 threads 49 ms for 1M rows x 25 outputs).
 _MAX_TRANSFORM_THREADS = 4
-
-
-class Split(StrEnum):
-    """Which part of the person-level split to load."""
-
-    TRAIN = "train"
-    TEST = "test"
 
 
 # --- public reads -----------------------------------------------------------------------------
@@ -152,34 +144,6 @@ def _site_list(sites: Sequence[str] | None, contract: SchemaContract) -> tuple[s
                 "sites", f"{unknown[0]!r} is not a declared site", "use: " + ", ".join(declared)
             )
     return tuple(dict.fromkeys(sites))
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A well-mixed 64-bit hash (SplitMix64 finaliser), vectorised; wraps modulo 2**64."""
-    z = x + _SPLITMIX_GAMMA
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _hex_prefix(pseudonyms: pa.Array) -> np.ndarray:
-    """The first 16 hex digits of each pseudonym as uint64, read straight from Arrow's buffer."""
-    n = len(pseudonyms)
-    if n == 0:
-        return np.zeros(0, dtype=np.uint64)
-    offsets = np.frombuffer(
-        pseudonyms.buffers()[1], dtype=np.int32, count=n + 1, offset=pseudonyms.offset * 4
-    )
-    lengths = np.diff(offsets)
-    if pseudonyms.null_count or not np.all(lengths == lengths[0]) or lengths[0] < 16:
-        raise SchemaError("the identifier column does not hold ingest's pseudonyms; re-ingest")
-    width = int(lengths[0])
-    data = np.frombuffer(pseudonyms.buffers()[2], dtype=np.uint8)
-    chars = data[offsets[0] : offsets[0] + width * n].reshape(n, width)[:, :16]
-    # ASCII hex digit -> value: '0'-'9' are 48-57, 'a'-'f' are 97-102
-    digits = np.where(chars >= 97, chars - 87, chars - 48).astype(np.uint64)
-    shifts = np.arange(60, -4, -4, dtype=np.uint64)
-    return np.bitwise_or.reduce(digits << shifts, axis=1)
 
 
 @dataclass(frozen=True)
@@ -316,7 +280,7 @@ class _Read:
         if split is not None:
             part, fraction, seed = split
             if id_name is not None:
-                person = _hex_prefix(ids)
+                person = person_keys(ids)
             else:
                 person = np.concatenate(
                     [
@@ -324,10 +288,7 @@ class _Read:
                         for g in groups
                     ]
                 )
-            salt = _splitmix64(np.array([seed], dtype=np.uint64))[0]
-            u = (_splitmix64(person ^ salt) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-            in_test = u < fraction
-            keep &= in_test if part is Split.TEST else ~in_test
+            keep &= in_part(person, part, fraction, seed)
         out, at = [], 0
         for g in groups:
             mask = keep[at : at + g.num_rows]

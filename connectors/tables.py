@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from connectors.dataset_handle import DatasetHandle
 from connectors.governed_file import _data_file, open_decryption
-from connectors.reader import Split, _hex_prefix, _splitmix64
+from connectors.person_split import Split, in_part, person_keys
 from connectors.schema_columns import Role
 from foundation.errors import SpecError
 
@@ -70,7 +70,7 @@ def load_table(
         keep = np.ones(table.num_rows, dtype=bool)
     else:
         ids = table.column(id_name).combine_chunks()
-        persons = _hex_prefix(ids)
+        persons = person_keys(ids)
         # each person's first k rows in storage order: k rows per person bounds contributions
         # (k = 1: the first row). A stable sort groups a person's rows, keeping their order;
         # a row's rank is its place in its group.
@@ -84,10 +84,7 @@ def load_table(
         rank[order] = np.arange(len(order)) - group_start
         keep = rank < k
     if part is not None:
-        salt = _splitmix64(np.array([seed], dtype=np.uint64))[0]
-        u = (_splitmix64(persons ^ salt) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        in_test = u < float(test_fraction)
-        keep &= in_test if Split(part) is Split.TEST else ~in_test
+        keep &= in_part(persons, part, float(test_fraction), seed)
     table = table.filter(pa.array(keep))
     if id_name and not keep_identifier:
         table = table.drop_columns([id_name])

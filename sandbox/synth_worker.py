@@ -40,7 +40,7 @@ def restricted_contract(contract_dict: dict[str, Any], columns: list[str]) -> di
 def run_synth_job(payload: dict[str, Any]) -> SynthResult:
     from connectors.dataset_handle import DatasetHandle
     from connectors.external import write_table
-    from connectors.reader import Split
+    from connectors.person_split import Split
     from connectors.schema import SchemaContract
     from connectors.tables import load_table
     from foundation.engine_env import configure_engine_env

@@ -121,3 +121,25 @@ def test_importing_ray_compiles_no_url_grammar() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_paths_that_need_no_torch_import_none() -> None:
+    """Torch costs ~1.5 s of CPU per process. The CLI's every command, the DP queries and
+    synthesis's table reads (``connectors.tables``), and scoring a released model
+    (``training.predict``: the network runs in NumPy) never import it; only training does."""
+    probe = (
+        "import sys\n"
+        "import sandbox.cli.main, sandbox.service, connectors.tables, privacy.dpquery.engine\n"
+        "import sandbox.synth_worker, training.predict\n"
+        "print('torch' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert out.stdout.strip() == "False", out.stdout
