@@ -36,6 +36,7 @@ zone's search does. Figures are mean ± sd over seeds of the held-out AUROC.
 
     python benchmarks/bench_utility.py [--quick] [--tables gbsg2,whas500,aids,flchain,rossi]
         [--seeds 3] [--epsilons 1,3,8] [--peer-epochs 10,30] [--out benchmarks/results/utility]
+        [--zone-evaluate off]   # the zone trains on the whole 80% too (results/utility_no_eval)
 """
 
 from __future__ import annotations
