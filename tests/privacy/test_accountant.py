@@ -279,6 +279,32 @@ def test_calibrated_noise_never_overshoots_and_is_minimal(
         assert epsilon_for(less, delta) > target
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sigma=st.floats(0.3, 30.0),
+    q=_SAMPLE_RATES,
+    steps=st.integers(1, 5000),
+    delta=_DELTAS,
+    ratio=st.sampled_from([0.9, 0.999, 1.0, 1.001, 1.1]),
+    with_eval=st.booleans(),
+)
+def test_a_calibration_step_answers_as_the_whole_grid(
+    sigma: float, q: float, steps: int, delta: float, ratio: float, with_eval: bool
+) -> None:
+    """A calibration step bounds blocks of orders before computing them one by one; its
+    answer must be the whole grid's, including targets at the boundary (ratio 1: the
+    target is exactly the whole grid's epsilon)."""
+    from privacy.accountant import _composed_curve, _meets_on_grid
+
+    fixed = [GaussianStep(20.0, 1.0, 1)] if with_eval else []
+    step = GaussianStep(sigma, q, steps)
+    whole = epsilon_for([*fixed, step], delta)
+    target = whole * ratio
+    met, best = _meets_on_grid(step, _composed_curve(fixed), delta, target)
+    assert met == (whole <= target)
+    assert 0 <= best < len(RDP_ORDERS)
+
+
 @_FAST
 @given(
     sigma=st.floats(0.5, 10.0),
