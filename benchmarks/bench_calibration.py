@@ -4,7 +4,8 @@ Every plan (a quote, a submit, each point of ``quote --curve``, each schedule ``
 calibrates noise: a bisection on sigma whose every step asks "does this sigma meet the
 target?". The plain search answers each question with the whole RDP order grid
 (``epsilon_for``: every order of ``RDP_ORDERS``); the zone's ``calibrate_noise`` first asks the
-few orders around the last optimum and needs the whole grid only for a "no". Both run here on
+few orders around the last optimum, and for a "no" bounds blocks of orders from below before
+computing any order one by one (``_meets_on_grid``). Both run here on
 the same cases, one after the other; the answers must be identical (the run fails otherwise)
 and the table gives the time of each and their ratio.
 
