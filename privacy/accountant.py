@@ -53,11 +53,9 @@ RDP_ORDERS: tuple[float, ...] = tuple(
 CALIBRATION_RELATIVE_TOLERANCE = 1e-3
 #: Orders on each side of the last optimum that calibration tries before the whole grid.
 CALIBRATION_WINDOW = 4
-#: Consecutive orders a calibration's "no" bounds together before it computes them one by one.
-CALIBRATION_BLOCK = 13
-#: A block is ruled out only when its lower bound clears the target by this relative margin,
-#: far above the rounding of the two ways of summing the same terms.
-_BLOCK_MARGIN = 1e-6
+#: Consecutive orders a calibration's "no" bounds together (``_meets_on_grid``), and the
+#: relative margin a bound must clear the target by (far above the sums' rounding).
+CALIBRATION_BLOCK, _BLOCK_MARGIN = 13, 1e-6
 #: No calibration goes below this noise multiplier: under it the RDP bound is vacuous anyway
 #: (epsilon in the hundreds for any useful number of steps), so a target that large is met here.
 NOISE_FLOOR = 0.1
@@ -310,7 +308,7 @@ def calibrate_noise(
             "raise privacy.epsilon or charge fewer releases",
         )
 
-    # the order that gave the last full evaluation's epsilon (the middle of the grid at first)
+    # the best order the last grid answer saw (the middle of the grid at first)
     best = len(RDP_ORDERS) // 2
 
     def meets_target(sigma: float) -> bool:
@@ -318,9 +316,8 @@ def calibrate_noise(
         step = GaussianStep(sigma, sample_rate, steps)
         # Every order's bound is valid on its own, so a few orders around the last optimum
         # that already meet the target prove that sigma does: the same answer as the whole
-        # grid, at a tenth of its cost. Only a "no" needs every order (the optimum may have
-        # moved), and it bounds blocks of orders from below before computing any one order
-        # (``_meets_on_grid``).
+        # grid, at a tenth of its cost. Only a "no" must rule out every order (the optimum may
+        # have moved): ``_meets_on_grid`` bounds blocks of orders from below first.
         near = slice(max(0, best - CALIBRATION_WINDOW), best + CALIBRATION_WINDOW + 1)
         orders = RDP_ORDERS[near]
         curve = fixed_curve[near] + _rdp_curve(step, orders)
@@ -343,18 +340,12 @@ def calibrate_noise(
 def _meets_on_grid(
     step: GaussianStep, fixed_curve: np.ndarray, delta: float, target_epsilon: float
 ) -> tuple[bool, int]:
-    """Whether some order of :data:`RDP_ORDERS` gives ``fixed + step`` an epsilon at or
-    below the target (the whole grid's answer, exactly), and the index of the best order seen.
-
-    A "no" must rule out every order, but not by computing each one. On a block of
-    consecutive orders ``a..b``, the step's RDP is at least its value at ``a`` (a Renyi
-    divergence never decreases with the order), and the rest of each order's epsilon (the
-    fixed releases' curve and the conversion's terms, Balle et al. 2020, as Opacus computes
-    them) is known exactly for every order without any series. So ``rdp_step(a) +
-    min over the block of (fixed + conversion)`` bounds every epsilon in the block from
-    below; a block whose bound clears the target is out, and only the others are computed
-    order by order (through Opacus, as the whole grid is). A "yes" is found on the same
-    orders the whole grid would find it."""
+    """The whole grid's answer to "does ``fixed + step`` meet the target at some order?",
+    and the index of the best order seen. On a block of orders ``a..b`` the step's RDP is at
+    least its value at ``a`` (it never decreases with the order), and the rest of epsilon
+    (the fixed curve, the conversion's terms as Opacus computes them) is exact without a
+    series: a block whose lower bound clears the target is out; only the others are computed
+    order by order, through Opacus, as the whole grid is."""
     orders = np.asarray(RDP_ORDERS)
     conversion = -(np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
     rest = fixed_curve + conversion
