@@ -36,7 +36,7 @@ from typing import Any
 from connectors.preprocess import FeaturePlan
 from connectors.schema import SchemaContract
 from foundation.errors import IntegrityError, SchemaError, ZoneError
-from training.model_config import ModelConfig
+from training.model_config import ModelConfig, linear_shapes
 
 #: a tensor as the safetensors header declares it: dtype name and shape
 TensorSpec = tuple[str, tuple[int, ...]]
@@ -99,18 +99,10 @@ def _refuse(name: str, problem: str) -> IntegrityError:
 def expected_tensors(
     model: ModelConfig, n_inputs: int, n_outputs: int = 1
 ) -> dict[str, TensorSpec]:
-    """The state dict ``training.models.build_model`` gives, as safetensors declares it.
-
-    Torch-free (the CLI and the service need not import torch to check a release): an
-    ``nn.Sequential`` of Linear layers with a ReLU between each two, so the Linear layers sit
-    at indices 0, 2, 4, ... and each holds ``weight`` [out, in] and ``bias`` [out], float32.
-    """
-    widths = (n_inputs, *model.hidden, n_outputs)
-    out: dict[str, TensorSpec] = {}
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-        out[f"{2 * i}.weight"] = ("F32", (fan_out, fan_in))
-        out[f"{2 * i}.bias"] = ("F32", (fan_out,))
-    return out
+    """The state dict ``training.models.build_model`` gives, as safetensors declares it
+    (``training.model_config.linear_shapes``, all float32): torch-free, so the CLI and the
+    service need not import torch to check a release."""
+    return {k: ("F32", shape) for k, shape in linear_shapes(model, n_inputs, n_outputs).items()}
 
 
 def weights_metadata(model: ModelConfig) -> dict[str, str]:

@@ -64,3 +64,18 @@ class ModelConfig:
                 "must list at least one hidden layer for an mlp",
                 "e.g. hidden = [64, 64]",
             )
+
+
+def linear_shapes(
+    model: ModelConfig, n_inputs: int, n_outputs: int = 1
+) -> dict[str, tuple[int, ...]]:
+    """The state dict ``training.models.build_model`` gives, as shapes, without torch: an
+    ``nn.Sequential`` of Linear layers with a ReLU between each two, so the Linear layers sit
+    at indices 0, 2, 4, ... and each holds ``weight`` [out, in] and ``bias`` [out]. The release
+    gate checks a job's weights against it and ``training.predict`` reads the layers by it."""
+    widths = (n_inputs, *model.hidden, n_outputs)
+    out: dict[str, tuple[int, ...]] = {}
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        out[f"{2 * i}.weight"] = (fan_out, fan_in)
+        out[f"{2 * i}.bias"] = (fan_out,)
+    return out

@@ -29,7 +29,7 @@ from connectors.ingest_checks import prepare_column
 from connectors.ingest_findings import Findings, Violation
 from connectors.preprocess import FeaturePlan
 from foundation.errors import SchemaError, SpecError
-from training.model_config import ModelConfig, ModelKind
+from training.model_config import ModelConfig, ModelKind, linear_shapes
 
 #: one Linear layer: its weight [out, in] and its bias [out], float32
 Layer = tuple[np.ndarray, np.ndarray]
@@ -40,11 +40,7 @@ def _layers(weights: dict[str, np.ndarray], cfg: ModelConfig, n_inputs: int) -> 
     (keys ``"0.weight"``, ``"0.bias"``, ``"2.weight"``, ...: a ReLU sits at each odd index).
     Anything else (a missing or extra tensor, a shape the metadata's model does not have) is
     refused: the file is not the model it says it is."""
-    widths = (n_inputs, *cfg.hidden, 1)
-    want: dict[str, tuple[int, ...]] = {}
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-        want[f"{2 * i}.weight"] = (fan_out, fan_in)
-        want[f"{2 * i}.bias"] = (fan_out,)
+    want = linear_shapes(cfg, n_inputs)
     have = {k: tuple(v.shape) for k, v in weights.items()}
     if have != want:
         raise SpecError(
@@ -58,7 +54,7 @@ def _layers(weights: dict[str, np.ndarray], cfg: ModelConfig, n_inputs: int) -> 
             np.asarray(weights[f"{2 * i}.weight"], dtype=np.float32),
             np.asarray(weights[f"{2 * i}.bias"], dtype=np.float32),
         )
-        for i in range(len(widths) - 1)
+        for i in range(len(want) // 2)
     )
 
 
