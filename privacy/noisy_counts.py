@@ -26,11 +26,26 @@ train-on-synthetic AUROC the same within the draws' spread or higher (whas500 at
 0.707 -> 0.745, rossi at epsilon 1 0.502 -> 0.558). flchain (6,271 persons: ``snr`` 47-130)
 keeps the piecewise fit; a mixture fitted there lost (0.915 -> 0.900 at epsilon 3). Log-scaled
 columns keep it too: fitted alike, gbsg2's lost 0.03-0.04 of train-on-synthetic AUROC.
+
+Where the contract declares the column's ``typical = [low, high]`` range (where most values
+lie, from a published reference, not from the rows), the fit also weighs a :class:`Prior`:
+a normal whose 5th and 95th percentiles are the range, in bin units. The mixture's means and
+spreads pay for straying from it as a Gaussian log-prior would beside the counts' Gaussian
+noise (the penalty is in noise variances, like the squared error), so it pulls hard when
+the noise swamps the counts and little when the counts are clear. Measured (public
+tables, 15 noise draws each, sdmetrics quality, without -> with): at epsilon 1 whas500
+0.783 -> 0.808, gbsg2 0.823 -> 0.836, aids 0.875 -> 0.873; at epsilon 3 0.841 -> 0.840,
+0.882 -> 0.884, 0.911 -> 0.914. Train-on-synthetic AUROC moved within about one standard
+error of its mean (whas500 at epsilon 3 0.732 -> 0.719, aids at epsilon 1 0.596 -> 0.579,
+gbsg2 0.609 -> 0.605 and 0.643 -> 0.647). Log-scaled columns fitted alike gained at epsilon
+1 (whas500 0.823, 5 draws) but lost at epsilon 3 (gbsg2 0.866), so they keep the piecewise
+fit. The contract is public to the zone before any row is read: the prior costs no privacy.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
@@ -47,6 +62,38 @@ PARAMETRIC_SNR = 25.0
 MIN_BINS = 8
 #: Nelder-Mead's iteration cap per fit (a fit of five parameters converges in a few hundred)
 MAX_ITERATIONS = 2000
+#: the prior on a normal's mean: this many of the typical range's own standard deviations
+#: (the range is read as the 5th to 95th percentiles, width / 3.29)
+PRIOR_MEAN_SDS = 0.5
+#: ... and on its log standard deviation (0.5: within a factor of 1.65 either way, 1 sd)
+PRIOR_LOG_SD = 0.5
+#: the typical range's width in standard deviations of a normal (5th to 95th percentile)
+TYPICAL_WIDTH_SDS = 3.29
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Where a column's values usually lie, as a normal in bin units (``mu``, ``sd``), from
+    the contract's ``typical`` range alone (:meth:`from_typical`)."""
+
+    mu: float
+    sd: float
+
+    @classmethod
+    def from_typical(cls, low: float, high: float) -> Prior:
+        """``low`` and ``high`` (bin units, already on the column's scale) as the 5th and 95th
+        percentiles; at least a quarter of a bin wide."""
+        return cls(mu=(low + high) / 2.0, sd=max((high - low) / TYPICAL_WIDTH_SDS, 0.25))
+
+    def penalty(self, params: np.ndarray) -> float:
+        """The mixture's (see :func:`mixture_mass`) negative log-prior, times 2: each normal's
+        mean and log standard deviation against the prior's, averaged over the normals."""
+        parts = [params[0:2]] if params.size == 2 else [params[1:3], params[3:5]]
+        out = 0.0
+        for mu, log_sd in parts:
+            out += ((mu - self.mu) / (PRIOR_MEAN_SDS * self.sd)) ** 2
+            out += ((log_sd - math.log(self.sd)) / PRIOR_LOG_SD) ** 2
+        return out / len(parts)
 
 
 def project_to_simplex(values: np.ndarray, totals: np.ndarray | float) -> np.ndarray:
@@ -110,10 +157,18 @@ def mixture_mass(params: np.ndarray, bins: int, total: float) -> np.ndarray:
     return total * mass
 
 
-def fit_mixture(noisy: np.ndarray, total: float, penalty: float) -> np.ndarray:
+def fit_mixture(
+    noisy: np.ndarray,
+    total: float,
+    penalty: float,
+    prior: Prior | None = None,
+    noise_var: float = 0.0,
+) -> np.ndarray:
     """The least-squares mixture of one or two normals for the noisy counts ``noisy``
     (``total`` persons), the one whose squared error plus ``penalty`` per parameter is the
-    smaller. Starts from the quantiles of the counts' positive part."""
+    smaller; with a ``prior``, the squared error also pays ``noise_var`` (a count's noise
+    variance) times :meth:`Prior.penalty`, i.e. the fit is the posterior mode. Starts from the
+    quantiles of the counts' positive part (and from the prior, when there is one)."""
     bins = noisy.size
     positive = np.maximum(noisy, 0.0)
     centres = np.arange(bins) + 0.5
@@ -124,15 +179,18 @@ def fit_mixture(noisy: np.ndarray, total: float, penalty: float) -> np.ndarray:
 
     wide = math.log(max(bins / 6.0, 0.5))
     narrow = math.log(max(bins / 12.0, 0.5))
-    starts = (
+    starts: tuple[np.ndarray, ...] = (
         np.asarray([quantile(0.5), wide]),
         np.asarray([0.0, quantile(0.25), narrow, quantile(0.75), narrow]),
     )
+    if prior is not None:
+        starts += (np.asarray([prior.mu, math.log(prior.sd)]),)
     best: tuple[float, np.ndarray] | None = None
     for start in starts:
 
         def loss(p: np.ndarray) -> float:
-            return float(((noisy - mixture_mass(p, bins, total)) ** 2).sum())
+            error = float(((noisy - mixture_mass(p, bins, total)) ** 2).sum())
+            return error if prior is None else error + noise_var * prior.penalty(p)
 
         found = minimize(
             loss, start, method="Nelder-Mead", options={"maxiter": MAX_ITERATIONS, "xatol": 1e-3}
@@ -155,11 +213,13 @@ def smooth_anchor(
     *,
     piece_penalty: float,
     rake_rounds: int,
+    prior: Prior | None = None,
 ) -> np.ndarray:
     """``denoised`` (a (label, value) table from the piecewise fit of the noisy anchor
     ``noisy``, noise ``sigma`` per cell), with its first ``body`` values (the in-domain bins)
-    re-shaped by :func:`fit_mixture` when the column is ``numeric`` on a linear ``scale`` and
-    the noise is as large as the data (see the module docstring); otherwise as it is."""
+    re-shaped by :func:`fit_mixture` (weighing ``prior``, the contract's typical range, when
+    given) when the column is ``numeric`` on a linear ``scale`` and the noise is as large as
+    the data (see the module docstring); otherwise as it is."""
     if not numeric or scale is not Scale.LINEAR or body < MIN_BINS:
         return denoised
     k_label = noisy.shape[0]
@@ -168,13 +228,13 @@ def smooth_anchor(
     if total <= 0 or snr(total, noise_sd, body) > PARAMETRIC_SNR:
         return denoised
     per_parameter = piece_penalty * noise_sd**2 * math.log(max(body, 2))
-    mass = fit_mixture(noisy[:, :body].sum(axis=0), total, per_parameter)
+    mass = fit_mixture(noisy[:, :body].sum(axis=0), total, per_parameter, prior, noise_sd**2)
     kept = denoised[:, :body].sum(axis=0)
-    prior = label_marginal / max(float(label_marginal.sum()), 1e-12)
+    label_share = label_marginal / max(float(label_marginal.sum()), 1e-12)
     share = denoised[:, :body] / np.where(kept > 0, kept, 1.0)[None, :]
     alive = np.flatnonzero(kept > 0)
     if alive.size == 0:
-        share[:] = prior[:, None]
+        share[:] = label_share[:, None]
     else:
         for v in np.flatnonzero(kept <= 0):  # the nearest bin the piecewise fit kept
             share[:, v] = share[:, alive[np.argmin(np.abs(alive - v))]]

@@ -44,7 +44,8 @@ piece's total soft-thresholded, so that the empty ends of a wide declared domain
 declared 0 to 5,000) mostly get no rows from noise alone; the label splits each piece. A
 numeric column on a linear scale whose noise is as large as its data (a few hundred persons
 at epsilon 1) is then re-shaped by a mixture of one or two normals fitted to its noisy counts
-(``privacy.noisy_counts``). Pair tables group each column into contiguous equal-mass values
+(``privacy.noisy_counts``), which weighs the contract's ``typical`` range where it declares one.
+Pair tables group each column into contiguous equal-mass values
 (the commonest categories), as many as keep a cell's mean count near the tree tables' noise
 (``_pair_values``: 2 per column for a few hundred persons at epsilon 1, up to
 :data:`MAX_PAIR_VALUES` for tens of thousands). Tree tables are projected onto the
@@ -66,9 +67,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from connectors.scales import to_scale
 from connectors.schema_columns import Role
 from privacy.accountant import GaussianStep
-from privacy.noisy_counts import project_to_simplex, rake, smooth_anchor
+from privacy.noisy_counts import Prior, project_to_simplex, rake, smooth_anchor
 from privacy.synth.codec import (
     Codec,
     ColumnCodec,
@@ -176,6 +178,7 @@ def fit_mst(
             sigma_anchor,
             piece_penalty=SEGMENT_PENALTY,
             rake_rounds=RAKE_ROUNDS,
+            prior=_typical_prior(column),
         )
     n_groups = _pair_values(total, k_root, sigma_tree)
     coarse = {j: _coarsen(codec.columns[j], anchors[j].sum(axis=0), n_groups) for j in others}
@@ -254,6 +257,19 @@ def fit_mst(
         "contribution bound: one row per person (sensitivity 1 per table and per score)",
     )
     return DPFit(steps=tuple(steps), notes=notes, sampler=sampler)
+
+
+def _typical_prior(column: ColumnCodec) -> Prior | None:
+    """A binned column's declared ``typical`` range as a :class:`Prior` in its bin units (on
+    its scale); None without one. From the contract alone."""
+    typical = column.spec.typical
+    if typical is None or column.kind is not ValueKind.BINNED:
+        return None
+    lo, hi = (float(to_scale(v, column.scale)) for v in (column.lo, column.hi))
+    low, high = (
+        (float(to_scale(v, column.scale)) - lo) / (hi - lo) * column.n_values for v in typical
+    )
+    return Prior.from_typical(low, high)
 
 
 def _root_index(codec: Codec) -> int | None:
