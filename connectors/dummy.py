@@ -45,7 +45,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from connectors.scales import Scale, from_scale, to_scale
+from connectors.scale_arrays import from_scale, to_scale
+from connectors.scales import Scale
 from connectors.schema import SchemaContract
 from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import SpecError

@@ -40,7 +40,7 @@ import numpy as np
 
 from connectors.cleaning_rules import cleaning_to_dict
 from connectors.scales import Scale, parse_typical
-from connectors.schema_columns import ARROW_TYPES, ColumnSpec, Role
+from connectors.schema_columns import TYPE_NAMES, ColumnSpec, Role
 from foundation.errors import SchemaError, SpecError
 
 #: the unit interval: where a domain-anchored step's values go (and where every step's went
@@ -173,7 +173,7 @@ class FeatureStep:
         try:
             return ColumnSpec(
                 name=self.name,
-                type=self.type if self.type in ARROW_TYPES else "float64",
+                type=self.type if self.type in TYPE_NAMES else "float64",
                 role=Role.FEATURE,
                 min=self.min if self.scaled else None,
                 max=self.max if self.scaled else None,

@@ -10,14 +10,16 @@ histograms (``privacy.dpquery.cells``).
 ``log`` means ``log(1 + x)`` (``np.log1p``): 0, common in counts and in values below a
 detection limit, is allowed, and the declared ``min`` must be 0 or more
 (``connectors.schema_columns`` checks it).
+
+This module is the contract's word (``Scale``, ``parse_typical``) and imports no numpy: every
+command reads contracts. Values onto and off a scale, bin edges and codes are
+``connectors.scale_arrays``.
 """
 
 from __future__ import annotations
 
 import math
 from enum import StrEnum
-
-import numpy as np
 
 
 class Scale(StrEnum):
@@ -28,46 +30,6 @@ class Scale(StrEnum):
     #: by ``log(1 + x)``: ``(log1p(x) - log1p(min)) / (log1p(max) - log1p(min))``, bins of
     #: equal width in ``log1p`` (log-spaced); needs ``min >= 0``
     LOG = "log"
-
-
-def to_scale(x: np.ndarray | float, scale: Scale) -> np.ndarray:
-    """Values in the column's units -> the scale it is spread on (``log1p`` for log)."""
-    return np.log1p(x) if scale is Scale.LOG else np.asarray(x, dtype=np.float64)
-
-
-def from_scale(t: np.ndarray | float, scale: Scale) -> np.ndarray:
-    """The inverse of :func:`to_scale` (``expm1`` for log)."""
-    return np.expm1(t) if scale is Scale.LOG else np.asarray(t, dtype=np.float64)
-
-
-def scale_edges(lo: float, hi: float, bins: int, scale: Scale) -> np.ndarray:
-    """``bins + 1`` float64 edges over ``[lo, hi]``, equally spaced on ``scale``.
-
-    Linear: ``lo + (hi - lo) * i / bins``; log: ``expm1`` of equally spaced points between
-    ``log1p(lo)`` and ``log1p(hi)``. The ends are exactly ``lo`` and ``hi``.
-    """
-    if scale is Scale.LOG:
-        a, b = math.log1p(lo), math.log1p(hi)
-        edges = np.expm1(np.asarray([a + (b - a) * i / bins for i in range(bins + 1)]))
-    else:
-        edges = np.asarray([lo + (hi - lo) * i / bins for i in range(bins + 1)])
-    edges[0], edges[-1] = lo, hi
-    return edges
-
-
-def bin_codes(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Each value's bin (int64): clamped into [edges[0], edges[-1]] first; a value on an
-    inner edge opens the next bin, and the last bin is closed."""
-    clamped = np.clip(np.asarray(x, dtype=np.float64), edges[0], edges[-1])
-    return np.searchsorted(edges[1:-1], clamped, side="right").astype(np.int64)
-
-
-def draw_in_bins(codes: np.ndarray, edges: np.ndarray, scale: Scale, u: np.ndarray) -> np.ndarray:
-    """A value inside each code's bin, at position ``u`` in [0, 1) of the bin on ``scale``
-    (uniform ``u`` gives a draw uniform on the scale within the bin)."""
-    lo, hi = edges[codes], edges[codes + 1]
-    a, b = to_scale(lo, scale), to_scale(hi, scale)
-    return np.clip(from_scale(a + u * (b - a), scale), lo, hi)
 
 
 def parse_typical(

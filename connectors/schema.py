@@ -8,7 +8,7 @@ real rows would be an uncharged release (see ``docs/privacy-model.md``).
 
 This module holds the contract as a whole (``SchemaContract``: TOML in, Arrow schemas out, the
 dataset-level rules); one column's declaration and its rules (``ColumnSpec``, ``Role``,
-``ARROW_TYPES``) are in ``connectors.schema_columns``.
+``TYPE_NAMES``) are in ``connectors.schema_columns``.
 
 A contract looks like::
 
@@ -21,7 +21,7 @@ A contract looks like::
                                     # (default 1; above 1 only with rows_per_person = "many")
 
     [columns.subject_id]
-    type = "string"                 # an Arrow type name, see schema_columns.ARROW_TYPES
+    type = "string"                 # an Arrow type name, see schema_columns.TYPE_NAMES
     role = "identifier"             # see Role
 
     [columns.age]
@@ -72,13 +72,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from connectors.cleaning_rules import parse_na_values
 from connectors.schema_columns import ColumnSpec, Role, _check_name, _fail
 from foundation.errors import NotFoundError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class RowsPerPerson(StrEnum):
@@ -345,6 +346,8 @@ class SchemaContract:
 
     def source_arrow_schema(self) -> pa.Schema:
         """The schema a source file must have: every declared column with its declared type."""
+        import pyarrow as pa  # Arrow only where data is handled (schema_columns.TYPE_NAMES)
+
         return pa.schema(
             [pa.field(c.name, c.arrow_type, nullable=c.is_nullable) for c in self.columns]
         )
@@ -356,6 +359,8 @@ class SchemaContract:
         keyed HMAC-SHA256 pseudonym (64 hex characters); everything else keeps its declared
         type and nullability.
         """
+        import pyarrow as pa  # Arrow only where data is handled (schema_columns.TYPE_NAMES)
+
         fields = []
         for c in self.columns:
             if c.role is Role.DIRECT_IDENTIFIER:

@@ -39,7 +39,7 @@ from policies.roles import Action, Actor, Role
 from sandbox.context import ProgressFn, ZoneContext
 from sandbox.gpu_quotas import job_gpus
 from sandbox.jobs import JobRecord, JobState, new_job_id
-from sandbox.mechanisms import MECHANISMS
+from sandbox.mechanisms import mechanism as mechanism_of
 from sandbox.mechanisms.base import (
     Admission,
     JobMechanism,
@@ -185,7 +185,7 @@ class JobRunner:
         details: Mapping[str, Any] | None = None,
     ) -> str:
         """Decide, plan, reserve and build inside one guard; the job is QUEUED after."""
-        mechanism = MECHANISMS[kind]
+        mechanism = mechanism_of(kind)
         job_id = new_job_id(mechanism.id_prefix)
         reserved: dict[str, str] = {}
         with self.ctx.act(actor, action, target, details) as extra:

@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.scales import Scale, scale_edges
+from connectors.scale_arrays import scale_edges
+from connectors.scales import Scale
 from connectors.schema_columns import ColumnSpec
 from foundation.errors import SpecError
 from privacy.dpquery.spec import MISSING, OTHER

@@ -38,7 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.dummy import random_pseudonyms, to_arrow_within_domain
-from connectors.scales import Scale, bin_codes, draw_in_bins, scale_edges
+from connectors.scale_arrays import bin_codes, draw_in_bins, scale_edges
+from connectors.scales import Scale
 from connectors.schema import SchemaContract
 from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import IntegrityError, SchemaError, SpecError

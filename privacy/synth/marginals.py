@@ -67,7 +67,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connectors.scales import to_scale
+from connectors.scale_arrays import to_scale
 from connectors.schema_columns import Role
 from privacy.accountant import GaussianStep
 from privacy.noisy_counts import Prior, project_to_simplex, rake, smooth_anchor

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from connectors.scales import Scale, scale_edges
+from connectors.scale_arrays import scale_edges
+from connectors.scales import Scale
 from connectors.schema import SchemaContract
 from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import SpecError

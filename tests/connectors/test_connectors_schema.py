@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.schema import RowsPerPerson, SchemaContract
-from connectors.schema_columns import ARROW_TYPES, ColumnSpec, Role
+from connectors.schema_columns import TYPE_NAMES, ColumnSpec, Role
 from foundation.errors import NotFoundError, SchemaError
 
 CANARY = "CANARY-5c1e0d9a77b2f3e4"
@@ -260,7 +260,7 @@ _KEYS = [
     "colour",
 ]
 _TOML_VALUES = st.one_of(
-    st.sampled_from([*(f'"{t}"' for t in ARROW_TYPES), *(f'"{r.value}"' for r in Role)]),
+    st.sampled_from([*(f'"{t}"' for t in TYPE_NAMES), *(f'"{r.value}"' for r in Role)]),
     st.sampled_from(
         [
             "0",

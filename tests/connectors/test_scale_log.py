@@ -20,7 +20,8 @@ from connectors.cohort import cohort_contract
 from connectors.dummy import dummy_table
 from connectors.preprocess import FeaturePlan
 from connectors.preprocess_steps import FeatureStep, StepKind
-from connectors.scales import Scale, scale_edges
+from connectors.scale_arrays import scale_edges
+from connectors.scales import Scale
 from connectors.schema import SchemaContract
 from connectors.schema_columns import ColumnSpec, Role
 from foundation.errors import SchemaError, SpecError
