@@ -111,6 +111,21 @@ def test_no_module_outgrows_its_name() -> None:
     assert big == {}
 
 
+def _probe(code: str, env: dict[str, str] | None = None) -> str:
+    """What ``code`` prints, run by a fresh interpreter from the repository's root."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return out.stdout
+
+
 def test_importing_ray_compiles_no_url_grammar() -> None:
     """Every CLI submit, job worker and Ray agent imports Ray; with jsonschema 4.24+ and
     ``rfc3987-syntax`` installed that import compiled 39 grammars (a second of CPU per process,
@@ -119,10 +134,8 @@ def test_importing_ray_compiles_no_url_grammar() -> None:
     probe = (
         "import sys, ray; print(sorted(m for m in ('rfc3987_syntax', 'lark') if m in sys.modules))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
-    )
-    assert out.stdout.strip() == "[]", out.stdout
+    out = _probe(probe)
+    assert out.strip() == "[]", out
 
 
 def test_paths_that_need_no_torch_import_none() -> None:
@@ -135,23 +148,14 @@ def test_paths_that_need_no_torch_import_none() -> None:
         "import sandbox.synth_worker, training.predict\n"
         "print('torch' in sys.modules)"
     )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    assert out.stdout.strip() == "False", out.stdout
+    out = _probe(probe)
+    assert out.strip() == "False", out
 
 
 def test_commands_that_only_read_state_import_no_numpy_nor_arrow(tmp_path: Path) -> None:
     """NumPy and Arrow were ~0.2 s of a read command's ~0.6 s of CPU. Reading the zone's
     state (jobs, audit chain, users, datasets, projects, grants) needs neither: the data plane
     loads where a call first needs it (``sandbox.service``'s docstring)."""
-    root = Path(__file__).resolve().parents[1]
     sandbox = Path(sys.executable).parent / "sandbox"
     env = {k: v for k, v in os.environ.items() if k not in ("SANDBOX_TOKEN", "RAY_ADDRESS")}
     env["SANDBOX_ZONE"] = str(tmp_path / "zone")
@@ -171,13 +175,5 @@ def test_commands_that_only_read_state_import_no_numpy_nor_arrow(tmp_path: Path)
         "loaded = [m for m in ('numpy', 'pyarrow', 'torch') if m in sys.modules]\n"
         "print(json.dumps({'codes': codes, 'loaded': loaded}))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    assert json.loads(out.stdout) == {"codes": [0] * 6, "loaded": []}, out.stdout
+    out = _probe(probe, env)
+    assert json.loads(out) == {"codes": [0] * 6, "loaded": []}, out
