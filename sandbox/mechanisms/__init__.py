@@ -30,7 +30,6 @@ def mechanism(kind: str) -> JobMechanism:
     """The one mechanism of job kind ``kind`` (a key of :data:`REGISTRY`; ``KeyError``
     otherwise: kinds come from the zone's own code, never from a user)."""
     module, name = REGISTRY[kind]
+    # tests/sandbox/test_mechanism_registry.py holds each class's own kind to its key here
     found: JobMechanism = getattr(importlib.import_module(module), name)()
-    if found.kind != kind:  # the table and the class must agree
-        raise AssertionError(f"{module}.{name}.kind is {found.kind!r}, registered as {kind!r}")
     return found
