@@ -33,8 +33,8 @@ demo-served: install
 	$(VENV)/bin/sandbox demo --served
 
 # the default run: fast tests plus integration tests on a real local Ray, in two pytest
-# workers (whole files per worker: module fixtures are built once). On 2 cores, 1689 tests:
-# 301-444 s (this machine's speed drifts), both cores busy for all but ~35 CPU-s of it
+# workers (whole files per worker: module fixtures are built once). On 2 cores, 1701 tests:
+# 335-397 s in the last runs (this machine's speed drifts), both cores busy for all but ~45 CPU-s
 # (more workers do not help)
 test: install
 	$(PYTEST) -m "not slow" -q -n 2 --dist loadfile
