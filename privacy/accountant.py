@@ -300,6 +300,7 @@ def calibrate_noise(
 
     already = epsilon_for(fixed, delta)  # also checks that fixed holds GaussianSteps
     fixed_curve = _composed_curve(fixed)
+    rest = _rest_of_epsilon(fixed_curve, delta)  # the same for every sigma tried
     if already >= target_epsilon:
         raise SpecError(
             "privacy.epsilon",
@@ -323,7 +324,7 @@ def calibrate_noise(
         curve = fixed_curve[near] + _rdp_curve(step, orders)
         if _epsilon_from_curve(curve, delta, orders) <= target_epsilon:
             return True
-        met, best = _meets_on_grid(step, fixed_curve, delta, target_epsilon)
+        met, best = _meets_on_grid(step, fixed_curve, rest, delta, target_epsilon)
         return met
 
     return search_noise(
@@ -337,21 +338,22 @@ def calibrate_noise(
     )
 
 
+def _rest_of_epsilon(fixed_curve: np.ndarray, delta: float) -> np.ndarray:
+    """Each order's epsilon less a step's RDP: the fixed curve plus Opacus's conversion terms."""
+    grid = np.asarray(RDP_ORDERS)
+    return fixed_curve - (np.log(delta) + np.log(grid)) / (grid - 1) + np.log((grid - 1) / grid)
+
+
 def _meets_on_grid(
-    step: GaussianStep, fixed_curve: np.ndarray, delta: float, target_epsilon: float
+    step: GaussianStep, fixed_curve: np.ndarray, rest: np.ndarray, delta: float, target: float
 ) -> tuple[bool, int]:
     """The whole grid's answer to "does ``fixed + step`` meet the target at some order?",
     and the index of the best order seen. On a block of orders ``a..b`` the step's RDP is at
-    least its value at ``a`` (it never decreases with the order), and the rest of epsilon
-    (the fixed curve, the conversion's terms as Opacus computes them) is exact without a
-    series: a block whose lower bound clears the target is out; only the others are computed
-    order by order, through Opacus, as the whole grid is."""
-    orders = np.asarray(RDP_ORDERS)
-    conversion = -(np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
-    rest = fixed_curve + conversion
+    least its value at ``a`` (it never decreases with the order) and ``rest`` is exact: a
+    block whose lower bound clears the target is out; the others go through Opacus."""
     starts = list(range(0, len(RDP_ORDERS), CALIBRATION_BLOCK))
     at_start = _rdp_curve(step, [RDP_ORDERS[i] for i in starts])
-    bar = target_epsilon * (1 + _BLOCK_MARGIN) + _BLOCK_MARGIN
+    bar = target * (1 + _BLOCK_MARGIN) + _BLOCK_MARGIN
     best, best_eps = len(RDP_ORDERS) // 2, math.inf
     for start, first in zip(starts, at_start, strict=True):
         block = slice(start, min(start + CALIBRATION_BLOCK, len(RDP_ORDERS)))
@@ -363,7 +365,7 @@ def _meets_on_grid(
         eps, at = _epsilon_and_order(
             fixed_curve[block] + _rdp_curve(step, RDP_ORDERS[block]), delta, RDP_ORDERS[block]
         )
-        if eps <= target_epsilon:
+        if eps <= target:
             return True, block.start + at
         if eps < best_eps:
             best, best_eps = block.start + at, eps

@@ -294,13 +294,14 @@ def test_a_calibration_step_answers_as_the_whole_grid(
     """A calibration step bounds blocks of orders before computing them one by one; its
     answer must be the whole grid's, including targets at the boundary (ratio 1: the
     target is exactly the whole grid's epsilon)."""
-    from privacy.accountant import _composed_curve, _meets_on_grid
+    from privacy.accountant import _composed_curve, _meets_on_grid, _rest_of_epsilon
 
     fixed = [GaussianStep(20.0, 1.0, 1)] if with_eval else []
     step = GaussianStep(sigma, q, steps)
     whole = epsilon_for([*fixed, step], delta)
     target = whole * ratio
-    met, best = _meets_on_grid(step, _composed_curve(fixed), delta, target)
+    curve = _composed_curve(fixed)
+    met, best = _meets_on_grid(step, curve, _rest_of_epsilon(curve, delta), delta, target)
     assert met == (whole <= target)
     assert 0 <= best < len(RDP_ORDERS)
 
