@@ -10,9 +10,10 @@ What every figure here means (docs/privacy-model.md, "Honest numbers"):
   noise multiplier ``sigma`` for ``T`` steps is ``GaussianStep(sigma, q, T)``; one noisy
   sensitivity-1 histogram with noise ``sigma`` is ``GaussianStep(sigma, 1.0, 1)``.
 - **Accountant:** Renyi DP (:attr:`Accountant.RDP`); composition adds RDP curves order by
-  order, then converts once to (epsilon, delta). The numbers come from Opacus's RDP analysis
-  (``opacus.accountants.analysis.rdp``; this module and the DP trainer are the only places that
-  import Opacus).
+  order, then converts once to (epsilon, delta). A step's curve is ``privacy.rdp_sgm``'s
+  (Mironov et al. 2019's series, held to Opacus's RDP analysis in its tests); the conversion is
+  Opacus's (``opacus.accountants.analysis.rdp``; this module and the DP trainer are the only
+  places that use Opacus).
 
 Everything is a pure function of frozen values: a ledger stores the ``GaussianStep`` events and
 recomputes epsilon from them, it never keeps a running epsilon.
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from foundation.errors import SpecError
+from privacy.rdp_sgm import rdp_curve
 
 #: The RDP orders (alphas) every curve is evaluated at. Google's ``dp_accounting`` default grid
 #: (dense fractional orders 1.1..10.9, integers 11..63, then 128..1024) plus extra orders between
@@ -171,16 +173,8 @@ def _rdp_curve(step: GaussianStep, orders: Sequence[float] = RDP_ORDERS) -> np.n
     if step.steps == 0:
         # Opacus multiplies the per-step curve by ``steps``; skip it so that 0 * inf is never nan.
         return np.zeros(len(orders))
-    curve = np.asarray(
-        _opacus_rdp().compute_rdp(
-            q=step.sample_rate,
-            noise_multiplier=step.noise_multiplier,
-            steps=step.steps,
-            orders=list(orders),
-        ),
-        dtype=np.float64,
-    )
-    # Renyi divergences are >= 0; Opacus's log-space series can round a tiny one (tiny q, huge
+    curve = rdp_curve(step.sample_rate, step.noise_multiplier, step.steps, orders)
+    # Renyi divergences are >= 0; the log-space series can round a tiny one (tiny q, huge
     # sigma) to a small negative number. Raising it to 0 can only raise epsilon (conservative).
     # A nan (a series that failed) becomes +inf: that order then simply never wins the minimum.
     return np.where(np.isnan(curve), np.inf, np.maximum(curve, 0.0))
