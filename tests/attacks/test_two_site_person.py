@@ -68,6 +68,8 @@ sites = "all"
 min_sites = 2
 [resources]
 gpus = 0
+# one Flower actor on the two-CPU Ray (each costs ~5 CPU-s to start): the sites in turn
+cpus = 2
 """
 
 

@@ -47,7 +47,8 @@ FED_SPEC = {
     "model": {"kind": "logistic"},
     "privacy": {"epsilon": 1.0, "delta": 1e-6, "max_grad_norm": 1.0},
     "training": {"batch_size": 64, "lr": 0.5, "seed": 3},
-    "resources": {"gpus": 0},
+    # one Flower actor on a two-CPU machine (each costs ~5 CPU-s to start): the sites in turn
+    "resources": {"gpus": 0, "cpus": 2},
     "federated": {
         "rounds": 2,
         "sites": ["hospital-a", "hospital-b"],

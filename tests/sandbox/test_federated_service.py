@@ -19,6 +19,10 @@ from sandbox.service import Service
 pytestmark = pytest.mark.ray
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
+#: two CPUs per site's client: on the tests' two-CPU Ray, Flower's pool is one ClientApp actor
+#: (each costs ~5 CPU-s to start: a Ray worker importing Flower and torch) and the sites train
+#: in turn; tests/training/test_federated.py runs a simulation with two actors
+CLIENT_CPUS = 2
 
 
 def _fed_spec(**overrides):
@@ -28,6 +32,7 @@ def _fed_spec(**overrides):
         mode="federated",
         federated=fed,
         **{"training.batch_size": 64, "model": {"kind": "logistic", "hidden": []}},
+        **{"resources": {"gpus": 0, "cpus": CLIENT_CPUS}},
         **overrides,
     )
 

@@ -186,9 +186,11 @@ def _job_toml(path: Path, dataset: str, federated: bool = False, rounds: int = 2
         + "seed = 1\n[resources]\ngpus = 0\n"
     )
     if federated:
+        # two CPUs per site's client: one Flower actor on the two-CPU Ray (each costs ~5 CPU-s
+        # to start), the sites in turn
         text = (
             'mode = "federated"\n'
-            + text
+            + text.replace("[resources]\ngpus = 0\n", "[resources]\ngpus = 0\ncpus = 2\n")
             + (
                 f"[federated]\nrounds = {rounds}\nsites = {json.dumps(SITES)}\nmin_sites = 2\n"
                 "local_epochs = 1\nmin_site_rows = 50\n"
