@@ -15,13 +15,14 @@ and the table gives the time of each and their ratio.
 from __future__ import annotations
 
 import itertools
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from figures import write_figures  # noqa: E402
 
 from foundation.errors import SpecError  # noqa: E402
 from privacy.accountant import (  # noqa: E402
@@ -31,7 +32,6 @@ from privacy.accountant import (  # noqa: E402
     search_noise,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: targets, deltas, sample rates and step counts of the plans the zone makes (a job's
 #: evaluation release is the q = 1, one-step case)
 CASES = list(
@@ -83,18 +83,8 @@ def main() -> None:
         "ratio_zone_vs_whole_grid": round(zone_s / plain_s, 3),
         "zone_ms_per_calibration": round(1000 * zone_s / n, 1),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "calibration.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    lines = [
-        "# Noise calibration: the zone's search vs the same search on the whole order grid",
-        "",
-        "| figure | value |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in out.items()],
-        "",
-    ]
-    (RESULTS / "calibration.md").write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
+    title = "Noise calibration: the zone's search vs the same search on the whole order grid"
+    print(write_figures("calibration", title, out))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Two figures, each the zone's code and the plain baseline on the same cases in on
 from __future__ import annotations
 
 import itertools
-import json
 import platform
 import sys
 import time
@@ -27,11 +26,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from figures import write_figures  # noqa: E402
+
 import privacy.accountant as accountant  # noqa: E402
 from privacy import rdp_sgm  # noqa: E402
 from privacy.accountant import RDP_ORDERS, GaussianStep, calibrate_noise  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: sampling rates from a few hundred persons (batch ~64-128) to a large table, and noise
 #: levels from epsilon ~10 to ~0.1
 CURVE_CASES = list(itertools.product([0.4, 0.1, 0.01, 0.0005], [0.6, 1.0, 2.0, 5.0, 15.0]))
@@ -90,18 +90,13 @@ def main() -> None:
         "opacus_curve_calibrations_s": round(plain_cal_s, 2),
         "ratio_calibrations": round(zone_cal_s / plain_cal_s, 3),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rdp.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    lines = [
-        "# RDP curves of the sampled Gaussian mechanism: rdp_sgm (NumPy) vs Opacus's sums",
-        "",
-        "| figure | value |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in out.items()],
-        "",
-    ]
-    (RESULTS / "rdp.md").write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
+    print(
+        write_figures(
+            "rdp",
+            "RDP curves of the sampled Gaussian mechanism: rdp_sgm (NumPy) vs Opacus's sums",
+            out,
+        )
+    )
 
 
 if __name__ == "__main__":

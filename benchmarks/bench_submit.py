@@ -11,7 +11,6 @@ Ray's cold start (paid once per zone process, not per job).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from figures import write_figures  # noqa: E402
 
 
 def main() -> None:
@@ -88,13 +87,7 @@ def main() -> None:
         "ratio_submit_to_running_vs_plain_task": round(med_run / med_plain, 1),
         "repeats": args.repeats,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "submit.json").write_text(json.dumps(rows, indent=2))
-    md = ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()]
-    (RESULTS / "submit.md").write_text(
-        "# Submit -> running on a warm local Ray\n\n" + "\n".join(md) + "\n"
-    )
-    print("\n".join(md))
+    print(write_figures("submit", "Submit -> running on a warm local Ray", rows))
 
 
 if __name__ == "__main__":

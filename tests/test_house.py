@@ -173,7 +173,15 @@ def test_commands_that_only_read_state_import_no_numpy_nor_arrow(tmp_path: Path)
         "    with contextlib.redirect_stdout(io.StringIO()):\n"
         "        codes.append(main([*argv, '--json']))\n"
         "loaded = [m for m in ('numpy', 'pyarrow', 'torch') if m in sys.modules]\n"
-        "print(json.dumps({'codes': codes, 'loaded': loaded}))\n"
+        "cli = sorted(m for m in sys.modules if m.startswith('sandbox.cli.'))\n"
+        "print(json.dumps({'codes': codes, 'loaded': loaded, 'cli': cli}))\n"
     )
     out = _probe(probe, env)
-    assert json.loads(out) == {"codes": [0] * 6, "loaded": []}, out
+    # and each call built only its own command: the six commands' modules and what every
+    # command shares, none of the other command modules (``sandbox.cli.main.COMMANDS``)
+    cli = ["access", "audit", "common", "datasets", "jobs", "main", "projects", "users"]
+    assert json.loads(out) == {
+        "codes": [0] * 6,
+        "loaded": [],
+        "cli": [f"sandbox.cli.{m}" for m in cli],
+    }, out
