@@ -15,8 +15,8 @@ unexport PYTHONDONTWRITEBYTECODE
 .PHONY: install demo demo-served test test-slow test-all check lint bench clean
 
 # pip installs without compiling, then compileall writes the same bytecode on every core (pip
-# writes ~22,000 files one at a time: 69 -> 58 s for the install here); some packages ship
-# files that are not Python 3 (test fixtures), which compileall reports and pip skipped silently
+# writes ~22,000 files one at a time; a fresh install, interleaved: 124-131 -> 79-90 s); some ship
+# files that are not Python 3 (test fixtures): -qq and `|| true` pass them quietly, as pip does
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -37,9 +37,9 @@ demo-served: install
 	$(VENV)/bin/sandbox demo --served
 
 # the default run: fast tests plus integration tests on a real local Ray, in two pytest
-# workers (whole files per worker: module fixtures are built once). On 2 cores, 1701 tests:
-# 335-397 s in the last runs (this machine's speed drifts), both cores busy for all but ~45 CPU-s
-# (more workers do not help)
+# workers (whole files per worker: module fixtures are built once). On 2 cores, 1733 tests:
+# 253-321 s in the last fresh-clone runs (this machine's speed drifts by ~15% within an hour),
+# both cores busy for all but ~20 s (more workers do not help)
 test: install
 	$(PYTEST) -m "not slow" -q -n 2 --dist loadfile
 
