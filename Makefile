@@ -62,6 +62,7 @@ bench: install
 	$(PY) benchmarks/bench_parquet.py
 	$(PY) benchmarks/bench_submit.py
 	$(PY) benchmarks/bench_calibration.py
+	$(PY) benchmarks/bench_rdp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
