@@ -17,7 +17,9 @@ Why a child process:
   from ``foundation.engine_env.ray_temp_dir``) and Flower stops it at the end.
 
 Each simulated client gets ``num_cpus``/``num_gpus`` from the job's config as Ray
-resources (default 1 CPU: Flower's default of 2 runs one client at a time on two cores).
+resources (default 1 CPU: Flower's default of 2 runs one client at a time on two cores), its
+CPUs raised where Flower would otherwise start more actors than the job has sites
+(``client_cpus``).
 
 Progress: the parent polls ``rounds.jsonl`` while it waits and calls ``on_round`` with each
 new line (the zone's progress bar does the same); the arrival times give the per-round
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -371,6 +374,34 @@ def _load_factory(ref: str) -> Callable[[str], Any]:
     return getattr(importlib.import_module(module), attr)
 
 
+def client_cpus(node_cpus: list[float], sites: int, asked: float) -> float:
+    """The CPUs each simulated client asks Ray for, so that Flower starts no more ClientApp
+    actors than the job has sites.
+
+    Flower's Ray backend starts ``floor(node CPUs / client CPUs)`` actors on every node
+    however many sites there are (``pool_size_from_resources``), each a process importing
+    Flower and torch (~5 CPU-s, several hundred MB): a two-site job on a 16-CPU node started
+    16. The smallest count at or above ``asked`` (never below what the spec asked) whose pool
+    is at most ``sites`` is used; each actor then has that many CPUs for its torch threads.
+    Counts are cut to Ray's resource precision (1e-4) downwards, so that ``k`` actors of
+    ``n / k`` still fit a node of ``n``."""
+    nodes = [n for n in node_cpus if n > 0]
+    if not nodes or sites < 1:
+        return asked
+
+    def pool(cpus: float) -> int:
+        return sum(int(n / cpus) for n in nodes)
+
+    options = {asked} | {
+        math.floor(n / k * 10_000) / 10_000
+        for n in nodes
+        for k in range(1, sites + 1)
+        if n / k >= asked
+    }
+    fitting = [c for c in sorted(options) if c >= asked and pool(c) <= sites]
+    return fitting[0] if fitting else asked
+
+
 def _child(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     result: dict[str, Any] = {"ray_reused": spec["ray_address"] is not None}
@@ -409,11 +440,17 @@ def _child(spec_path: str) -> int:
         result["ray_init_s"] = time.perf_counter() - t0
         result["engine_ready_at"] = time.time()
         payload = spec["payload"]
+        client = dict(spec["client_resources"])
+        node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Resources"]]
+        client["num_cpus"] = client_cpus(
+            node_cpus, int(spec["num_supernodes"]), float(client["num_cpus"])
+        )
+        result["client_cpus"] = client["num_cpus"]
         run_simulation(
             server_app=build_server_app(payload),
             client_app=_load_factory(spec["client_factory"])(payload),
             num_supernodes=int(spec["num_supernodes"]),
-            backend_config={"client_resources": dict(spec["client_resources"])},
+            backend_config={"client_resources": client},
         )
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the parent by type only
