@@ -37,8 +37,8 @@ demo-served: install
 	$(VENV)/bin/sandbox demo --served
 
 # the default run: fast tests plus integration tests on a real local Ray, in two pytest
-# workers (whole files per worker: module fixtures are built once). On 2 cores, 1733 tests:
-# 253-321 s in the last fresh-clone runs (this machine's speed drifts by ~15% within an hour),
+# workers (whole files per worker: module fixtures are built once). On 2 cores, 1743 tests:
+# 249-321 s in the last runs (this machine's speed drifts by ~15% within an hour),
 # both cores busy for all but ~35-50 CPU-s (more workers do not help)
 test: install
 	$(PYTEST) -m "not slow" -q -n 2 --dist loadfile
