@@ -344,7 +344,7 @@ def _meets_on_grid(
     """The whole grid's answer to "does ``fixed + step`` meet the target at some order?",
     and the index of the best order seen. On a block of orders ``a..b`` the step's RDP is at
     least its value at ``a`` (it never decreases with the order) and ``rest`` is exact: a
-    block whose lower bound clears the target is out; the others go through Opacus."""
+    block whose lower bound clears the target is out; the others are computed order by order."""
     starts = list(range(0, len(RDP_ORDERS), CALIBRATION_BLOCK))
     at_start = _rdp_curve(step, [RDP_ORDERS[i] for i in starts])
     bar = target * (1 + _BLOCK_MARGIN) + _BLOCK_MARGIN

@@ -32,7 +32,7 @@ def _fed_spec(**overrides):
         mode="federated",
         federated=fed,
         **{"training.batch_size": 64, "model": {"kind": "logistic", "hidden": []}},
-        **{"resources": {"gpus": 0, "cpus": CLIENT_CPUS}},
+        resources={"gpus": 0, "cpus": CLIENT_CPUS},
         **overrides,
     )
 
